@@ -1,0 +1,113 @@
+//! devvault: a Vault-compatible development server.
+//!
+//! It answers the subset of Vault's HTTP API that leasehold and common
+//! clients (hvac, the Vault CLI) use — Kubernetes auth, token
+//! self-management, the database secrets engine with a real PostgreSQL
+//! plugin, leases, ACL policies — with Vault's paths, envelopes, status codes,
+//! error texts and TTL arithmetic. `sys/devvault/` adds fault injection and a
+//! request log for tests. Known differences from Vault: `devvault/README.md`.
+//!
+//! # Layout
+//! - `server`: HTTP decoding, faults, request log, Vault's headers.
+//! - `core`: state and the pipeline (token → ACL → route).
+//! - `system`, `token`, `kubernetes`, `database`: the mounts.
+//! - `expiration`: lease renew/revoke, expiry, token→lease coupling.
+//! - `ttl`, `fields`, `policy`, `api`: Vault's rules for TTLs, request
+//!   fields, ACLs and responses.
+//! - `jwt`: ServiceAccount JWT minting for tests and the demo.
+
+#![forbid(unsafe_code)]
+
+mod api;
+mod core;
+mod database;
+mod expiration;
+mod fields;
+mod glob;
+mod ids;
+pub mod jwt;
+mod kubernetes;
+mod pem;
+mod policy;
+mod server;
+mod system;
+mod testext;
+mod token;
+mod ttl;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use jwt::{ServiceAccountIssuer, SigningAlg};
+
+/// The Vault version devvault reports in `sys/health`.
+pub const VAULT_VERSION: &str = "1.17.0+devvault";
+const CLUSTER_ID: &str = "d3v0a017-0000-4000-8000-000000000000";
+
+/// A running devvault. Dropping it stops the server.
+pub struct DevVault {
+    addr: SocketAddr,
+    core: Arc<core::Core>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl DevVault {
+    /// Binds `listen` (port 0 picks a free port) and serves until dropped.
+    pub async fn start(listen: SocketAddr, root_token: &str) -> std::io::Result<DevVault> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let core = core::Core::new(root_token);
+        let cancel = CancellationToken::new();
+        let tasks = vec![
+            tokio::spawn(server::serve(listener, core.clone(), cancel.clone())),
+            tokio::spawn(expiration::run(core.clone())),
+        ];
+        Ok(DevVault {
+            addr,
+            core,
+            cancel,
+            tasks,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`, the value for `VAULT_ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn root_token(&self) -> &str {
+        &self.core.root_token
+    }
+
+    /// Users live in every `memory-database-plugin` connection, with their
+    /// `VALID UNTIL` text.
+    pub fn memory_users(&self) -> Vec<(String, String)> {
+        database::memory_users(&self.core.state())
+    }
+
+    /// Number of leases the expiration manager tracks.
+    pub fn lease_count(&self) -> usize {
+        self.core.state().leases.len()
+    }
+}
+
+impl Drop for DevVault {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

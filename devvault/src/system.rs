@@ -1,0 +1,319 @@
+//! `sys/*`: health, mounts, auth methods, ACL policies, leases and the
+//! devvault test extensions.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::api::{Envelope, Failure, Outcome, Reply};
+use crate::core::{Core, Op, Request, TokenEntry};
+use crate::database::DbMount;
+use crate::expiration;
+use crate::kubernetes::KubeMount;
+use crate::policy::Policy;
+use crate::testext::Fault;
+
+pub async fn handle(core: &Arc<Core>, req: &Request, _token: Option<TokenEntry>) -> Outcome {
+    let path = req.path.strip_prefix("sys/").unwrap_or(&req.path);
+    match path {
+        "health" => health(req),
+        "mounts" | "mounts/" => list_mounts(core, req, false),
+        "auth" | "auth/" => list_mounts(core, req, true),
+        p if p.starts_with("mounts/") => mount(core, req, &p["mounts/".len()..], false),
+        p if p.starts_with("auth/") => mount(core, req, &p["auth/".len()..], true),
+        "policies/acl" | "policies/acl/" | "policy" | "policy/" => list_policies(core, req),
+        p if p.starts_with("policies/acl/") => {
+            policy(core, req, &p["policies/acl/".len()..], "policy")
+        }
+        // The legacy form hvac uses; reads answer with `rules`.
+        p if p.starts_with("policy/") => policy(core, req, &p["policy/".len()..], "rules"),
+        p if p.starts_with("leases/") => leases(core, req, &p["leases/".len()..]).await,
+        p if p.starts_with("devvault/") => devvault(core, req, &p["devvault/".len()..]),
+        _ => Err(Failure::unsupported_path()),
+    }
+}
+
+fn health(req: &Request) -> Outcome {
+    if !matches!(req.op, Op::Read | Op::Head) {
+        return Err(Failure::unsupported_operation());
+    }
+    let mut code = 200u16;
+    for (k, v) in &req.query {
+        if k == "activecode" {
+            code = v
+                .parse()
+                .map_err(|_| Failure::resp(400, format!("unable to parse activecode code: {v}")))?;
+        }
+    }
+    let now = chrono::Utc::now().timestamp();
+    Ok(Reply::Raw(
+        code,
+        json!({
+            "initialized": true,
+            "sealed": false,
+            "standby": false,
+            "performance_standby": false,
+            "replication_performance_mode": "disabled",
+            "replication_dr_mode": "disabled",
+            "server_time_utc": now,
+            "version": crate::VAULT_VERSION,
+            "cluster_name": "devvault",
+            "cluster_id": crate::CLUSTER_ID,
+        }),
+    ))
+}
+
+fn list_mounts(core: &Arc<Core>, req: &Request, auth: bool) -> Outcome {
+    if req.op != Op::Read {
+        return Err(Failure::unsupported_operation());
+    }
+    let state = core.state();
+    let mut data = serde_json::Map::new();
+    if auth {
+        data.insert(
+            "token/".into(),
+            json!({"type": "token", "description": "token based credentials"}),
+        );
+        for m in state.auth_mounts.keys() {
+            data.insert(
+                format!("{m}/"),
+                json!({"type": "kubernetes", "description": ""}),
+            );
+        }
+    } else {
+        data.insert("sys/".into(), json!({"type": "system", "description": "system endpoints used for control, policy and debugging"}));
+        for m in state.secret_mounts.keys() {
+            data.insert(
+                format!("{m}/"),
+                json!({"type": "database", "description": ""}),
+            );
+        }
+    }
+    Ok(Reply::Envelope(Envelope::data(
+        "system",
+        Value::Object(data),
+    )))
+}
+
+fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
+    let path = path.trim_end_matches('/').to_string();
+    if path.is_empty() {
+        return Err(Failure::unsupported_path());
+    }
+    match req.op {
+        Op::Update => {
+            let f = req.fields();
+            let kind = f.str("type")?;
+            let mut state = core.state();
+            let taken = if auth {
+                path == "token" || state.auth_mounts.contains_key(&path)
+            } else {
+                ["sys", "auth", "cubbyhole", "identity"].contains(&path.as_str())
+                    || state.secret_mounts.contains_key(&path)
+            };
+            if taken {
+                let prefix = if auth { "auth/" } else { "" };
+                return Err(Failure::resp(
+                    400,
+                    format!("path is already in use at {prefix}{path}/"),
+                ));
+            }
+            match (auth, kind.as_str()) {
+                (true, "kubernetes") => {
+                    state.auth_mounts.insert(path, KubeMount::default());
+                }
+                (false, "database") => {
+                    state.secret_mounts.insert(path, DbMount::default());
+                }
+                (_, "") => return Err(Failure::resp(400, "plugin not found in the catalog: ")),
+                (_, other) => {
+                    return Err(Failure::resp(
+                        400,
+                        format!("plugin not found in the catalog: {other}"),
+                    ));
+                }
+            }
+            Ok(Reply::Empty)
+        }
+        Op::Delete => {
+            let removed = {
+                let mut state = core.state();
+                if auth {
+                    state.auth_mounts.remove(&path).is_some()
+                } else {
+                    state.secret_mounts.remove(&path).is_some()
+                }
+            };
+            if removed && !auth {
+                expiration::expire_prefix(core, &format!("{path}/"));
+            }
+            Ok(Reply::Empty)
+        }
+        _ => Err(Failure::unsupported_operation()),
+    }
+}
+
+fn list_policies(core: &Arc<Core>, req: &Request) -> Outcome {
+    if !matches!(req.op, Op::List | Op::Read) {
+        return Err(Failure::unsupported_operation());
+    }
+    let mut keys: Vec<String> = core.state().policies.keys().cloned().collect();
+    keys.push("root".into());
+    keys.sort();
+    Ok(Reply::Envelope(Envelope::data(
+        "system",
+        json!({ "keys": keys, "policies": keys }),
+    )))
+}
+
+fn policy(core: &Arc<Core>, req: &Request, name: &str, text_key: &str) -> Outcome {
+    let name = name.to_lowercase();
+    match req.op {
+        Op::Read => {
+            let state = core.state();
+            let Some(p) = state.policies.get(&name) else {
+                return Err(Failure::not_found());
+            };
+            Ok(Reply::Envelope(Envelope::data(
+                "system",
+                json!({"name": p.name, text_key: p.text}),
+            )))
+        }
+        Op::Update => {
+            if name == "root" {
+                return Err(Failure::resp(400, "cannot update \"root\" policy"));
+            }
+            let f = req.fields();
+            let text = if f.has("policy") {
+                f.str("policy")?
+            } else {
+                f.str("rules")?
+            };
+            let parsed = Policy::parse(&name, &text)
+                .map_err(|e| Failure::resp(400, format!("failed to parse policy: {e}")))?;
+            core.state().policies.insert(name, parsed);
+            Ok(Reply::Empty)
+        }
+        Op::Delete => {
+            if name == "root" || name == "default" {
+                return Err(Failure::resp(
+                    400,
+                    format!("cannot delete \"{name}\" policy"),
+                ));
+            }
+            core.state().policies.remove(&name);
+            Ok(Reply::Empty)
+        }
+        _ => Err(Failure::unsupported_operation()),
+    }
+}
+
+async fn leases(core: &Arc<Core>, req: &Request, path: &str) -> Outcome {
+    let f = req.fields();
+    let (action, suffix) = match path.split_once('/') {
+        Some((a, s)) => (a, s),
+        None => (path, ""),
+    };
+    // The body's lease_id wins over the path form.
+    let lease_id = match f.str("lease_id")? {
+        id if !id.is_empty() => id,
+        _ => suffix.to_string(),
+    };
+    match (action, req.op) {
+        ("renew", Op::Update) => {
+            let increment = f.duration("increment")?;
+            expiration::renew(core, &lease_id, increment).await
+        }
+        ("revoke", Op::Update) => {
+            if lease_id.is_empty() {
+                return Err(Failure::resp(400, "lease_id must be specified"));
+            }
+            if f.bool_or("sync", true)? {
+                expiration::revoke_now(core, &lease_id)
+                    .await
+                    .map_err(|e| Failure::resp(400, e))?;
+                Ok(Reply::Empty)
+            } else {
+                expiration::expire_prefix_exact(core, &lease_id);
+                Ok(Reply::Accepted)
+            }
+        }
+        ("revoke-prefix" | "revoke-force", Op::Update) => {
+            let prefix = if suffix.is_empty() {
+                f.str("prefix")?
+            } else {
+                suffix.to_string()
+            };
+            let force = action == "revoke-force";
+            for id in expiration::ids_with_prefix(core, &prefix) {
+                if let Err(e) = expiration::revoke_now(core, &id).await
+                    && !force
+                {
+                    return Err(Failure::resp(400, e));
+                }
+                if force {
+                    core.state().leases.remove(&id);
+                }
+            }
+            Ok(Reply::Empty)
+        }
+        ("lookup", Op::Update) => expiration::lookup(core, &lease_id),
+        ("lookup", Op::List) => {
+            let prefix = suffix.to_string();
+            let mut keys: Vec<String> = expiration::ids_with_prefix(core, &prefix)
+                .into_iter()
+                .map(|id| {
+                    let rest = &id[prefix.len()..];
+                    match rest.find('/') {
+                        Some(i) => rest[..=i].to_string(),
+                        None => rest.to_string(),
+                    }
+                })
+                .collect();
+            keys.dedup();
+            if keys.is_empty() {
+                return Err(Failure::not_found());
+            }
+            Ok(Reply::Envelope(Envelope::data(
+                "system",
+                json!({ "keys": keys }),
+            )))
+        }
+        ("renew" | "revoke" | "revoke-prefix" | "revoke-force" | "lookup", _) => {
+            Err(Failure::unsupported_operation())
+        }
+        _ => Err(Failure::unsupported_path()),
+    }
+}
+
+fn devvault(core: &Arc<Core>, req: &Request, path: &str) -> Outcome {
+    match (path, req.op) {
+        ("faults", Op::Update) => {
+            let fault: Fault = serde_json::from_value(Value::Object(req.data.clone()))
+                .map_err(|e| Failure::resp(400, format!("invalid fault: {e}")))?;
+            if fault.status.is_some_and(|s| !(100..=599).contains(&s)) {
+                return Err(Failure::resp(400, "invalid fault: status must be 100-599"));
+            }
+            core.faults.add(fault);
+            Ok(Reply::Empty)
+        }
+        ("faults", Op::Read) => Ok(Reply::Envelope(Envelope::data(
+            "system",
+            json!({ "faults": core.faults.list() }),
+        ))),
+        ("faults", Op::Delete) => {
+            core.faults.clear();
+            Ok(Reply::Empty)
+        }
+        ("requests", Op::Read) => Ok(Reply::Envelope(Envelope::data(
+            "system",
+            json!({ "requests": core.log.entries() }),
+        ))),
+        ("requests", Op::Delete) => {
+            core.log.clear();
+            Ok(Reply::Empty)
+        }
+        ("faults" | "requests", _) => Err(Failure::unsupported_operation()),
+        _ => Err(Failure::unsupported_path()),
+    }
+}
