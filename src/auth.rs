@@ -1,0 +1,288 @@
+//! The auth loop: Kubernetes login (reading the JWT at every login, since
+//! projected tokens rotate), renew-self at half the token's TTL, and a new
+//! login when the token can no longer be renewed (capped at its max TTL,
+//! not renewable, refused with 403). Tokens are published on a `watch`
+//! channel; old tokens stay listed until they expire, because Vault revokes
+//! a token's leases with it and the lease supervisors must know when.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::lease::schedule::{Policy, renew_point, renewal_capped};
+use crate::secret::SecretString;
+use crate::vault::{Token, VaultClient, VaultError, now};
+
+/// Tokens are renewed at half their TTL, up to 5 % earlier.
+const TOKEN_POLICY: Policy = Policy {
+    renew_at: 0.5,
+    jitter: 0.05,
+};
+
+/// A token the agent holds.
+#[derive(Debug, Clone)]
+pub struct HeldToken {
+    /// `token.ttl` is the TTL first granted, the renewal increment.
+    pub token: Token,
+    pub granted_at: SystemTime,
+    /// TTL of the last grant (login or renewal).
+    pub ttl: Duration,
+    /// The expiry cannot be extended any more (capped, not renewable, or
+    /// the token was refused): leases it created end with it.
+    pub final_expiry: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuthState {
+    pub current: Option<Arc<HeldToken>>,
+    /// Every token not yet expired, the current one included.
+    pub held: Vec<Arc<HeldToken>>,
+}
+
+impl HeldToken {
+    pub fn expires_at(&self) -> SystemTime {
+        self.granted_at + self.ttl
+    }
+}
+
+impl AuthState {
+    /// When the token with `accessor` ends for good, if it does: `Some` for a
+    /// final token, and the epoch for one no longer held (it is gone, and
+    /// its leases with it).
+    pub fn token_end(&self, accessor: &str) -> Option<SystemTime> {
+        match self.held.iter().find(|t| t.token.accessor == accessor) {
+            Some(t) if t.final_expiry => Some(t.expires_at()),
+            Some(_) => None,
+            None => Some(SystemTime::UNIX_EPOCH),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("reading the ServiceAccount token {path}: {reason}")]
+    Jwt { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+pub struct AuthLoop {
+    pub client: VaultClient,
+    pub mount: String,
+    pub role: String,
+    pub token_path: PathBuf,
+    pub state: watch::Sender<AuthState>,
+    /// Poked by a supervisor that got a 403: the token may be revoked.
+    pub relogin: Arc<Notify>,
+}
+
+impl AuthLoop {
+    pub fn read_jwt(path: &PathBuf) -> Result<SecretString, AuthError> {
+        let fail = |reason: String| AuthError::Jwt {
+            path: path.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let jwt = text.trim();
+        if jwt.is_empty() {
+            return Err(fail("the file is empty".into()));
+        }
+        Ok(SecretString::from(jwt.to_string()))
+    }
+
+    pub async fn login(&self) -> Result<HeldToken, AuthError> {
+        let jwt = Self::read_jwt(&self.token_path)?;
+        let token = self
+            .client
+            .login_kubernetes(&self.mount, &self.role, &jwt)
+            .await?;
+        let renewable = token.renewable && !token.ttl.is_zero();
+        Ok(HeldToken {
+            granted_at: now(),
+            ttl: token.ttl,
+            final_expiry: !renewable,
+            token,
+        })
+    }
+
+    /// Publishes a token as the current one.
+    pub fn publish(&self, held: HeldToken) {
+        let held = Arc::new(held);
+        self.state.send_modify(|s| {
+            s.held.retain(|t| t.token.accessor != held.token.accessor);
+            s.held.push(held.clone());
+            s.current = Some(held);
+        });
+    }
+
+    fn replace_current(&self, update: impl FnOnce(&HeldToken) -> HeldToken) {
+        self.state.send_modify(|s| {
+            if let Some(cur) = s.current.take() {
+                let new = Arc::new(update(&cur));
+                for t in s.held.iter_mut() {
+                    if t.token.accessor == new.token.accessor {
+                        *t = new.clone();
+                    }
+                }
+                s.current = Some(new);
+            }
+        });
+    }
+
+    fn prune(&self) {
+        let now = now();
+        self.state.send_if_modified(|s| {
+            let before = s.held.len();
+            s.held.retain(|t| {
+                t.expires_at() > now || s.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, t))
+            });
+            s.held.len() != before
+        });
+    }
+
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut sample = rand::random::<f64>();
+        loop {
+            self.prune();
+            let current = self.state.borrow().current.clone();
+            let needs_login = current.as_ref().is_none_or(|t| t.final_expiry);
+            if needs_login {
+                match self.login().await {
+                    Ok(held) => {
+                        tracing::info!(event = "login", accessor = %held.token.accessor, ttl_secs = held.token.ttl.as_secs(), renewable = !held.final_expiry, "logged in to Vault");
+                        self.publish(held);
+                        backoff.reset();
+                        sample = rand::random();
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = "login_failed", error = %e, "login to Vault failed");
+                        if !self.sleep(backoff.next(), &cancel).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(current) = current else { continue };
+            let renew_at = renew_point(current.granted_at, current.ttl, &TOKEN_POLICY, sample);
+            let wait = renew_at.duration_since(now()).unwrap_or_default();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.relogin.notified() => {
+                    self.check_current(&current).await;
+                    continue;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match self
+                .client
+                .renew_self(&current.token.secret, current.token.ttl)
+                .await
+            {
+                Ok(r) => {
+                    let capped =
+                        renewal_capped(current.token.ttl, r.ttl, &r.warnings) || !r.renewable;
+                    tracing::info!(event = "token_renewed", accessor = %current.token.accessor, ttl_secs = r.ttl.as_secs(), capped, "renewed Vault token");
+                    let at = now();
+                    self.replace_current(|t| HeldToken {
+                        granted_at: at,
+                        ttl: r.ttl,
+                        final_expiry: capped,
+                        token: t.token.clone(),
+                    });
+                    backoff.reset();
+                    sample = rand::random();
+                }
+                Err(e) if e.is_permission_denied() => {
+                    tracing::warn!(event = "token_refused", accessor = %current.token.accessor, error = %e, "Vault refused the token; logging in again");
+                    self.replace_current(|t| HeldToken {
+                        granted_at: now(),
+                        ttl: Duration::ZERO,
+                        final_expiry: true,
+                        token: t.token.clone(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(event = "token_renew_failed", error = %e, "renewing the Vault token failed");
+                    let left = current
+                        .expires_at()
+                        .duration_since(now())
+                        .unwrap_or_default();
+                    if !self
+                        .sleep(
+                            backoff.next().min(left / 4 + Duration::from_millis(100)),
+                            &cancel,
+                        )
+                        .await
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a supervisor saw a 403: is the current token still valid?
+    async fn check_current(&self, current: &HeldToken) {
+        match self.client.lookup_self(&current.token.secret).await {
+            Err(e) if e.is_permission_denied() => {
+                tracing::warn!(event = "token_refused", accessor = %current.token.accessor, "Vault no longer accepts the token; logging in again");
+                self.replace_current(|t| HeldToken {
+                    granted_at: now(),
+                    ttl: Duration::ZERO,
+                    final_expiry: true,
+                    token: t.token.clone(),
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Sleeps unless cancelled first; false when cancelled.
+    async fn sleep(&self, d: Duration, cancel: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretString;
+
+    fn held(accessor: &str, expires_in: u64, final_expiry: bool) -> Arc<HeldToken> {
+        Arc::new(HeldToken {
+            token: Token {
+                secret: SecretString::from("t".to_string()),
+                accessor: accessor.into(),
+                ttl: Duration::from_secs(expires_in),
+                renewable: true,
+            },
+            granted_at: SystemTime::UNIX_EPOCH,
+            ttl: Duration::from_secs(expires_in),
+            final_expiry,
+        })
+    }
+
+    #[test]
+    fn token_end_bounds_only_final_tokens() {
+        let state = AuthState {
+            current: None,
+            held: vec![held("a", 100, false), held("b", 50, true)],
+        };
+        assert_eq!(state.token_end("a"), None);
+        assert_eq!(
+            state.token_end("b"),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(50))
+        );
+        assert_eq!(state.token_end("gone"), Some(SystemTime::UNIX_EPOCH));
+    }
+}

@@ -1,0 +1,621 @@
+//! Configuration: the YAML of DESIGN.md, defaults, `VAULT_*` environment
+//! overrides and validation. Every error names the file, the key path (e.g.
+//! `secrets[1].files[0].mode`) and what is wrong; the CLI exits 78 on it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub vault: VaultConfig,
+    pub auth: AuthConfig,
+    pub secrets: Vec<SecretConfig>,
+    #[serde(default)]
+    #[allow(dead_code)] // Parsed for the contract; state and adoption read it.
+    pub state_dir: Option<PathBuf>,
+    #[serde(default = "d_startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default = "d_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(default)]
+    pub tls_skip_verify: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub kubernetes: KubernetesAuth,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesAuth {
+    pub role: String,
+    #[serde(default = "d_mount")]
+    pub mount: String,
+    #[serde(default = "d_token_path")]
+    pub token_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Method {
+    #[serde(rename = "GET", alias = "get")]
+    Get,
+    #[serde(rename = "POST", alias = "post")]
+    Post,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretConfig {
+    pub name: String,
+    pub path: String,
+    #[serde(default = "d_method")]
+    pub method: Method,
+    #[serde(default)]
+    pub body: Option<Value>,
+    #[serde(default = "d_renew_at")]
+    pub renew_at: f64,
+    #[serde(default = "d_jitter")]
+    pub jitter: f64,
+    #[serde(default = "d_five_minutes", with = "humantime_serde")]
+    pub revoke_replaced_after: Duration,
+    #[serde(default = "d_five_minutes", with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    pub files: Vec<FileConfig>,
+    #[serde(default)]
+    pub on_change: Option<OnChange>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Json,
+    Env,
+    Template,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: Option<Format>,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub template_file: Option<PathBuf>,
+    #[serde(default = "d_mode", deserialize_with = "de_mode")]
+    pub mode: u32,
+    #[serde(default)]
+    pub owner: Option<u32>,
+    #[serde(default)]
+    pub group: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnChange {
+    #[serde(default)]
+    pub signal: Option<SignalHook>,
+    #[serde(default)]
+    pub exec: Option<Vec<String>>,
+    #[serde(default)]
+    pub http: Option<HttpHook>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalHook {
+    #[allow(dead_code)] // Parsed for the contract; app notification reads it.
+    pub pid_file: PathBuf,
+    #[serde(default = "d_sighup")]
+    pub signal: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHook {
+    pub url: String,
+    #[serde(default = "d_post")]
+    pub method: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    #[serde(default = "d_true")]
+    pub revoke: bool,
+    #[serde(default = "d_shutdown_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            revoke: true,
+            timeout: d_shutdown_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    #[serde(default = "d_listen")]
+    pub listen: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { listen: d_listen() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "d_log_format")]
+    pub format: LogFormat,
+    #[serde(default = "d_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: d_log_format(),
+            level: d_log_level(),
+        }
+    }
+}
+
+fn d_startup_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn d_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_mount() -> String {
+    "kubernetes".into()
+}
+fn d_token_path() -> PathBuf {
+    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+}
+fn d_method() -> Method {
+    Method::Get
+}
+fn d_renew_at() -> f64 {
+    0.5
+}
+fn d_jitter() -> f64 {
+    0.05
+}
+fn d_five_minutes() -> Duration {
+    Duration::from_secs(300)
+}
+/// Owner and group may read; nobody writes in place (files are replaced).
+fn d_mode() -> u32 {
+    0o440
+}
+fn d_sighup() -> String {
+    "SIGHUP".into()
+}
+fn d_post() -> String {
+    "POST".into()
+}
+fn d_true() -> bool {
+    true
+}
+fn d_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_listen() -> String {
+    "0.0.0.0:9102".into()
+}
+fn d_log_format() -> LogFormat {
+    LogFormat::Json
+}
+fn d_log_level() -> String {
+    "info".into()
+}
+
+/// File modes as an octal string (`"0440"`) or an unquoted YAML number
+/// whose digits are read as octal (`0440` → 0o440).
+fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = Value::deserialize(d)?;
+    let digits = match &v {
+        Value::String(s) => s.trim().trim_start_matches("0o").to_string(),
+        // YAML parsers disagree on `0600` (int 600, octal 384, float 600.0):
+        // take the written digits when the number is whole.
+        Value::Number(n) if n.is_u64() => n.to_string(),
+        Value::Number(n)
+            if n.as_f64()
+                .is_some_and(|f| f >= 0.0 && f.fract() == 0.0 && f < 1e6) =>
+        {
+            format!("{}", n.as_f64().unwrap_or_default() as u64)
+        }
+        _ => {
+            return Err(serde::de::Error::custom(format!(
+                "expected an octal mode like \"0440\", got {v}"
+            )));
+        }
+    };
+    match u32::from_str_radix(&digits, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(serde::de::Error::custom(format!(
+            "invalid mode {v}: expected octal digits, at most 7777"
+        ))),
+    }
+}
+
+/// Where environment overrides come from (the process, or a map in tests).
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub fn process_env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates.
+    pub fn load(path: &Path, env: Env) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let err = |key: &str, message: String| ConfigError {
+            file: file.clone(),
+            key: key.to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("(file)", format!("cannot read: {e}")))?;
+        Self::parse(&text, path, env)
+    }
+
+    pub fn parse(text: &str, path: &Path, env: Env) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let err = |key: &str, message: String| ConfigError {
+            file: file.clone(),
+            key: key.to_string(),
+            message,
+        };
+        let value: Value = serde_saphyr::from_str(text)
+            .map_err(|e| err("(syntax)", first_line(&e.to_string())))?;
+        if !value.is_object() {
+            return Err(err(
+                "(top level)",
+                "expected a mapping with `vault`, `auth` and `secrets`".into(),
+            ));
+        }
+        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(top level)".to_string()
+            } else {
+                key
+            };
+            err(&key, e.into_inner().to_string())
+        })?;
+        if let Some(addr) = env("VAULT_ADDR") {
+            config.vault.address = addr;
+        }
+        if let Some(ca) = env("VAULT_CACERT") {
+            config.vault.ca_cert = Some(PathBuf::from(ca));
+        }
+        if let Some(ns) = env("VAULT_NAMESPACE") {
+            config.vault.namespace = ns;
+        }
+        config
+            .validate()
+            .map_err(|(key, message)| err(&key, message))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |key: &str, msg: &str| Err((key.to_string(), msg.to_string()));
+        let addr = &self.vault.address;
+        if addr.is_empty() {
+            return fail("vault.address", "is required (or set VAULT_ADDR)");
+        }
+        if !(addr.starts_with("http://") || addr.starts_with("https://"))
+            || reqwest::Url::parse(addr).is_err()
+        {
+            return Err((
+                "vault.address".into(),
+                format!("{addr:?} is not an http:// or https:// URL"),
+            ));
+        }
+        if self.vault.request_timeout.is_zero() {
+            return fail("vault.request_timeout", "must be greater than 0");
+        }
+        let k8s = &self.auth.kubernetes;
+        if k8s.role.trim().is_empty() {
+            return fail("auth.kubernetes.role", "must not be empty");
+        }
+        if k8s.mount.trim_matches('/').is_empty() {
+            return fail("auth.kubernetes.mount", "must not be empty");
+        }
+        if self.secrets.is_empty() {
+            return fail("secrets", "at least one secret is required");
+        }
+        let mut names = HashSet::new();
+        let mut paths = HashSet::new();
+        for (i, s) in self.secrets.iter().enumerate() {
+            let key = |k: &str| format!("secrets[{i}].{k}");
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+            {
+                return Err((key("name"), format!("{:?} must match [a-z0-9_-]+", s.name)));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err((key("name"), format!("duplicate secret name {:?}", s.name)));
+            }
+            let p = s.path.trim_matches('/');
+            if p.is_empty() || p.starts_with("v1/") {
+                return Err((
+                    key("path"),
+                    format!(
+                        "{:?} must be a Vault path like database/creds/<role> (without /v1/)",
+                        s.path
+                    ),
+                ));
+            }
+            if s.body.is_some() && s.method == Method::Get {
+                return Err((key("body"), "is only sent with method: POST".into()));
+            }
+            if !(s.renew_at > 0.0 && s.renew_at < 1.0) {
+                return Err((
+                    key("renew_at"),
+                    format!("{} must be between 0 and 1 (exclusive)", s.renew_at),
+                ));
+            }
+            if !(s.jitter >= 0.0 && s.jitter < s.renew_at) {
+                return Err((
+                    key("jitter"),
+                    format!("{} must be at least 0 and less than renew_at", s.jitter),
+                ));
+            }
+            if s.refresh_interval.is_zero() {
+                return Err((key("refresh_interval"), "must be greater than 0".into()));
+            }
+            if s.files.is_empty() {
+                return Err((key("files"), "at least one file is required".into()));
+            }
+            for (j, f) in s.files.iter().enumerate() {
+                let fkey = |k: &str| format!("secrets[{i}].files[{j}].{k}");
+                if !f.path.is_absolute() {
+                    return Err((
+                        fkey("path"),
+                        format!("{} must be an absolute path", f.path.display()),
+                    ));
+                }
+                if f.path.file_name().is_none() {
+                    return Err((
+                        fkey("path"),
+                        format!("{} must name a file", f.path.display()),
+                    ));
+                }
+                if !paths.insert(f.path.clone()) {
+                    return Err((
+                        fkey("path"),
+                        format!("{} is written by another file entry", f.path.display()),
+                    ));
+                }
+                let templated = f.template.is_some() as u8 + f.template_file.is_some() as u8;
+                if templated > 1 {
+                    return Err((
+                        fkey("template"),
+                        "`template` and `template_file` are exclusive".into(),
+                    ));
+                }
+                match (f.format, templated) {
+                    (None, 0) => {
+                        return Err((
+                            fkey("format"),
+                            "needs `format` (json, env), `template` or `template_file`".into(),
+                        ));
+                    }
+                    (Some(Format::Template), 0) => {
+                        return Err((
+                            fkey("format"),
+                            "`format: template` needs `template` or `template_file`".into(),
+                        ));
+                    }
+                    (Some(Format::Json | Format::Env), 1) => {
+                        return Err((
+                            fkey("format"),
+                            "`format: json|env` cannot be combined with a template".into(),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(hooks) = &s.on_change {
+                if let Some(argv) = &hooks.exec
+                    && argv.first().is_none_or(|a| a.is_empty())
+                {
+                    return Err((
+                        key("on_change.exec"),
+                        "needs a program as its first element".into(),
+                    ));
+                }
+                if let Some(sig) = &hooks.signal
+                    && sig.signal.parse::<nix::sys::signal::Signal>().is_err()
+                {
+                    return Err((
+                        key("on_change.signal.signal"),
+                        format!("{:?} is not a signal name like SIGHUP", sig.signal),
+                    ));
+                }
+                if let Some(http) = &hooks.http {
+                    if reqwest::Url::parse(&http.url).is_err() {
+                        return Err((
+                            key("on_change.http.url"),
+                            format!("{:?} is not a URL", http.url),
+                        ));
+                    }
+                    if reqwest::Method::from_bytes(http.method.as_bytes()).is_err() {
+                        return Err((
+                            key("on_change.http.method"),
+                            format!("{:?} is not an HTTP method", http.method),
+                        ));
+                    }
+                }
+            }
+        }
+        if self.startup_timeout.is_zero() {
+            return fail("startup_timeout", "must be greater than 0");
+        }
+        if self.shutdown.timeout.is_zero() {
+            return fail("shutdown.timeout", "must be greater than 0");
+        }
+        if self.telemetry.listen.parse::<SocketAddr>().is_err() {
+            return Err((
+                "telemetry.listen".into(),
+                format!("{:?} is not HOST:PORT", self.telemetry.listen),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err((
+                "log.level".into(),
+                format!("{:?} is not a log level or filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+vault:
+  address: http://127.0.0.1:8200
+auth:
+  kubernetes:
+    role: app
+secrets:
+  - name: db
+    path: database/creds/app
+    files:
+      - path: /tmp/db.json
+        format: json
+"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("leasehold.yaml"), &no_env)
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse(MINIMAL).unwrap();
+        let s = &c.secrets[0];
+        assert_eq!(s.renew_at, 0.5);
+        assert_eq!(s.method, Method::Get);
+        assert_eq!(s.files[0].mode, 0o440);
+        assert_eq!(c.auth.kubernetes.mount, "kubernetes");
+        assert_eq!(c.shutdown.timeout, Duration::from_secs(10));
+        assert!(c.shutdown.revoke);
+        assert_eq!(c.telemetry.listen, "0.0.0.0:9102");
+    }
+
+    #[test]
+    fn env_overrides_address() {
+        let env = |k: &str| (k == "VAULT_ADDR").then(|| "https://vault:8200".to_string());
+        let c = Config::parse(MINIMAL, Path::new("x.yaml"), &env).unwrap();
+        assert_eq!(c.vault.address, "https://vault:8200");
+    }
+
+    fn error_key(text: &str) -> String {
+        parse(text).unwrap_err().key
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(
+            error_key(&MINIMAL.replace("role: app", "role: app\n    extra: 1")),
+            "auth.kubernetes.extra"
+        );
+        assert_eq!(
+            error_key(&MINIMAL.replace("format: json", "format: json\n        mode: \"0999\"")),
+            "secrets[0].files[0].mode"
+        );
+        assert_eq!(
+            error_key(&MINIMAL.replace(
+                "path: database",
+                "refresh_interval: soon\n    path: database"
+            )),
+            "secrets[0].refresh_interval"
+        );
+        assert_eq!(
+            error_key(&MINIMAL.replace("    role: app\n", "")),
+            "auth.kubernetes"
+        );
+        assert_eq!(
+            error_key(&MINIMAL.replace("format: json", "")),
+            "secrets[0].files[0].format"
+        );
+        let dup = format!(
+            "{MINIMAL}  - name: db\n    path: x/y\n    files:\n      - path: /tmp/b\n        format: env\n"
+        );
+        let e = parse(&dup).unwrap_err();
+        assert_eq!(e.key, "secrets[1].name");
+        assert!(e.message.contains("duplicate"));
+        assert_eq!(e.file, "leasehold.yaml");
+    }
+
+    #[test]
+    fn unquoted_octal_mode_reads_as_octal() {
+        let c =
+            parse(&MINIMAL.replace("format: json", "format: json\n        mode: 0600")).unwrap();
+        assert_eq!(c.secrets[0].files[0].mode, 0o600);
+    }
+}

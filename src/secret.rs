@@ -1,0 +1,125 @@
+//! Types that hold secrets. Their `Debug` and `Display` print placeholders,
+//! and they are zeroized on drop, so a secret cannot reach a log line, an
+//! error or a panic message by accident.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+use zeroize::Zeroize;
+
+pub use secrecy::{ExposeSecret, SecretString};
+
+/// A Vault lease id. Displayed shortened (`database/creds/app/Ab3x…`) so the
+/// printed form cannot be used to renew or revoke the lease.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LeaseId(String);
+
+impl LeaseId {
+    pub fn new(id: String) -> Self {
+        LeaseId(id)
+    }
+
+    /// The full id, for requests to Vault and the state file only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn short(&self) -> String {
+        match self.0.rsplit_once('/') {
+            Some((prefix, tail)) => {
+                format!("{prefix}/{}…", tail.chars().take(4).collect::<String>())
+            }
+            None if self.0.is_empty() => String::new(),
+            None => "…".into(),
+        }
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.short())
+    }
+}
+
+impl fmt::Debug for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseId({})", self.short())
+    }
+}
+
+impl Drop for LeaseId {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// The `data` object of a secret (usernames, passwords, keys). `Debug`
+/// lists the keys only; every string in it is zeroized on drop.
+#[derive(Clone, PartialEq, Default)]
+pub struct SecretData(Map<String, Value>);
+
+impl SecretData {
+    pub fn new(map: Map<String, Value>) -> Self {
+        SecretData(map)
+    }
+
+    pub fn expose(&self) -> &Map<String, Value> {
+        &self.0
+    }
+
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(Value::as_str)
+    }
+}
+
+impl fmt::Debug for SecretData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SecretData(keys: {:?})",
+            self.0.keys().collect::<Vec<_>>()
+        )
+    }
+}
+
+fn zeroize_value(v: &mut Value) {
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(a) => a.iter_mut().for_each(zeroize_value),
+        Value::Object(m) => m.values_mut().for_each(zeroize_value),
+        _ => {}
+    }
+}
+
+impl Drop for SecretData {
+    fn drop(&mut self) {
+        self.0.values_mut().for_each(zeroize_value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn debug_and_display_hide_secrets() {
+        let id = LeaseId::new("database/creds/app/AbCdEfGhIjKlMnOpQrStUvWx".into());
+        assert_eq!(id.to_string(), "database/creds/app/AbCd…");
+        assert!(!format!("{id:?}").contains("EfGh"));
+        let data = SecretData::new(
+            json!({"username": "u", "password": "hunter2"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        let dbg = format!("{data:?}");
+        assert!(dbg.contains("password") && !dbg.contains("hunter2"));
+        let token = SecretString::from("hvs.secret".to_string());
+        assert!(!format!("{token:?}").contains("hvs.secret"));
+    }
+}

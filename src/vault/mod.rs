@@ -1,0 +1,438 @@
+//! A typed client for the Vault API subset leasehold needs: Kubernetes
+//! login, token self-management, reading a secret path (keeping the lease
+//! id, which vaultrs drops), lease renew/revoke/lookup.
+//!
+//! Transient failures (connection errors, 5xx, 429, 412) are retried with
+//! exponential backoff and full jitter, a few times; callers decide what to
+//! do after that. A standby's 307 is followed once, never to plain http
+//! from https.
+
+mod types;
+
+use std::time::{Duration, SystemTime};
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::{Method, StatusCode, header};
+use serde_json::{Value, json};
+
+use crate::secret::{ExposeSecret, LeaseId, SecretData, SecretString};
+use types::{Envelope, ErrorBody, data_object};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("{op}: cannot reach Vault: {reason}")]
+    Transport { op: &'static str, reason: String },
+    #[error("{op}: Vault answered {status}: {}", errors.join("; "))]
+    Status {
+        op: &'static str,
+        status: u16,
+        errors: Vec<String>,
+    },
+    #[error("{op}: unexpected response from Vault: {reason}")]
+    Decode { op: &'static str, reason: String },
+    #[error("{op}: {reason}")]
+    Setup { op: &'static str, reason: String },
+}
+
+impl VaultError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            VaultError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Vault's error texts contain this (substring match, as Vault's own
+    /// clients do).
+    pub fn mentions(&self, text: &str) -> bool {
+        matches!(self, VaultError::Status { errors, .. } if errors.iter().any(|e| e.contains(text)))
+    }
+
+    /// Worth retrying: Vault unreachable, overloaded, sealed or not yet
+    /// consistent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            VaultError::Transport { .. } => true,
+            VaultError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 412,
+            _ => false,
+        }
+    }
+
+    /// The token was refused (expired, revoked) or lacks permission.
+    pub fn is_permission_denied(&self) -> bool {
+        self.status() == Some(403)
+    }
+}
+
+/// A Vault token: the secret plus what can be shown of it.
+#[derive(Clone)]
+pub struct Token {
+    pub secret: SecretString,
+    pub accessor: String,
+    pub ttl: Duration,
+    pub renewable: bool,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("accessor", &self.accessor)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+/// The answer to a renew-self: the new TTL and Vault's warnings.
+#[derive(Debug, Clone)]
+pub struct TokenRenewal {
+    pub ttl: Duration,
+    pub renewable: bool,
+    pub warnings: Vec<String>,
+}
+
+/// A secret read from a path: with a lease (database creds) or without (KV).
+#[derive(Debug, Clone)]
+pub struct Secret {
+    pub lease_id: LeaseId,
+    pub lease_duration: Duration,
+    pub renewable: bool,
+    pub data: SecretData,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaseRenewal {
+    pub lease_duration: Duration,
+    pub renewable: bool,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct ClientConfig {
+    pub address: String,
+    pub ca_cert_pem: Option<Vec<u8>>,
+    pub namespace: String,
+    pub request_timeout: Duration,
+    pub tls_skip_verify: bool,
+    /// Retries of transient failures per request.
+    pub max_retries: usize,
+}
+
+#[derive(Clone)]
+pub struct VaultClient {
+    http: reqwest::Client,
+    base: String,
+    namespace: String,
+    max_retries: usize,
+}
+
+impl VaultClient {
+    pub fn new(cfg: ClientConfig) -> Result<Self, VaultError> {
+        let setup = |reason: String| VaultError::Setup {
+            op: "client setup",
+            reason,
+        };
+        let downgrade_guard = reqwest::redirect::Policy::custom(|attempt| {
+            // Follow one standby redirect; never from https to http.
+            let from_https = attempt
+                .previous()
+                .first()
+                .is_some_and(|u| u.scheme() == "https");
+            if attempt.previous().len() > 1 {
+                attempt.stop()
+            } else if from_https && attempt.url().scheme() != "https" {
+                attempt.error("redirect would cause protocol downgrade")
+            } else {
+                attempt.follow()
+            }
+        });
+        let mut builder = reqwest::Client::builder()
+            .timeout(cfg.request_timeout)
+            .connect_timeout(cfg.request_timeout)
+            .redirect(downgrade_guard)
+            .user_agent(concat!("leasehold/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &cfg.ca_cert_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| setup(format!("invalid CA certificate: {e}")))?;
+            if certs.is_empty() {
+                return Err(setup("the CA file holds no PEM certificate".into()));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        if cfg.tls_skip_verify {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        let http = builder.build().map_err(|e| setup(e.to_string()))?;
+        Ok(VaultClient {
+            http,
+            base: cfg.address.trim_end_matches('/').to_string(),
+            namespace: cfg.namespace,
+            max_retries: cfg.max_retries,
+        })
+    }
+
+    /// One request with retries of transient failures. Returns the status
+    /// and the decoded envelope (empty for 204).
+    async fn call(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<&Value>,
+    ) -> Result<Envelope, VaultError> {
+        let attempt = || async { self.call_once(op, method.clone(), path, token, body).await };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(self.max_retries)
+            .with_jitter();
+        attempt.retry(backoff).when(VaultError::is_transient).await
+    }
+
+    async fn call_once(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<&Value>,
+    ) -> Result<Envelope, VaultError> {
+        let url = format!("{}/v1/{}", self.base, path.trim_start_matches('/'));
+        let mut req = self
+            .http
+            .request(method, url)
+            .header("X-Vault-Request", "true");
+        if let Some(t) = token {
+            req = req.header("X-Vault-Token", t.expose_secret());
+        }
+        if !self.namespace.is_empty() {
+            req = req.header("X-Vault-Namespace", &self.namespace);
+        }
+        if let Some(b) = body {
+            req = req
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.map_err(|e| VaultError::Transport {
+            op,
+            reason: transport_reason(&e),
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| VaultError::Transport {
+            op,
+            reason: transport_reason(&e),
+        })?;
+        if status == StatusCode::NO_CONTENT || (status.is_success() && bytes.is_empty()) {
+            return Ok(Envelope::default());
+        }
+        if !status.is_success() {
+            let errors = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.errors)
+                .unwrap_or_default();
+            return Err(VaultError::Status {
+                op,
+                status: status.as_u16(),
+                errors,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| VaultError::Decode {
+            op,
+            reason: e.to_string(),
+        })
+    }
+
+    pub async fn login_kubernetes(
+        &self,
+        mount: &str,
+        role: &str,
+        jwt: &SecretString,
+    ) -> Result<Token, VaultError> {
+        let op = "kubernetes login";
+        let body = json!({ "role": role, "jwt": jwt.expose_secret() });
+        let env = self
+            .call(
+                op,
+                Method::POST,
+                &format!("auth/{}/login", mount.trim_matches('/')),
+                None,
+                Some(&body),
+            )
+            .await?;
+        let auth = env.auth.ok_or(VaultError::Decode {
+            op,
+            reason: "no auth block".into(),
+        })?;
+        if auth.client_token.is_empty() {
+            return Err(VaultError::Decode {
+                op,
+                reason: "empty client_token".into(),
+            });
+        }
+        Ok(Token {
+            secret: SecretString::from(auth.client_token),
+            accessor: auth.accessor,
+            ttl: secs(auth.lease_duration),
+            renewable: auth.renewable,
+        })
+    }
+
+    /// `auth/token/lookup-self`: the token's remaining TTL and renewability.
+    pub async fn lookup_self(&self, token: &SecretString) -> Result<(Duration, bool), VaultError> {
+        let env = self
+            .call(
+                "token lookup",
+                Method::GET,
+                "auth/token/lookup-self",
+                Some(token),
+                None,
+            )
+            .await?;
+        let data = data_object(env.data);
+        let ttl = data.get("ttl").and_then(Value::as_i64).unwrap_or(0);
+        let renewable = data
+            .get("renewable")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok((secs(ttl), renewable))
+    }
+
+    pub async fn renew_self(
+        &self,
+        token: &SecretString,
+        increment: Duration,
+    ) -> Result<TokenRenewal, VaultError> {
+        let op = "token renew";
+        let body = json!({ "increment": increment.as_secs() });
+        let env = self
+            .call(
+                op,
+                Method::PUT,
+                "auth/token/renew-self",
+                Some(token),
+                Some(&body),
+            )
+            .await?;
+        let auth = env.auth.ok_or(VaultError::Decode {
+            op,
+            reason: "no auth block".into(),
+        })?;
+        Ok(TokenRenewal {
+            ttl: secs(auth.lease_duration),
+            renewable: auth.renewable,
+            warnings: env.warnings.unwrap_or_default(),
+        })
+    }
+
+    pub async fn revoke_self(&self, token: &SecretString) -> Result<(), VaultError> {
+        self.call(
+            "token revoke",
+            Method::PUT,
+            "auth/token/revoke-self",
+            Some(token),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Reads (GET) or writes (POST with `body`) a secret path.
+    pub async fn read_secret(
+        &self,
+        token: &SecretString,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Secret, VaultError> {
+        let env = self
+            .call("read secret", method, path, Some(token), body)
+            .await?;
+        Ok(Secret {
+            lease_id: LeaseId::new(env.lease_id.unwrap_or_default()),
+            lease_duration: secs(env.lease_duration.unwrap_or(0)),
+            renewable: env.renewable.unwrap_or(false),
+            data: SecretData::new(data_object(env.data)),
+            warnings: env.warnings.unwrap_or_default(),
+        })
+    }
+
+    pub async fn renew_lease(
+        &self,
+        token: &SecretString,
+        lease: &LeaseId,
+        increment: Duration,
+    ) -> Result<LeaseRenewal, VaultError> {
+        let body = json!({ "lease_id": lease.expose(), "increment": increment.as_secs() });
+        let env = self
+            .call(
+                "lease renew",
+                Method::PUT,
+                "sys/leases/renew",
+                Some(token),
+                Some(&body),
+            )
+            .await?;
+        Ok(LeaseRenewal {
+            lease_duration: secs(env.lease_duration.unwrap_or(0)),
+            renewable: env.renewable.unwrap_or(false),
+            warnings: env.warnings.unwrap_or_default(),
+        })
+    }
+
+    pub async fn revoke_lease(
+        &self,
+        token: &SecretString,
+        lease: &LeaseId,
+    ) -> Result<(), VaultError> {
+        let body = json!({ "lease_id": lease.expose() });
+        self.call(
+            "lease revoke",
+            Method::PUT,
+            "sys/leases/revoke",
+            Some(token),
+            Some(&body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// A raw write, for setup steps (the demo configures devvault with it).
+    pub async fn write(
+        &self,
+        token: &SecretString,
+        path: &str,
+        body: &Value,
+    ) -> Result<(), VaultError> {
+        self.call("write", Method::POST, path, Some(token), Some(body))
+            .await
+            .map(|_| ())
+    }
+}
+
+fn secs(s: i64) -> Duration {
+    Duration::from_secs(s.max(0) as u64)
+}
+
+/// reqwest's error chain without the URL (it could carry nothing secret, but
+/// keeps messages short).
+fn transport_reason(e: &reqwest::Error) -> String {
+    let mut reason = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "connection failed".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    reason
+}
+
+/// Wall-clock now; one place so schedules are computed from one reading.
+pub fn now() -> SystemTime {
+    SystemTime::now()
+}

@@ -1,0 +1,227 @@
+//! Harness for the agent's integration tests: devvault in-process, the
+//! shared PostgreSQL cluster, a minted ServiceAccount token, and the real
+//! `leasehold` binary started with real signals.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use devvault::testing::{Api, PgCluster, Setup, setup_postgres, shared_cluster};
+use devvault::{DevVault, ServiceAccountIssuer, SigningAlg};
+use serde_json::Value;
+
+pub const POLICY: &str = r#"
+path "database/creds/app" { capabilities = ["read"] }
+path "sys/leases/revoke" { capabilities = ["update"] }
+"#;
+
+pub struct Env {
+    pub vault: DevVault,
+    pub api: Api,
+    pub pg: &'static PgCluster,
+    pub issuer: ServiceAccountIssuer,
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Ttls<'a> {
+    pub db_ttl: &'a str,
+    pub db_max: &'a str,
+    pub token_ttl: &'a str,
+    pub token_max: &'a str,
+}
+
+impl Env {
+    pub async fn new(ttls: Ttls<'_>) -> Env {
+        let pg = shared_cluster();
+        let vault = DevVault::start("127.0.0.1:0".parse().unwrap(), "root")
+            .await
+            .expect("devvault starts");
+        let api = Api::new(&vault.url(), Some("root"));
+        let issuer = ServiceAccountIssuer::generate(SigningAlg::Es256).unwrap();
+        setup_postgres(&api, pg, "app", ttls.db_ttl, ttls.db_max).await;
+        Setup {
+            api: &api,
+            k8s_role: "app",
+            policy: POLICY.into(),
+            token_ttl: ttls.token_ttl,
+            token_max_ttl: ttls.token_max,
+        }
+        .kubernetes(&issuer)
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+        let env = Env {
+            vault,
+            api,
+            pg,
+            issuer,
+            dir,
+        };
+        std::fs::write(
+            env.token_path(),
+            env.issuer.mint("default", "app", 3600).unwrap(),
+        )
+        .unwrap();
+        env
+    }
+
+    pub fn token_path(&self) -> PathBuf {
+        self.dir.path().join("sa-token")
+    }
+
+    pub fn secrets(&self) -> PathBuf {
+        self.dir.path().join("secrets")
+    }
+
+    /// A config with one secret `db` (database/creds/app) rendered to
+    /// `db.json` (0640) plus `extra` YAML appended under the secret.
+    pub fn config(&self, secret_extra: &str, top_extra: &str) -> PathBuf {
+        let yaml = format!(
+            r#"vault:
+  address: {url}
+auth:
+  kubernetes:
+    role: app
+    token_path: {token}
+secrets:
+  - name: db
+    path: database/creds/app
+    files:
+      - path: {secrets}/db.json
+        format: json
+        mode: "0640"
+{secret_extra}
+log:
+  format: json
+  level: debug
+{top_extra}"#,
+            url = self.vault.url(),
+            token = self.token_path().display(),
+            secrets = self.secrets().display(),
+        );
+        let path = self.dir.path().join("leasehold.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    pub async fn spawn(&self, config: &Path) -> Agent {
+        Agent::spawn(
+            &["agent", "-c", &config.display().to_string()],
+            self.dir.path(),
+        )
+        .await
+    }
+
+    /// devvault's request log as (time, method, path, status).
+    pub async fn requests(&self) -> Vec<Req> {
+        self.api
+            .requests()
+            .await
+            .iter()
+            .map(|e| Req {
+                time: humantime::parse_rfc3339(e["time"].as_str().unwrap()).unwrap(),
+                method: e["method"].as_str().unwrap().to_string(),
+                path: e["path"].as_str().unwrap().to_string(),
+                status: e["status"].as_u64().unwrap() as u16,
+            })
+            .collect()
+    }
+
+    pub fn read_json(&self, file: &str) -> Option<Value> {
+        let text = std::fs::read_to_string(self.secrets().join(file)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub time: SystemTime,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+pub fn secs_between(a: SystemTime, b: SystemTime) -> f64 {
+    match b.duration_since(a) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+/// The real binary, its output captured to files for later inspection.
+pub struct Agent {
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub async fn spawn(args: &[&str], dir: &Path) -> Agent {
+        let log = dir.join(format!("agent-{}.log", rand_suffix()));
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("leasehold starts");
+        Agent { child, log }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id().expect("running") as i32);
+        nix::sys::signal::kill(pid, sig).expect("signal delivered");
+    }
+
+    pub async fn wait(&mut self, limit: Duration) -> i32 {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => status.unwrap().code().unwrap_or(-1),
+            Err(_) => panic!(
+                "agent did not exit within {limit:?}; output:\n{}",
+                self.output()
+            ),
+        }
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log lines (JSON) with this `event`.
+    pub fn events(&self, event: &str) -> Vec<Value> {
+        self.output()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+}
+
+fn rand_suffix() -> String {
+    format!(
+        "{:x}",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+/// Polls `cond` every 50 ms up to `secs`: the condition is what is asserted;
+/// the deadline only bounds the wait.
+pub async fn eventually<F: AsyncFnMut() -> bool>(secs: u64, mut cond: F) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
