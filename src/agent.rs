@@ -1,34 +1,42 @@
-//! Wiring: the auth loop, one supervisor per secret, signals, and the
-//! ordered teardown (stop scheduling, revoke leases in parallel, revoke-self
-//! every token, within `shutdown.timeout`).
+//! Wiring: state and adoption, the auth loop, one supervisor per secret,
+//! reload on SIGHUP or config change, and the ordered teardown (stop
+//! scheduling, revoke leases in parallel, revoke-self every token, within
+//! `shutdown.timeout`).
 
-use std::collections::HashSet;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::{Notify, mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthLoop, AuthState, HeldToken};
-use crate::config::Config;
-use crate::lease::{Event, LiveLease, Supervisor};
+use crate::config::{Config, Env, SecretConfig};
+use crate::lease::{Event, Held, LiveLease, SecretSpec, Supervisor};
 use crate::render::Renderer;
+use crate::secret::SecretString;
 use crate::shutdown::Signals;
+use crate::state::StateStore;
 use crate::vault::{ClientConfig, VaultClient};
 
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
 
+/// Events closer together than this are one config change.
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
+
 pub struct Options {
     pub once: bool,
+    /// Where `VAULT_*` overrides come from when the config is reloaded.
+    pub env: Env<'static>,
 }
 
 pub fn client(config: &Config) -> anyhow::Result<VaultClient> {
     let ca = match &config.vault.ca_cert {
-        Some(p) => Some(
-            std::fs::read(p).with_context(|| format!("reading vault.ca_cert {}", p.display()))?,
-        ),
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading vault.ca_cert {}", p.display()))?),
         None => None,
     };
     if config.vault.tls_skip_verify {
@@ -47,17 +55,155 @@ pub fn client(config: &Config) -> anyhow::Result<VaultClient> {
     })?)
 }
 
+struct Running {
+    cfg: SecretConfig,
+    cancel: CancellationToken,
+    spec: watch::Sender<Arc<SecretSpec>>,
+    handle: JoinHandle<Vec<LiveLease>>,
+}
+
+/// The running agent's moving parts.
+struct Agent {
+    config: Config,
+    config_path: PathBuf,
+    config_text: String,
+    env: Env<'static>,
+    client: VaultClient,
+    auth: watch::Receiver<AuthState>,
+    relogin: Arc<Notify>,
+    events: mpsc::UnboundedSender<Event>,
+    store: Option<Arc<StateStore>>,
+    stop: CancellationToken,
+    running: HashMap<String, Running>,
+}
+
+impl Agent {
+    fn start(&mut self, index: usize, cfg: SecretConfig, renderer: Arc<Renderer>, adopted: Option<Held>) {
+        let cancel = self.stop.child_token();
+        let (spec_tx, spec_rx) = watch::channel(Arc::new(SecretSpec { index, cfg: cfg.clone(), renderer }));
+        let supervisor = Supervisor {
+            spec: spec_rx,
+            client: self.client.clone(),
+            auth: self.auth.clone(),
+            relogin: self.relogin.clone(),
+            events: self.events.clone(),
+            store: self.store.clone(),
+            adopted,
+            cancel: cancel.clone(),
+        };
+        let handle = tokio::spawn(supervisor.run());
+        self.running.insert(cfg.name.clone(), Running { cfg, cancel, spec: spec_tx, handle });
+    }
+
+    /// Stops a secret's supervisor, revokes its leases, removes its files.
+    async fn remove(&mut self, name: &str) {
+        let Some(r) = self.running.remove(name) else { return };
+        r.cancel.cancel();
+        let leases = r.handle.await.unwrap_or_default();
+        let token = self.auth.borrow().current.clone();
+        let failed = revoke_leases(&self.client, &leases, token.as_deref()).await;
+        for f in &r.cfg.files {
+            if let Err(e) = std::fs::remove_file(&f.path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(event = "remove_failed", secret = %name, file = %f.path.display(), error = %e, "removing a file of a removed secret failed");
+            }
+        }
+        if failed.is_empty()
+            && let Some(store) = &self.store
+        {
+            let _ = store.remove_secret(name);
+        }
+        tracing::info!(event = "secret_removed", secret = %name, revoked = leases.len() - failed.len(), "secret removed from the configuration");
+    }
+
+    /// Reloads the config: changed templates re-render from the credentials
+    /// in hand, new secrets are issued, removed ones revoked. An invalid
+    /// config is logged and the running one kept. `force` re-renders even
+    /// when the file is unchanged (SIGHUP).
+    async fn reload(&mut self, force: bool) -> HashSet<String> {
+        let mut added = HashSet::new();
+        let text = match std::fs::read_to_string(&self.config_path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(event = "config_rejected", error = %e, "cannot read the config; keeping the running one");
+                return added;
+            }
+        };
+        if !force && text == self.config_text {
+            return added;
+        }
+        let new = match Config::parse(&text, &self.config_path, self.env)
+            .and_then(|c| Renderer::compile(&c, &self.config_path).map(|r| (c, Arc::new(r))))
+        {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                tracing::error!(event = "config_rejected", error = %e, "the new config is invalid; keeping the running one");
+                return added;
+            }
+        };
+        let (config, renderer) = new;
+        if format!("{:?}{:?}", config.vault, config.auth) != format!("{:?}{:?}", self.config.vault, self.config.auth) {
+            tracing::warn!(event = "restart_needed", "changes to `vault` or `auth` take effect after a restart");
+        }
+        let same_source =
+            |a: &SecretConfig, b: &SecretConfig| a.path == b.path && a.method == b.method && a.body == b.body;
+        let stale: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, r)| !config.secrets.iter().any(|s| &s.name == *name && same_source(s, &r.cfg)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            self.remove(&name).await;
+        }
+        for (index, cfg) in config.secrets.iter().enumerate() {
+            match self.running.get_mut(&cfg.name) {
+                Some(r) => {
+                    for gone in r.cfg.files.iter().filter(|f| !cfg.files.iter().any(|n| n.path == f.path)) {
+                        let _ = std::fs::remove_file(&gone.path);
+                    }
+                    r.cfg = cfg.clone();
+                    let _ = r.spec.send(Arc::new(SecretSpec { index, cfg: cfg.clone(), renderer: renderer.clone() }));
+                }
+                None => {
+                    added.insert(cfg.name.clone());
+                    self.start(index, cfg.clone(), renderer.clone(), None);
+                }
+            }
+        }
+        tracing::info!(
+            event = "config_reloaded",
+            secrets = config.secrets.len(),
+            added = added.len(),
+            "configuration reloaded"
+        );
+        self.config = config;
+        self.config_text = text;
+        added
+    }
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Option<Arc<StateStore>>> {
+    let Some(dir) = &config.state_dir else { return Ok(None) };
+    let (store, warning) = StateStore::open(dir)?;
+    if let Some(w) = warning {
+        tracing::warn!(event = "state_set_aside", "{w}");
+    }
+    Ok(Some(Arc::new(store)))
+}
+
 /// Runs the agent until a signal (or, with `once`, until every secret is
 /// rendered). Returns the process exit code.
-pub async fn run(
-    config: Config,
-    config_path: &Path,
-    signals: Signals,
-    opts: Options,
-) -> anyhow::Result<i32> {
+pub async fn run(config: Config, config_path: &Path, signals: Signals, opts: Options) -> anyhow::Result<i32> {
     let client = client(&config)?;
     let renderer = Arc::new(Renderer::compile(&config, config_path)?);
-    let (auth_tx, auth_rx) = watch::channel(AuthState::default());
+    let store = open_store(&config)?;
+    let snapshot = store.as_ref().map(|s| s.snapshot()).unwrap_or_default();
+
+    let adopted_tokens = crate::adopt::tokens(&client, &snapshot.tokens).await;
+    let current = adopted_tokens.iter().rev().find(|t| !t.final_expiry).or(adopted_tokens.last()).cloned();
+    let (auth_tx, auth_rx) = watch::channel(AuthState { current, held: adopted_tokens });
     let relogin = Arc::new(Notify::new());
     let (events_tx, mut events) = mpsc::unbounded_channel();
     // Children of the signal token, so `--once` can stop them itself.
@@ -71,30 +217,62 @@ pub async fn run(
         token_path: k8s.token_path.clone(),
         state: auth_tx,
         relogin: relogin.clone(),
+        store: store.clone(),
     };
     let auth_task = tokio::spawn(auth.run(stop.clone()));
 
-    let mut supervisors = JoinSet::new();
-    for (index, cfg) in config.secrets.iter().enumerate() {
-        supervisors.spawn(
-            Supervisor {
-                index,
-                cfg: cfg.clone(),
-                client: client.clone(),
-                auth: auth_rx.clone(),
-                relogin: relogin.clone(),
-                renderer: renderer.clone(),
-                rerender: signals.rerender.clone(),
-                events: events_tx.clone(),
-                cancel: stop.clone(),
+    let mut adopted = crate::adopt::Leases::default();
+    if !snapshot.secrets.is_empty() {
+        let mut waiting = auth_rx.clone();
+        let token = tokio::select! {
+            t = waiting.wait_for(|s| s.current.is_some()) => t.ok().and_then(|s| s.current.clone()),
+            _ = stop.cancelled() => None,
+        };
+        if let Some(token) = token {
+            adopted = crate::adopt::leases(&client, &token.token.secret, &snapshot, &config).await;
+            let failed = revoke_leases(&client, &adopted.revoke, Some(&token)).await;
+            if failed.is_empty()
+                && let Some(store) = &store
+            {
+                for name in &adopted.removed {
+                    let _ = store.remove_secret(name);
+                }
             }
-            .run(),
-        );
+        }
     }
-    drop(events_tx);
 
-    let names: HashSet<String> = config.secrets.iter().map(|s| s.name.clone()).collect();
-    let mut pending = names.clone();
+    let config_text = std::fs::read_to_string(config_path).unwrap_or_default();
+    let mut agent = Agent {
+        config: config.clone(),
+        config_path: config_path.to_path_buf(),
+        config_text,
+        env: opts.env,
+        client: client.clone(),
+        auth: auth_rx.clone(),
+        relogin,
+        events: events_tx,
+        store: store.clone(),
+        stop: stop.clone(),
+        running: HashMap::new(),
+    };
+    for (index, cfg) in config.secrets.iter().enumerate() {
+        let held = adopted.adopted.remove(&cfg.name);
+        agent.start(index, cfg.clone(), renderer.clone(), held);
+    }
+
+    // Watch the config directory (not for --once: it exits soon anyway).
+    let watcher = if opts.once {
+        None
+    } else {
+        crate::reload::watch(config_path).map_err(|e| tracing::warn!(event = "watch_failed", error = %e, "cannot watch the config file; SIGHUP still reloads")).ok()
+    };
+    let (_watcher, mut file_events) = match watcher {
+        Some((w, rx)) => (Some(w), rx),
+        None => (None, mpsc::unbounded_channel().1),
+    };
+    let mut reload_signal = signals.reload.clone();
+
+    let mut pending: HashSet<String> = config.secrets.iter().map(|s| s.name.clone()).collect();
     let startup = tokio::time::sleep(config.startup_timeout);
     tokio::pin!(startup);
     let mut startup_done = false;
@@ -107,7 +285,7 @@ pub async fn run(
                     pending.remove(&secret);
                     if pending.is_empty() && !startup_done {
                         startup_done = true;
-                        tracing::info!(event = "ready", secrets = names.len(), "every secret is rendered");
+                        tracing::info!(event = "ready", secrets = agent.running.len(), "every secret is rendered");
                         if opts.once {
                             stop.cancel();
                         }
@@ -124,18 +302,26 @@ pub async fn run(
                     stop.cancel();
                 }
             }
+            changed = reload_signal.changed() => {
+                if changed.is_ok() {
+                    agent.reload(true).await;
+                }
+            }
+            Some(()) = file_events.recv() => {
+                tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                while file_events.try_recv().is_ok() {}
+                agent.reload(false).await;
+            }
         }
     }
 
     // Teardown: supervisors stop scheduling and report what is alive.
     stop.cancel();
     let mut live: Vec<LiveLease> = Vec::new();
-    while let Some(result) = supervisors.join_next().await {
-        match result {
+    for (_, r) in agent.running.drain() {
+        match r.handle.await {
             Ok(leases) => live.extend(leases),
-            Err(e) => {
-                tracing::error!(event = "supervisor_failed", error = %e, "a lease supervisor stopped abnormally")
-            }
+            Err(e) => tracing::error!(event = "supervisor_failed", error = %e, "a lease supervisor stopped abnormally"),
         }
     }
     let _ = auth_task.await;
@@ -148,7 +334,7 @@ pub async fn run(
         tracing::info!(
             event = "once_done",
             leases = live.len(),
-            "rendered every secret; leaving leases alive for the sidecar"
+            "rendered every secret; leases stay alive for the sidecar to adopt"
         );
         return Ok(EXIT_OK);
     }
@@ -156,29 +342,27 @@ pub async fn run(
         tracing::info!(
             event = "shutdown_done",
             leases = live.len(),
-            "stopped without revoking (shutdown.revoke: false)"
+            "stopped without revoking (shutdown.revoke: false); state kept"
         );
         return Ok(EXIT_OK);
     }
     let timeout = config.shutdown.timeout;
-    let maybe_alive =
-        match tokio::time::timeout(timeout, revoke_all(&client, &live, &auth_state)).await {
-            Ok(left) => left,
-            Err(_) => {
-                tracing::error!(
-                    event = "shutdown_timeout",
-                    timeout_secs = timeout.as_secs(),
-                    "revocation did not finish within shutdown.timeout"
-                );
-                live.clone()
-            }
-        };
+    let maybe_alive = match tokio::time::timeout(timeout, revoke_all(&client, &live, &auth_state)).await {
+        Ok(left) => left,
+        Err(_) => {
+            tracing::error!(
+                event = "shutdown_timeout",
+                timeout_secs = timeout.as_secs(),
+                "revocation did not finish within shutdown.timeout"
+            );
+            live.clone()
+        }
+    };
     if maybe_alive.is_empty() {
-        tracing::info!(
-            event = "shutdown_done",
-            revoked = live.len(),
-            "every lease revoked; exiting"
-        );
+        if let Some(store) = &store {
+            store.remove();
+        }
+        tracing::info!(event = "shutdown_done", revoked = live.len(), "every lease revoked; exiting");
         Ok(EXIT_OK)
     } else {
         for l in &maybe_alive {
@@ -188,41 +372,39 @@ pub async fn run(
     }
 }
 
-/// Revokes every lease in parallel, then revoke-self every token still held
-/// (which also revokes any lease it created: the fallback when the policy
-/// lacks `sys/leases/revoke`). Returns the leases that may still be alive.
-async fn revoke_all(client: &VaultClient, live: &[LiveLease], auth: &AuthState) -> Vec<LiveLease> {
-    let current = auth.current.clone();
+/// Revokes leases in parallel with `token`; returns those that failed.
+async fn revoke_leases(client: &VaultClient, leases: &[LiveLease], token: Option<&HeldToken>) -> Vec<LiveLease> {
+    let Some(token) = token else { return leases.to_vec() };
     let mut tasks = JoinSet::new();
-    if let Some(token) = &current {
-        for lease in live.iter().cloned() {
-            let client = client.clone();
-            let secret = token.token.secret.clone();
-            tasks.spawn(async move {
-                let result = client.revoke_lease(&secret, &lease.lease_id).await;
-                (lease, result)
-            });
-        }
+    for lease in leases.iter().cloned() {
+        let client = client.clone();
+        let secret: SecretString = token.token.secret.clone();
+        tasks.spawn(async move {
+            let result = client.revoke_lease(&secret, &lease.lease_id).await;
+            (lease, result)
+        });
     }
-    let mut failed: Vec<LiveLease> = if current.is_none() {
-        live.to_vec()
-    } else {
-        Vec::new()
-    };
+    let mut failed = Vec::new();
     while let Some(joined) = tasks.join_next().await {
-        let Ok((lease, result)) = joined else {
-            continue;
-        };
+        let Ok((lease, result)) = joined else { continue };
         match result {
             Ok(()) => {
                 tracing::info!(event = "revoked", secret = %lease.secret, lease = %lease.lease_id, "revoked lease")
             }
             Err(e) => {
-                tracing::warn!(event = "revoke_failed", secret = %lease.secret, lease = %lease.lease_id, error = %e, "revoking lease failed; its token's revocation is the fallback");
+                tracing::warn!(event = "revoke_failed", secret = %lease.secret, lease = %lease.lease_id, error = %e, "revoking lease failed");
                 failed.push(lease);
             }
         }
     }
+    failed
+}
+
+/// Revokes every lease in parallel, then revoke-self every token still held
+/// (which also revokes any lease it created: the fallback when the policy
+/// lacks `sys/leases/revoke`). Returns the leases that may still be alive.
+async fn revoke_all(client: &VaultClient, live: &[LiveLease], auth: &AuthState) -> Vec<LiveLease> {
+    let mut failed = revoke_leases(client, live, auth.current.as_deref()).await;
     let revoked_tokens = revoke_tokens(client, &auth.held).await;
     failed.retain(|l| !revoked_tokens.contains(&l.token_accessor));
     failed
@@ -239,15 +421,13 @@ async fn revoke_tokens(client: &VaultClient, tokens: &[Arc<HeldToken>]) -> HashS
     }
     let mut revoked = HashSet::new();
     while let Some(joined) = tasks.join_next().await {
-        let Ok((accessor, result)) = joined else {
-            continue;
-        };
+        let Ok((accessor, result)) = joined else { continue };
         match result {
             Ok(()) => {
                 tracing::info!(event = "token_revoked", accessor = %accessor, "revoked Vault token");
                 revoked.insert(accessor);
             }
-            // An expired token is gone already, and its leases with it.
+            // An expired or revoked token is gone already, and its leases with it.
             Err(e) if e.is_permission_denied() => {
                 revoked.insert(accessor);
             }

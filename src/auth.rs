@@ -14,14 +14,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::lease::schedule::{Policy, renew_point, renewal_capped};
-use crate::secret::SecretString;
+use crate::secret::{ExposeSecret, SecretString};
+use crate::state::{StateStore, TokenRecord, unix};
 use crate::vault::{Token, VaultClient, VaultError, now};
 
 /// Tokens are renewed at half their TTL, up to 5 % earlier.
-const TOKEN_POLICY: Policy = Policy {
-    renew_at: 0.5,
-    jitter: 0.05,
-};
+const TOKEN_POLICY: Policy = Policy { renew_at: 0.5, jitter: 0.05 };
 
 /// A token the agent holds.
 #[derive(Debug, Clone)]
@@ -46,6 +44,17 @@ pub struct AuthState {
 impl HeldToken {
     pub fn expires_at(&self) -> SystemTime {
         self.granted_at + self.ttl
+    }
+
+    pub fn record(&self) -> TokenRecord {
+        TokenRecord {
+            token: zeroize::Zeroizing::new(self.token.secret.expose_secret().to_string()),
+            accessor: self.token.accessor.clone(),
+            first_ttl: self.token.ttl.as_secs_f64(),
+            granted_at: unix(self.granted_at),
+            ttl: self.ttl.as_secs_f64(),
+            final_expiry: self.final_expiry,
+        }
     }
 }
 
@@ -78,14 +87,12 @@ pub struct AuthLoop {
     pub state: watch::Sender<AuthState>,
     /// Poked by a supervisor that got a 403: the token may be revoked.
     pub relogin: Arc<Notify>,
+    pub store: Option<Arc<StateStore>>,
 }
 
 impl AuthLoop {
     pub fn read_jwt(path: &PathBuf) -> Result<SecretString, AuthError> {
-        let fail = |reason: String| AuthError::Jwt {
-            path: path.clone(),
-            reason,
-        };
+        let fail = |reason: String| AuthError::Jwt { path: path.clone(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
         let jwt = text.trim();
         if jwt.is_empty() {
@@ -96,17 +103,9 @@ impl AuthLoop {
 
     pub async fn login(&self) -> Result<HeldToken, AuthError> {
         let jwt = Self::read_jwt(&self.token_path)?;
-        let token = self
-            .client
-            .login_kubernetes(&self.mount, &self.role, &jwt)
-            .await?;
+        let token = self.client.login_kubernetes(&self.mount, &self.role, &jwt).await?;
         let renewable = token.renewable && !token.ttl.is_zero();
-        Ok(HeldToken {
-            granted_at: now(),
-            ttl: token.ttl,
-            final_expiry: !renewable,
-            token,
-        })
+        Ok(HeldToken { granted_at: now(), ttl: token.ttl, final_expiry: !renewable, token })
     }
 
     /// Publishes a token as the current one.
@@ -117,6 +116,15 @@ impl AuthLoop {
             s.held.push(held.clone());
             s.current = Some(held);
         });
+        self.persist();
+    }
+
+    fn persist(&self) {
+        let Some(store) = &self.store else { return };
+        let records = self.state.borrow().held.iter().map(|t| t.record()).collect();
+        if let Err(e) = store.set_tokens(records) {
+            tracing::error!(event = "state_write_failed", error = %e, "recording tokens failed");
+        }
     }
 
     fn replace_current(&self, update: impl FnOnce(&HeldToken) -> HeldToken) {
@@ -131,17 +139,19 @@ impl AuthLoop {
                 s.current = Some(new);
             }
         });
+        self.persist();
     }
 
     fn prune(&self) {
         let now = now();
-        self.state.send_if_modified(|s| {
+        let pruned = self.state.send_if_modified(|s| {
             let before = s.held.len();
-            s.held.retain(|t| {
-                t.expires_at() > now || s.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, t))
-            });
+            s.held.retain(|t| t.expires_at() > now || s.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, t)));
             s.held.len() != before
         });
+        if pruned {
+            self.persist();
+        }
     }
 
     pub async fn run(self, cancel: CancellationToken) {
@@ -180,14 +190,9 @@ impl AuthLoop {
                 }
                 _ = tokio::time::sleep(wait) => {}
             }
-            match self
-                .client
-                .renew_self(&current.token.secret, current.token.ttl)
-                .await
-            {
+            match self.client.renew_self(&current.token.secret, current.token.ttl).await {
                 Ok(r) => {
-                    let capped =
-                        renewal_capped(current.token.ttl, r.ttl, &r.warnings) || !r.renewable;
+                    let capped = renewal_capped(current.token.ttl, r.ttl, &r.warnings) || !r.renewable;
                     tracing::info!(event = "token_renewed", accessor = %current.token.accessor, ttl_secs = r.ttl.as_secs(), capped, "renewed Vault token");
                     let at = now();
                     self.replace_current(|t| HeldToken {
@@ -210,17 +215,8 @@ impl AuthLoop {
                 }
                 Err(e) => {
                     tracing::warn!(event = "token_renew_failed", error = %e, "renewing the Vault token failed");
-                    let left = current
-                        .expires_at()
-                        .duration_since(now())
-                        .unwrap_or_default();
-                    if !self
-                        .sleep(
-                            backoff.next().min(left / 4 + Duration::from_millis(100)),
-                            &cancel,
-                        )
-                        .await
-                    {
+                    let left = current.expires_at().duration_since(now()).unwrap_or_default();
+                    if !self.sleep(backoff.next().min(left / 4 + Duration::from_millis(100)), &cancel).await {
                         return;
                     }
                 }
@@ -274,15 +270,9 @@ mod tests {
 
     #[test]
     fn token_end_bounds_only_final_tokens() {
-        let state = AuthState {
-            current: None,
-            held: vec![held("a", 100, false), held("b", 50, true)],
-        };
+        let state = AuthState { current: None, held: vec![held("a", 100, false), held("b", 50, true)] };
         assert_eq!(state.token_end("a"), None);
-        assert_eq!(
-            state.token_end("b"),
-            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(50))
-        );
+        assert_eq!(state.token_end("b"), Some(SystemTime::UNIX_EPOCH + Duration::from_secs(50)));
         assert_eq!(state.token_end("gone"), Some(SystemTime::UNIX_EPOCH));
     }
 }

@@ -12,11 +12,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max,
-            attempt: 0,
-        }
+        Backoff { min, max, attempt: 0 }
     }
 
     pub fn reset(&mut self) {
@@ -25,10 +21,7 @@ impl Backoff {
 
     /// Full jitter: uniform in [min, min(max, min × 2^attempt)].
     pub fn next(&mut self) -> Duration {
-        let ceiling = self
-            .min
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.max);
+        let ceiling = self.min.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         let span = ceiling.saturating_sub(self.min);
         self.min + span.mul_f64(rand::random::<f64>())

@@ -14,7 +14,8 @@ use crate::secret::{LeaseId, SecretData};
 /// Sample credentials shaped like `database/creds/<role>`; other paths get
 /// the same keys, so templates using other `data` keys are reported.
 fn sample_data() -> SecretData {
-    let sample = json!({ "username": "v-kubernet-sample-AbCdEfGhIjKlMnOpQrSt-1700000000", "password": "Sample-Passw0rd-xyzw" });
+    let sample =
+        json!({ "username": "v-kubernet-sample-AbCdEfGhIjKlMnOpQrSt-1700000000", "password": "Sample-Passw0rd-xyzw" });
     SecretData::new(sample.as_object().cloned().unwrap_or_default())
 }
 

@@ -25,7 +25,6 @@ pub struct Config {
     pub auth: AuthConfig,
     pub secrets: Vec<SecretConfig>,
     #[serde(default)]
-    #[allow(dead_code)] // Parsed for the contract; state and adoption read it.
     pub state_dir: Option<PathBuf>,
     #[serde(default = "d_startup_timeout", with = "humantime_serde")]
     pub startup_timeout: Duration,
@@ -138,7 +137,6 @@ pub struct OnChange {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignalHook {
-    #[allow(dead_code)] // Parsed for the contract; app notification reads it.
     pub pid_file: PathBuf,
     #[serde(default = "d_sighup")]
     pub signal: String,
@@ -163,10 +161,7 @@ pub struct ShutdownConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig {
-            revoke: true,
-            timeout: d_shutdown_timeout(),
-        }
+        ShutdownConfig { revoke: true, timeout: d_shutdown_timeout() }
     }
 }
 
@@ -201,10 +196,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: d_log_format(),
-            level: d_log_level(),
-        }
+        LogConfig { format: d_log_format(), level: d_log_level() }
     }
 }
 
@@ -267,28 +259,21 @@ fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         // YAML parsers disagree on `0600` (int 600, octal 384, float 600.0):
         // take the written digits when the number is whole.
         Value::Number(n) if n.is_u64() => n.to_string(),
-        Value::Number(n)
-            if n.as_f64()
-                .is_some_and(|f| f >= 0.0 && f.fract() == 0.0 && f < 1e6) =>
-        {
+        Value::Number(n) if n.as_f64().is_some_and(|f| f >= 0.0 && f.fract() == 0.0 && f < 1e6) => {
             format!("{}", n.as_f64().unwrap_or_default() as u64)
         }
         _ => {
-            return Err(serde::de::Error::custom(format!(
-                "expected an octal mode like \"0440\", got {v}"
-            )));
+            return Err(serde::de::Error::custom(format!("expected an octal mode like \"0440\", got {v}")));
         }
     };
     match u32::from_str_radix(&digits, 8) {
         Ok(m) if m <= 0o7777 => Ok(m),
-        _ => Err(serde::de::Error::custom(format!(
-            "invalid mode {v}: expected octal digits, at most 7777"
-        ))),
+        _ => Err(serde::de::Error::custom(format!("invalid mode {v}: expected octal digits, at most 7777"))),
     }
 }
 
 /// Where environment overrides come from (the process, or a map in tests).
-pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+pub type Env<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 
 pub fn process_env(key: &str) -> Option<String> {
     std::env::var(key).ok().filter(|v| !v.is_empty())
@@ -298,38 +283,21 @@ impl Config {
     /// Reads, parses, applies environment overrides and validates.
     pub fn load(path: &Path, env: Env) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let err = |key: &str, message: String| ConfigError {
-            file: file.clone(),
-            key: key.to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| err("(file)", format!("cannot read: {e}")))?;
+        let err = |key: &str, message: String| ConfigError { file: file.clone(), key: key.to_string(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err("(file)", format!("cannot read: {e}")))?;
         Self::parse(&text, path, env)
     }
 
     pub fn parse(text: &str, path: &Path, env: Env) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let err = |key: &str, message: String| ConfigError {
-            file: file.clone(),
-            key: key.to_string(),
-            message,
-        };
-        let value: Value = serde_saphyr::from_str(text)
-            .map_err(|e| err("(syntax)", first_line(&e.to_string())))?;
+        let err = |key: &str, message: String| ConfigError { file: file.clone(), key: key.to_string(), message };
+        let value: Value = serde_saphyr::from_str(text).map_err(|e| err("(syntax)", first_line(&e.to_string())))?;
         if !value.is_object() {
-            return Err(err(
-                "(top level)",
-                "expected a mapping with `vault`, `auth` and `secrets`".into(),
-            ));
+            return Err(err("(top level)", "expected a mapping with `vault`, `auth` and `secrets`".into()));
         }
         let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
-            let key = if key == "." {
-                "(top level)".to_string()
-            } else {
-                key
-            };
+            let key = if key == "." { "(top level)".to_string() } else { key };
             err(&key, e.into_inner().to_string())
         })?;
         if let Some(addr) = env("VAULT_ADDR") {
@@ -341,9 +309,7 @@ impl Config {
         if let Some(ns) = env("VAULT_NAMESPACE") {
             config.vault.namespace = ns;
         }
-        config
-            .validate()
-            .map_err(|(key, message)| err(&key, message))?;
+        config.validate().map_err(|(key, message)| err(&key, message))?;
         Ok(config)
     }
 
@@ -353,13 +319,8 @@ impl Config {
         if addr.is_empty() {
             return fail("vault.address", "is required (or set VAULT_ADDR)");
         }
-        if !(addr.starts_with("http://") || addr.starts_with("https://"))
-            || reqwest::Url::parse(addr).is_err()
-        {
-            return Err((
-                "vault.address".into(),
-                format!("{addr:?} is not an http:// or https:// URL"),
-            ));
+        if !(addr.starts_with("http://") || addr.starts_with("https://")) || reqwest::Url::parse(addr).is_err() {
+            return Err(("vault.address".into(), format!("{addr:?} is not an http:// or https:// URL")));
         }
         if self.vault.request_timeout.is_zero() {
             return fail("vault.request_timeout", "must be greater than 0");
@@ -379,10 +340,7 @@ impl Config {
         for (i, s) in self.secrets.iter().enumerate() {
             let key = |k: &str| format!("secrets[{i}].{k}");
             if s.name.is_empty()
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+                || !s.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
             {
                 return Err((key("name"), format!("{:?} must match [a-z0-9_-]+", s.name)));
             }
@@ -393,26 +351,17 @@ impl Config {
             if p.is_empty() || p.starts_with("v1/") {
                 return Err((
                     key("path"),
-                    format!(
-                        "{:?} must be a Vault path like database/creds/<role> (without /v1/)",
-                        s.path
-                    ),
+                    format!("{:?} must be a Vault path like database/creds/<role> (without /v1/)", s.path),
                 ));
             }
             if s.body.is_some() && s.method == Method::Get {
                 return Err((key("body"), "is only sent with method: POST".into()));
             }
             if !(s.renew_at > 0.0 && s.renew_at < 1.0) {
-                return Err((
-                    key("renew_at"),
-                    format!("{} must be between 0 and 1 (exclusive)", s.renew_at),
-                ));
+                return Err((key("renew_at"), format!("{} must be between 0 and 1 (exclusive)", s.renew_at)));
             }
             if !(s.jitter >= 0.0 && s.jitter < s.renew_at) {
-                return Err((
-                    key("jitter"),
-                    format!("{} must be at least 0 and less than renew_at", s.jitter),
-                ));
+                return Err((key("jitter"), format!("{} must be at least 0 and less than renew_at", s.jitter)));
             }
             if s.refresh_interval.is_zero() {
                 return Err((key("refresh_interval"), "must be greater than 0".into()));
@@ -423,29 +372,17 @@ impl Config {
             for (j, f) in s.files.iter().enumerate() {
                 let fkey = |k: &str| format!("secrets[{i}].files[{j}].{k}");
                 if !f.path.is_absolute() {
-                    return Err((
-                        fkey("path"),
-                        format!("{} must be an absolute path", f.path.display()),
-                    ));
+                    return Err((fkey("path"), format!("{} must be an absolute path", f.path.display())));
                 }
                 if f.path.file_name().is_none() {
-                    return Err((
-                        fkey("path"),
-                        format!("{} must name a file", f.path.display()),
-                    ));
+                    return Err((fkey("path"), format!("{} must name a file", f.path.display())));
                 }
                 if !paths.insert(f.path.clone()) {
-                    return Err((
-                        fkey("path"),
-                        format!("{} is written by another file entry", f.path.display()),
-                    ));
+                    return Err((fkey("path"), format!("{} is written by another file entry", f.path.display())));
                 }
                 let templated = f.template.is_some() as u8 + f.template_file.is_some() as u8;
                 if templated > 1 {
-                    return Err((
-                        fkey("template"),
-                        "`template` and `template_file` are exclusive".into(),
-                    ));
+                    return Err((fkey("template"), "`template` and `template_file` are exclusive".into()));
                 }
                 match (f.format, templated) {
                     (None, 0) => {
@@ -455,16 +392,10 @@ impl Config {
                         ));
                     }
                     (Some(Format::Template), 0) => {
-                        return Err((
-                            fkey("format"),
-                            "`format: template` needs `template` or `template_file`".into(),
-                        ));
+                        return Err((fkey("format"), "`format: template` needs `template` or `template_file`".into()));
                     }
                     (Some(Format::Json | Format::Env), 1) => {
-                        return Err((
-                            fkey("format"),
-                            "`format: json|env` cannot be combined with a template".into(),
-                        ));
+                        return Err((fkey("format"), "`format: json|env` cannot be combined with a template".into()));
                     }
                     _ => {}
                 }
@@ -473,10 +404,7 @@ impl Config {
                 if let Some(argv) = &hooks.exec
                     && argv.first().is_none_or(|a| a.is_empty())
                 {
-                    return Err((
-                        key("on_change.exec"),
-                        "needs a program as its first element".into(),
-                    ));
+                    return Err((key("on_change.exec"), "needs a program as its first element".into()));
                 }
                 if let Some(sig) = &hooks.signal
                     && sig.signal.parse::<nix::sys::signal::Signal>().is_err()
@@ -488,16 +416,10 @@ impl Config {
                 }
                 if let Some(http) = &hooks.http {
                     if reqwest::Url::parse(&http.url).is_err() {
-                        return Err((
-                            key("on_change.http.url"),
-                            format!("{:?} is not a URL", http.url),
-                        ));
+                        return Err((key("on_change.http.url"), format!("{:?} is not a URL", http.url)));
                     }
                     if reqwest::Method::from_bytes(http.method.as_bytes()).is_err() {
-                        return Err((
-                            key("on_change.http.method"),
-                            format!("{:?} is not an HTTP method", http.method),
-                        ));
+                        return Err((key("on_change.http.method"), format!("{:?} is not an HTTP method", http.method)));
                     }
                 }
             }
@@ -509,16 +431,10 @@ impl Config {
             return fail("shutdown.timeout", "must be greater than 0");
         }
         if self.telemetry.listen.parse::<SocketAddr>().is_err() {
-            return Err((
-                "telemetry.listen".into(),
-                format!("{:?} is not HOST:PORT", self.telemetry.listen),
-            ));
+            return Err(("telemetry.listen".into(), format!("{:?} is not HOST:PORT", self.telemetry.listen)));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err((
-                "log.level".into(),
-                format!("{:?} is not a log level or filter", self.log.level),
-            ));
+            return Err(("log.level".into(), format!("{:?} is not a log level or filter", self.log.level)));
         }
         Ok(())
     }
@@ -580,32 +496,19 @@ secrets:
 
     #[test]
     fn errors_name_the_key() {
-        assert_eq!(
-            error_key(&MINIMAL.replace("role: app", "role: app\n    extra: 1")),
-            "auth.kubernetes.extra"
-        );
+        assert_eq!(error_key(&MINIMAL.replace("role: app", "role: app\n    extra: 1")), "auth.kubernetes.extra");
         assert_eq!(
             error_key(&MINIMAL.replace("format: json", "format: json\n        mode: \"0999\"")),
             "secrets[0].files[0].mode"
         );
         assert_eq!(
-            error_key(&MINIMAL.replace(
-                "path: database",
-                "refresh_interval: soon\n    path: database"
-            )),
+            error_key(&MINIMAL.replace("path: database", "refresh_interval: soon\n    path: database")),
             "secrets[0].refresh_interval"
         );
-        assert_eq!(
-            error_key(&MINIMAL.replace("    role: app\n", "")),
-            "auth.kubernetes"
-        );
-        assert_eq!(
-            error_key(&MINIMAL.replace("format: json", "")),
-            "secrets[0].files[0].format"
-        );
-        let dup = format!(
-            "{MINIMAL}  - name: db\n    path: x/y\n    files:\n      - path: /tmp/b\n        format: env\n"
-        );
+        assert_eq!(error_key(&MINIMAL.replace("    role: app\n", "")), "auth.kubernetes");
+        assert_eq!(error_key(&MINIMAL.replace("format: json", "")), "secrets[0].files[0].format");
+        let dup =
+            format!("{MINIMAL}  - name: db\n    path: x/y\n    files:\n      - path: /tmp/b\n        format: env\n");
         let e = parse(&dup).unwrap_err();
         assert_eq!(e.key, "secrets[1].name");
         assert!(e.message.contains("duplicate"));
@@ -614,8 +517,7 @@ secrets:
 
     #[test]
     fn unquoted_octal_mode_reads_as_octal() {
-        let c =
-            parse(&MINIMAL.replace("format: json", "format: json\n        mode: 0600")).unwrap();
+        let c = parse(&MINIMAL.replace("format: json", "format: json\n        mode: 0600")).unwrap();
         assert_eq!(c.secrets[0].files[0].mode, 0o600);
     }
 }

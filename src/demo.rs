@@ -23,10 +23,7 @@ path "sys/leases/revoke" { capabilities = ["update"] }
 "#;
 
 pub fn main(database_url: Option<String>, dir: PathBuf) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("leasehold demo: {e}");
@@ -43,64 +40,41 @@ pub fn main(database_url: Option<String>, dir: PathBuf) -> ExitCode {
 }
 
 async fn run(database_url: Option<String>, dir: PathBuf) -> anyhow::Result<i32> {
-    std::fs::create_dir_all(dir.join("secrets"))
-        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("secrets")).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    let vault = DevVault::start(([127, 0, 0, 1], 0).into(), "demo-root")
-        .await
-        .context("starting devvault")?;
+    let vault = DevVault::start(([127, 0, 0, 1], 0).into(), "demo-root").await.context("starting devvault")?;
     let issuer = ServiceAccountIssuer::generate(SigningAlg::Es256)?;
     configure(&vault, &issuer, database_url.as_deref()).await?;
     let token_path = dir.join("serviceaccount-token");
     std::fs::write(&token_path, issuer.mint("default", "app", 24 * 3600)?)?;
     let config_path = dir.join("leasehold.yaml");
-    std::fs::write(
-        &config_path,
-        config_yaml(&vault.url(), &token_path, &dir.join("secrets")),
-    )?;
+    std::fs::write(&config_path, config_yaml(&vault.url(), &token_path, &dir.join("secrets")))?;
     let config = Config::load(&config_path, &|_| None)?;
-    println!(
-        "devvault (a Vault-compatible dev server) is listening on {}",
-        vault.url()
-    );
+    println!("devvault (a Vault-compatible dev server) is listening on {}", vault.url());
     println!(
         "database role app-role: ttl 10s, max_ttl 30s ({})",
-        if database_url.is_some() {
-            "PostgreSQL"
-        } else {
-            "in-memory database plugin"
-        }
+        if database_url.is_some() { "PostgreSQL" } else { "in-memory database plugin" }
     );
     println!("config:      {}", config_path.display());
-    println!(
-        "credentials: {}/secrets/ (db.json, db.env, db.url)",
-        dir.display()
-    );
+    println!("credentials: {}/secrets/ (db.json, db.env, db.url)", dir.display());
     println!("Watch the lease timeline below; press Ctrl-C to stop and revoke.\n");
     crate::telemetry::init_demo_logging();
     let signals = crate::shutdown::install()?;
-    let code = crate::agent::run(
-        config,
-        &config_path,
-        signals,
-        crate::agent::Options { once: false },
-    )
-    .await?;
+    let code =
+        crate::agent::run(config, &config_path, signals, crate::agent::Options { once: false, env: &no_env }).await?;
     if database_url.is_none() {
         let left = vault.memory_users();
-        println!(
-            "\ndatabase users left in devvault after shutdown: {}",
-            left.len()
-        );
+        println!("\ndatabase users left in devvault after shutdown: {}", left.len());
     }
     Ok(code)
 }
 
-async fn configure(
-    vault: &DevVault,
-    issuer: &ServiceAccountIssuer,
-    database_url: Option<&str>,
-) -> anyhow::Result<()> {
+/// The demo's config is complete; the user's `VAULT_*` must not redirect it.
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+async fn configure(vault: &DevVault, issuer: &ServiceAccountIssuer, database_url: Option<&str>) -> anyhow::Result<()> {
     let client = VaultClient::new(crate::vault::ClientConfig {
         address: vault.url(),
         ca_cert_pem: None,
@@ -147,10 +121,7 @@ async fn configure(
         ),
     ];
     for (path, body) in steps {
-        client
-            .write(&root, path, &body)
-            .await
-            .with_context(|| format!("configuring devvault: {path}"))?;
+        client.write(&root, path, &body).await.with_context(|| format!("configuring devvault: {path}"))?;
     }
     Ok(())
 }
@@ -192,11 +163,8 @@ log:
 mod tests {
     #[test]
     fn demo_config_is_valid() {
-        let yaml = super::config_yaml(
-            "http://127.0.0.1:8200",
-            std::path::Path::new("/tmp/t"),
-            std::path::Path::new("/tmp/s"),
-        );
+        let yaml =
+            super::config_yaml("http://127.0.0.1:8200", std::path::Path::new("/tmp/t"), std::path::Path::new("/tmp/s"));
         let c = super::Config::parse(&yaml, std::path::Path::new("demo.yaml"), &|_| None).unwrap();
         assert_eq!(c.secrets[0].files.len(), 3);
     }

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod adopt;
 mod agent;
 mod auth;
 mod backoff;
@@ -10,10 +11,13 @@ mod check;
 mod config;
 #[cfg(feature = "demo")]
 mod demo;
+mod hooks;
 mod lease;
+mod reload;
 mod render;
 mod secret;
 mod shutdown;
+mod state;
 mod telemetry;
 mod vault;
 
@@ -28,10 +32,7 @@ use config::{Config, ConfigError};
 const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Per-pod, short-lived Vault credentials for Kubernetes workloads"
-)]
+#[command(version, about = "Per-pod, short-lived Vault credentials for Kubernetes workloads")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -85,9 +86,7 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     // One thread is plenty for a sidecar and keeps its footprint small.
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
 fn run_agent(path: &Path, once: bool) -> ExitCode {
@@ -102,7 +101,7 @@ fn run_agent(path: &Path, once: bool) -> ExitCode {
     let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
         rt.block_on(async {
             let signals = shutdown::install()?;
-            agent::run(config, path, signals, agent::Options { once }).await
+            agent::run(config, path, signals, agent::Options { once, env: &config::process_env }).await
         })
     });
     match result {
@@ -123,11 +122,7 @@ fn run_check(path: &Path) -> ExitCode {
     match check::check(&config, path) {
         Ok(problems) if problems.is_empty() => {
             let files: usize = config.secrets.iter().map(|s| s.files.len()).sum();
-            println!(
-                "{}: ok ({} secrets, {files} files)",
-                path.display(),
-                config.secrets.len()
-            );
+            println!("{}: ok ({} secrets, {files} files)", path.display(), config.secrets.len());
             ExitCode::SUCCESS
         }
         Ok(problems) => {

@@ -115,10 +115,7 @@ impl Renderer {
     }
 
     pub fn plans(&self, secret_index: usize) -> &[FilePlan] {
-        self.plans
-            .get(secret_index)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        self.plans.get(secret_index).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// Renders the files of one secret in memory.
@@ -130,20 +127,13 @@ impl Renderer {
         let value = ctx.to_json();
         let mut out = Vec::new();
         for plan in self.plans(secret_index) {
-            let fail = |reason: String| RenderError::Template {
-                file: plan.path.clone(),
-                reason,
-            };
+            let fail = |reason: String| RenderError::Template { file: plan.path.clone(), reason };
             let text = match &plan.kind {
                 Kind::Json => json_format(ctx),
                 Kind::Env => env_format(ctx.data),
                 Kind::Template(name) => {
-                    let tmpl = self
-                        .env
-                        .get_template(name)
-                        .map_err(|e| fail(e.to_string()))?;
-                    tmpl.render(minijinja::Value::from(Serde(&value)))
-                        .map_err(|e| fail(describe(&e)))?
+                    let tmpl = self.env.get_template(name).map_err(|e| fail(e.to_string()))?;
+                    tmpl.render(minijinja::Value::from(Serde(&value))).map_err(|e| fail(describe(&e)))?
                 }
             };
             out.push((plan.clone(), Zeroizing::new(text)));
@@ -169,8 +159,7 @@ fn template_kind(
         (Some(t), _) => ("template", t.clone()),
         (None, Some(p)) => (
             "template_file",
-            fs::read_to_string(p)
-                .map_err(|e| err("template_file", format!("cannot read {}: {e}", p.display())))?,
+            fs::read_to_string(p).map_err(|e| err("template_file", format!("cannot read {}: {e}", p.display())))?,
         ),
         (None, None) => {
             return Ok(match file.format {
@@ -179,8 +168,7 @@ fn template_kind(
             });
         }
     };
-    env.add_template_owned(name.clone(), source)
-        .map_err(|e| err(key, describe(&e)))?;
+    env.add_template_owned(name.clone(), source).map_err(|e| err(key, describe(&e)))?;
     Ok(Kind::Template(name))
 }
 
@@ -211,16 +199,8 @@ fn json_format(ctx: &Context) -> String {
 fn env_format(data: &SecretData) -> String {
     let mut out = String::new();
     for (k, v) in data.expose() {
-        let key: String = k
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_uppercase()
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let key: String =
+            k.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
         if key.is_empty() || key.starts_with(|c: char| c.is_ascii_digit()) {
             continue;
         }
@@ -257,18 +237,26 @@ fn pgpass_escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace(':', "\\:")
 }
 
-/// Writes `content` to `plan.path` atomically: a temp file in the same
-/// directory (created 0600), mode and owner set, fsync, rename over the
-/// target, fsync the directory. Returns false when the file already had
-/// exactly this content and mode (nothing is written then).
+/// Writes `content` to `plan.path` atomically; see `write_file`.
 pub fn write_atomic(plan: &FilePlan, content: &[u8]) -> Result<bool, RenderError> {
-    let fail = |reason: String| RenderError::Write {
-        file: plan.path.clone(),
-        reason,
-    };
-    if let Ok(meta) = fs::metadata(&plan.path)
-        && meta.permissions().mode() & 0o7777 == plan.mode
-        && let Ok(existing) = fs::read(&plan.path)
+    write_file(&plan.path, content, plan.mode, plan.owner, plan.group)
+}
+
+/// Writes `content` to `path` atomically: a temp file in the same directory
+/// (created 0600), mode and owner set, fsync, rename over the target, fsync
+/// the directory. Returns false when the file already had exactly this
+/// content and mode (nothing is written then).
+pub fn write_file(
+    path: &Path,
+    content: &[u8],
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> Result<bool, RenderError> {
+    let fail = |reason: String| RenderError::Write { file: path.to_path_buf(), reason };
+    if let Ok(meta) = fs::metadata(path)
+        && meta.permissions().mode() & 0o7777 == mode
+        && let Ok(existing) = fs::read(path)
     {
         let same = existing == content;
         let mut existing = existing;
@@ -277,28 +265,20 @@ pub fn write_atomic(plan: &FilePlan, content: &[u8]) -> Result<bool, RenderError
             return Ok(false);
         }
     }
-    let dir = plan
-        .path
-        .parent()
-        .ok_or_else(|| fail("no parent directory".into()))?;
+    let dir = path.parent().ok_or_else(|| fail("no parent directory".into()))?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".leasehold-")
         .tempfile_in(dir)
         .map_err(|e| fail(format!("creating a temp file in {}: {e}", dir.display())))?;
     tmp.write_all(content).map_err(|e| fail(e.to_string()))?;
     let file: &File = tmp.as_file();
-    file.set_permissions(fs::Permissions::from_mode(plan.mode))
-        .map_err(|e| fail(format!("chmod: {e}")))?;
-    if plan.owner.is_some() || plan.group.is_some() {
-        std::os::unix::fs::fchown(file, plan.owner, plan.group)
-            .map_err(|e| fail(format!("chown: {e}")))?;
+    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(|e| fail(format!("chmod: {e}")))?;
+    if owner.is_some() || group.is_some() {
+        std::os::unix::fs::fchown(file, owner, group).map_err(|e| fail(format!("chown: {e}")))?;
     }
     file.sync_all().map_err(|e| fail(format!("fsync: {e}")))?;
-    tmp.persist(&plan.path)
-        .map_err(|e| fail(format!("rename: {}", e.error)))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| fail(format!("fsync of {}: {e}", dir.display())))?;
+    tmp.persist(path).map_err(|e| fail(format!("rename: {}", e.error)))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| fail(format!("fsync of {}: {e}", dir.display())))?;
     Ok(true)
 }
 
@@ -307,12 +287,7 @@ mod tests {
     use super::*;
 
     fn data() -> SecretData {
-        SecretData::new(
-            json!({"username": "v-app", "password": "p@ss:w/rd'x"})
-                .as_object()
-                .unwrap()
-                .clone(),
-        )
+        SecretData::new(json!({"username": "v-app", "password": "p@ss:w/rd'x"}).as_object().unwrap().clone())
     }
 
     #[test]
@@ -346,51 +321,26 @@ mod tests {
     #[test]
     fn templates_are_strict_and_fuelled() {
         let mut env = sandbox();
-        env.add_template_owned("t", "{{ username|urlencode }}:{{ password|urlencode }}")
-            .unwrap();
+        env.add_template_owned("t", "{{ username|urlencode }}:{{ password|urlencode }}").unwrap();
         let value = json!({"username": "u", "password": "a b"});
-        assert_eq!(
-            env.get_template("t")
-                .unwrap()
-                .render(minijinja::Value::from(Serde(&value)))
-                .unwrap(),
-            "u:a%20b"
-        );
+        assert_eq!(env.get_template("t").unwrap().render(minijinja::Value::from(Serde(&value))).unwrap(), "u:a%20b");
         env.add_template_owned("missing", "{{ nope }}").unwrap();
-        assert!(
-            env.get_template("missing")
-                .unwrap()
-                .render(minijinja::Value::from(Serde(&value)))
-                .is_err()
-        );
+        assert!(env.get_template("missing").unwrap().render(minijinja::Value::from(Serde(&value))).is_err());
         env.add_template_owned(
             "loop",
             "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
         )
         .unwrap();
-        assert!(
-            env.get_template("loop")
-                .unwrap()
-                .render(minijinja::Value::from(Serde(&value)))
-                .is_err()
-        );
+        assert!(env.get_template("loop").unwrap().render(minijinja::Value::from(Serde(&value))).is_err());
     }
 
     #[test]
     fn atomic_write_sets_mode_and_skips_unchanged() {
         let dir = tempfile::tempdir().unwrap();
-        let plan = FilePlan {
-            path: dir.path().join("db.json"),
-            kind: Kind::Json,
-            mode: 0o440,
-            owner: None,
-            group: None,
-        };
+        let plan =
+            FilePlan { path: dir.path().join("db.json"), kind: Kind::Json, mode: 0o440, owner: None, group: None };
         assert!(write_atomic(&plan, b"one").unwrap());
-        assert_eq!(
-            fs::metadata(&plan.path).unwrap().permissions().mode() & 0o7777,
-            0o440
-        );
+        assert_eq!(fs::metadata(&plan.path).unwrap().permissions().mode() & 0o7777, 0o440);
         assert!(!write_atomic(&plan, b"one").unwrap());
         assert!(write_atomic(&plan, b"two").unwrap());
         assert_eq!(fs::read(&plan.path).unwrap(), b"two");

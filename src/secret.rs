@@ -11,7 +11,8 @@ pub use secrecy::{ExposeSecret, SecretString};
 
 /// A Vault lease id. Displayed shortened (`database/creds/app/Ab3x…`) so the
 /// printed form cannot be used to renew or revoke the lease.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct LeaseId(String);
 
 impl LeaseId {
@@ -59,7 +60,8 @@ impl Drop for LeaseId {
 
 /// The `data` object of a secret (usernames, passwords, keys). `Debug`
 /// lists the keys only; every string in it is zeroized on drop.
-#[derive(Clone, PartialEq, Default)]
+#[derive(Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct SecretData(Map<String, Value>);
 
 impl SecretData {
@@ -78,11 +80,7 @@ impl SecretData {
 
 impl fmt::Debug for SecretData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "SecretData(keys: {:?})",
-            self.0.keys().collect::<Vec<_>>()
-        )
+        write!(f, "SecretData(keys: {:?})", self.0.keys().collect::<Vec<_>>())
     }
 }
 
@@ -111,12 +109,7 @@ mod tests {
         let id = LeaseId::new("database/creds/app/AbCdEfGhIjKlMnOpQrStUvWx".into());
         assert_eq!(id.to_string(), "database/creds/app/AbCd…");
         assert!(!format!("{id:?}").contains("EfGh"));
-        let data = SecretData::new(
-            json!({"username": "u", "password": "hunter2"})
-                .as_object()
-                .unwrap()
-                .clone(),
-        );
+        let data = SecretData::new(json!({"username": "u", "password": "hunter2"}).as_object().unwrap().clone());
         let dbg = format!("{data:?}");
         assert!(dbg.contains("password") && !dbg.contains("hunter2"));
         let token = SecretString::from("hvs.secret".to_string());

@@ -37,44 +37,21 @@ async fn agent_with(yaml: &str) -> (i32, String) {
 #[tokio::test]
 async fn bad_configs_exit_78_naming_the_key() {
     let cases = [
-        (
-            GOOD.replace("    role: app\n", "    role: app\n    rol: x\n"),
-            "auth.kubernetes.rol",
-        ),
-        (
-            GOOD.replace("    files:", "    refresh_interval: five\n    files:"),
-            "secrets[0].refresh_interval",
-        ),
-        (
-            GOOD.replace("@db/app\"", "@db/app\"\n        mode: \"0999\""),
-            "secrets[0].files[0].mode",
-        ),
+        (GOOD.replace("    role: app\n", "    role: app\n    rol: x\n"), "auth.kubernetes.rol"),
+        (GOOD.replace("    files:", "    refresh_interval: five\n    files:"), "secrets[0].refresh_interval"),
+        (GOOD.replace("@db/app\"", "@db/app\"\n        mode: \"0999\""), "secrets[0].files[0].mode"),
         (GOOD.replace("    role: app\n", ""), "auth.kubernetes"),
         (
-            format!(
-                "{GOOD}  - name: db\n    path: kv/data/x\n    files:\n      - path: /tmp/x\n        format: env\n"
-            ),
+            format!("{GOOD}  - name: db\n    path: kv/data/x\n    files:\n      - path: /tmp/x\n        format: env\n"),
             "secrets[1].name",
         ),
-        (
-            GOOD.replace("@db/app\"", "@db/app {% if %}\""),
-            "secrets[0].files[0].template",
-        ),
-        (
-            GOOD.replace(
-                "    path: database",
-                "    renew_at: 1.5\n    path: database",
-            ),
-            "secrets[0].renew_at",
-        ),
+        (GOOD.replace("@db/app\"", "@db/app {% if %}\""), "secrets[0].files[0].template"),
+        (GOOD.replace("    path: database", "    renew_at: 1.5\n    path: database"), "secrets[0].renew_at"),
     ];
     for (yaml, key) in cases {
         let (code, out) = agent_with(&yaml).await;
         assert_eq!(code, 78, "{key}: {out}");
-        assert!(
-            out.contains("bad.yaml") && out.contains(key),
-            "{key} not named in: {out}"
-        );
+        assert!(out.contains("bad.yaml") && out.contains(key), "{key} not named in: {out}");
     }
     let (code, out) = agent_with("- just\n- a list\n").await;
     assert_eq!(code, 78, "{out}");
@@ -98,20 +75,14 @@ async fn check_renders_templates_without_vault_or_runtime_files() {
     let (code, out) = run(&["check", "-c", &path.display().to_string()], dir.path()).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ok (1 secrets, 1 files)"), "{out}");
-    assert!(
-        !Path::new("/tmp/leasehold-test/db.url").exists(),
-        "check writes nothing"
-    );
+    assert!(!Path::new("/tmp/leasehold-test/db.url").exists(), "check writes nothing");
 
     // A template that parses but fails to render (unknown filter, undefined value).
     let bad = GOOD.replace("{{ username|urlencode }}", "{{ data.port }}");
     std::fs::write(&path, bad).unwrap();
     let (code, out) = run(&["check", "-c", &path.display().to_string()], dir.path()).await;
     assert_eq!(code, 78, "{out}");
-    assert!(
-        out.contains("secrets[0]") && out.contains("db.url") && out.contains("undefined"),
-        "{out}"
-    );
+    assert!(out.contains("secrets[0]") && out.contains("db.url") && out.contains("undefined"), "{out}");
 
     let syntax = GOOD.replace("{{ username|urlencode }}", "{{ username|nofilter }}");
     std::fs::write(&path, syntax).unwrap();

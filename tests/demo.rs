@@ -12,11 +12,7 @@ use nix::sys::signal::Signal;
 async fn demo_shows_renewal_reissue_and_revocation() {
     let dir = tempfile::tempdir().unwrap();
     let demo_dir = dir.path().join("leasehold-demo");
-    let mut demo = Agent::spawn(
-        &["demo", "--dir", &demo_dir.display().to_string()],
-        dir.path(),
-    )
-    .await;
+    let mut demo = Agent::spawn(&["demo", "--dir", &demo_dir.display().to_string()], dir.path()).await;
     // Max TTL is 30 s: the re-issue comes about 25 s in.
     let seen = eventually(45, async || {
         let out = demo.output();
@@ -31,16 +27,8 @@ async fn demo_shows_renewal_reissue_and_revocation() {
             .starts_with("postgresql://v-kubernet-app-role-")
     );
     demo.signal(Signal::SIGINT);
-    assert_eq!(
-        demo.wait(Duration::from_secs(15)).await,
-        0,
-        "{}",
-        demo.output()
-    );
+    assert_eq!(demo.wait(Duration::from_secs(15)).await, 0, "{}", demo.output());
     let out = demo.output();
     assert!(out.contains("every lease revoked"), "{out}");
-    assert!(
-        out.contains("database users left in devvault after shutdown: 0"),
-        "{out}"
-    );
+    assert!(out.contains("database users left in devvault after shutdown: 0"), "{out}");
 }

@@ -18,10 +18,7 @@ fn yaml_blocks(markdown: &str) -> Vec<String> {
             _ => {}
         }
     }
-    blocks
-        .into_iter()
-        .filter(|b| b.contains("secrets:") && b.contains("vault:"))
-        .collect()
+    blocks.into_iter().filter(|b| b.contains("secrets:") && b.contains("vault:")).collect()
 }
 
 #[tokio::test]
@@ -34,15 +31,9 @@ async fn config_examples_in_the_docs_pass_check() {
         for (i, block) in yaml_blocks(&text).into_iter().enumerate() {
             let path = dir.path().join(format!("example-{checked}.yaml"));
             std::fs::write(&path, &block).unwrap();
-            let mut check =
-                Agent::spawn(&["check", "-c", &path.display().to_string()], dir.path()).await;
+            let mut check = Agent::spawn(&["check", "-c", &path.display().to_string()], dir.path()).await;
             let code = check.wait(std::time::Duration::from_secs(10)).await;
-            assert_eq!(
-                code,
-                0,
-                "{doc} example {i} fails check:\n{}\n{block}",
-                check.output()
-            );
+            assert_eq!(code, 0, "{doc} example {i} fails check:\n{}\n{block}", check.output());
             checked += 1;
         }
     }

@@ -14,76 +14,32 @@ use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_appear_with_mode_and_log_in_to_postgres() {
-    let env = Env::new(Ttls {
-        db_ttl: "1h",
-        db_max: "2h",
-        token_ttl: "1h",
-        token_max: "2h",
-    })
-    .await;
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
     let mut agent = env.spawn(&env.config("", "")).await;
-    assert!(
-        eventually(20, async || env.read_json("db.json").is_some()).await,
-        "db.json written:\n{}",
-        agent.output()
-    );
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "db.json written:\n{}", agent.output());
     let path = env.secrets().join("db.json");
-    assert_eq!(
-        std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
-        0o640
-    );
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o640);
     let creds = env.read_json("db.json").unwrap();
     let user = creds["username"].as_str().unwrap();
-    let client = env
-        .pg
-        .connect(user, creds["password"].as_str().unwrap())
-        .await
-        .expect("rendered credentials log in");
-    let who: String = client
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let client = env.pg.connect(user, creds["password"].as_str().unwrap()).await.expect("rendered credentials log in");
+    let who: String = client.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
     assert_eq!(who, user);
-    assert!(
-        creds["lease_id"]
-            .as_str()
-            .unwrap()
-            .starts_with("database/creds/app/")
-    );
+    assert!(creds["lease_id"].as_str().unwrap().starts_with("database/creds/app/"));
     assert!(creds["expires_at"].is_string());
 
     agent.signal(Signal::SIGTERM);
-    assert_eq!(
-        agent.wait(Duration::from_secs(15)).await,
-        0,
-        "{}",
-        agent.output()
-    );
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
     assert!(!env.pg.role_exists(user).await, "role dropped at shutdown");
     let reqs = env.requests().await;
-    assert!(
-        reqs.iter()
-            .any(|r| r.path == "sys/leases/revoke" && r.status == 204)
-    );
-    assert!(
-        reqs.iter()
-            .any(|r| r.path == "auth/token/revoke-self" && r.status == 204),
-        "token revoked"
-    );
+    assert!(reqs.iter().any(|r| r.path == "sys/leases/revoke" && r.status == 204));
+    assert!(reqs.iter().any(|r| r.path == "auth/token/revoke-self" && r.status == 204), "token revoked");
     // Good files are never removed: the app keeps what it had.
     assert!(path.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renews_at_half_ttl_and_reissues_before_max_ttl() {
-    let env = Env::new(Ttls {
-        db_ttl: "4s",
-        db_max: "12s",
-        token_ttl: "1h",
-        token_max: "2h",
-    })
-    .await;
+    let env = Env::new(Ttls { db_ttl: "4s", db_max: "12s", token_ttl: "1h", token_max: "2h" }).await;
     let config = env.config("    revoke_replaced_after: 1s", "");
     let file = env.secrets().join("db.json");
 
@@ -113,61 +69,32 @@ async fn renews_at_half_ttl_and_reissues_before_max_ttl() {
     };
 
     let mut agent = env.spawn(&config).await;
-    assert!(
-        eventually(20, async || env.read_json("db.json").is_some()).await,
-        "{}",
-        agent.output()
-    );
-    let first = env.read_json("db.json").unwrap()["username"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let first = env.read_json("db.json").unwrap()["username"].as_str().unwrap().to_string();
     // Wait for the re-issue: a different username in the file.
     let rotated = eventually(20, async || {
-        env.read_json("db.json")
-            .and_then(|v| v["username"].as_str().map(|u| u != first))
-            .unwrap_or(false)
+        env.read_json("db.json").and_then(|v| v["username"].as_str().map(|u| u != first)).unwrap_or(false)
     })
     .await;
     assert!(rotated, "credentials re-issued:\n{}", agent.output());
-    let second = env.read_json("db.json").unwrap()["username"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        eventually(10, async || !env.pg.role_exists(&first).await).await,
-        "replaced role dropped"
-    );
+    let second = env.read_json("db.json").unwrap()["username"].as_str().unwrap().to_string();
+    assert!(eventually(10, async || !env.pg.role_exists(&first).await).await, "replaced role dropped");
     stop.store(true, Ordering::Relaxed);
     let bad = reader.join().unwrap();
     assert!(bad.is_empty(), "reader saw: {bad:?}");
     assert!(reads.load(Ordering::Relaxed) > 100);
 
     let reqs = env.requests().await;
-    let creds: Vec<_> = reqs
-        .iter()
-        .filter(|r| r.path == "database/creds/app")
-        .collect();
-    let renews: Vec<_> = reqs
-        .iter()
-        .filter(|r| r.path == "sys/leases/renew")
-        .collect();
-    assert!(
-        creds.len() >= 2 && renews.len() >= 3,
-        "creds {} renews {}",
-        creds.len(),
-        renews.len()
-    );
+    let creds: Vec<_> = reqs.iter().filter(|r| r.path == "database/creds/app").collect();
+    let renews: Vec<_> = reqs.iter().filter(|r| r.path == "sys/leases/renew").collect();
+    assert!(creds.len() >= 2 && renews.len() >= 3, "creds {} renews {}", creds.len(), renews.len());
     let issued = creds[0].time;
     // Each renewal of the first lease comes 45–50 % into the TTL then granted
     // (4 s each, until the max TTL caps it), with a little scheduling slack.
     let mut prev = issued;
     for r in renews.iter().filter(|r| r.time < creds[1].time).take(2) {
         let fraction = secs_between(prev, r.time) / 4.0;
-        assert!(
-            (0.44..=0.53).contains(&fraction),
-            "renewal at {fraction:.3} of the TTL"
-        );
+        assert!((0.44..=0.53).contains(&fraction), "renewal at {fraction:.3} of the TTL");
         prev = r.time;
     }
     // New credentials exist while the old lease (max 12 s from issue) still has
@@ -175,64 +102,30 @@ async fn renews_at_half_ttl_and_reissues_before_max_ttl() {
     let left = 12.0 - secs_between(issued, creds[1].time);
     assert!(left >= 1.7, "old lease had {left:.2} s left at re-issue");
     // The replaced lease is revoked revoke_replaced_after (1 s) after the re-issue, before it expires.
-    let revoke = reqs
-        .iter()
-        .find(|r| r.path == "sys/leases/revoke")
-        .expect("revocation of the replaced lease");
+    let revoke = reqs.iter().find(|r| r.path == "sys/leases/revoke").expect("revocation of the replaced lease");
     let after = secs_between(creds[1].time, revoke.time);
-    assert!(
-        (0.9..=1.8).contains(&after),
-        "revoked {after:.2} s after re-issue"
-    );
-    assert!(
-        !agent.events("capped").is_empty(),
-        "a capped renewal was logged"
-    );
+    assert!((0.9..=1.8).contains(&after), "revoked {after:.2} s after re-issue");
+    assert!(!agent.events("capped").is_empty(), "a capped renewal was logged");
 
     agent.signal(Signal::SIGTERM);
-    assert_eq!(
-        agent.wait(Duration::from_secs(15)).await,
-        0,
-        "{}",
-        agent.output()
-    );
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
     assert!(!env.pg.role_exists(&second).await);
-    assert!(
-        env.pg
-            .roles_like("v-kubernet-app-")
-            .await
-            .iter()
-            .all(|r| r != &first && r != &second)
-    );
+    assert!(env.pg.roles_like("v-kubernet-app-").await.iter().all(|r| r != &first && r != &second));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_vault_fails_exits_1_naming_the_lease() {
-    let env = Env::new(Ttls {
-        db_ttl: "1h",
-        db_max: "2h",
-        token_ttl: "1h",
-        token_max: "2h",
-    })
-    .await;
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
     let mut agent = env.spawn(&env.config("", "shutdown:\n  timeout: 3s")).await;
-    assert!(
-        eventually(20, async || env.read_json("db.json").is_some()).await,
-        "{}",
-        agent.output()
-    );
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
     for prefix in ["sys/leases/revoke", "auth/token/revoke-self"] {
-        let fault = serde_json::json!({"path_prefix": prefix, "status": 503, "errors": ["Vault is sealed"], "count": 0});
+        let fault =
+            serde_json::json!({"path_prefix": prefix, "status": 503, "errors": ["Vault is sealed"], "count": 0});
         env.api.ok("POST", "sys/devvault/faults", Some(fault)).await;
     }
     let start = std::time::Instant::now();
     agent.signal(Signal::SIGTERM);
-    assert_eq!(
-        agent.wait(Duration::from_secs(10)).await,
-        1,
-        "{}",
-        agent.output()
-    );
+    assert_eq!(agent.wait(Duration::from_secs(10)).await, 1, "{}", agent.output());
     assert!(
         start.elapsed() < Duration::from_secs(5),
         "exited within shutdown.timeout (+ slack): {:?}",
@@ -241,56 +134,25 @@ async fn sigterm_while_vault_fails_exits_1_naming_the_lease() {
     let left = agent.events("lease_left_alive");
     assert_eq!(left.len(), 1, "{}", agent.output());
     assert_eq!(left[0]["secret"], "db");
-    assert!(
-        left[0]["lease"]
-            .as_str()
-            .unwrap()
-            .starts_with("database/creds/app/")
-    );
+    assert!(left[0]["lease"].as_str().unwrap().starts_with("database/creds/app/"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_signal_exits_130_and_sighup_rerenders() {
-    let env = Env::new(Ttls {
-        db_ttl: "1h",
-        db_max: "2h",
-        token_ttl: "1h",
-        token_max: "2h",
-    })
-    .await;
-    let mut agent = env
-        .spawn(&env.config("", "shutdown:\n  timeout: 10s"))
-        .await;
-    assert!(
-        eventually(20, async || env.read_json("db.json").is_some()).await,
-        "{}",
-        agent.output()
-    );
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let mut agent = env.spawn(&env.config("", "shutdown:\n  timeout: 10s")).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
     // SIGHUP re-renders from the credentials in hand: a deleted file comes back, no new creds.
     std::fs::remove_file(env.secrets().join("db.json")).unwrap();
     agent.signal(Signal::SIGHUP);
-    assert!(
-        eventually(10, async || env.read_json("db.json").is_some()).await,
-        "re-rendered after SIGHUP"
-    );
-    let creds_calls = env
-        .requests()
-        .await
-        .iter()
-        .filter(|r| r.path == "database/creds/app")
-        .count();
+    assert!(eventually(10, async || env.read_json("db.json").is_some()).await, "re-rendered after SIGHUP");
+    let creds_calls = env.requests().await.iter().filter(|r| r.path == "database/creds/app").count();
     assert_eq!(creds_calls, 1);
     // Revocation hangs (delay), so the teardown is in progress when the second signal comes.
-    let fault =
-        serde_json::json!({"path_prefix": "sys/leases/revoke", "delay_ms": 5000, "count": 0});
+    let fault = serde_json::json!({"path_prefix": "sys/leases/revoke", "delay_ms": 5000, "count": 0});
     env.api.ok("POST", "sys/devvault/faults", Some(fault)).await;
     agent.signal(Signal::SIGTERM);
     assert!(eventually(5, async || !agent.events("shutdown").is_empty()).await);
     agent.signal(Signal::SIGINT);
-    assert_eq!(
-        agent.wait(Duration::from_secs(5)).await,
-        130,
-        "{}",
-        agent.output()
-    );
+    assert_eq!(agent.wait(Duration::from_secs(5)).await, 130, "{}", agent.output());
 }

@@ -11,21 +11,9 @@ use nix::sys::signal::Signal;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_token_max_ttl_replaces_credentials_before_the_token_dies() {
     // Token: 3 s, at most 6 s. Credentials: 10 s, at most 60 s.
-    let env = Env::new(Ttls {
-        db_ttl: "10s",
-        db_max: "60s",
-        token_ttl: "3s",
-        token_max: "6s",
-    })
-    .await;
-    let mut agent = env
-        .spawn(&env.config("    revoke_replaced_after: 30s", ""))
-        .await;
-    assert!(
-        eventually(20, async || env.read_json("db.json").is_some()).await,
-        "{}",
-        agent.output()
-    );
+    let env = Env::new(Ttls { db_ttl: "10s", db_max: "60s", token_ttl: "3s", token_max: "6s" }).await;
+    let mut agent = env.spawn(&env.config("    revoke_replaced_after: 30s", "")).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
     let first = env.read_json("db.json").unwrap();
 
     // The app's view: whatever the file holds can always log in.
@@ -33,108 +21,44 @@ async fn short_token_max_ttl_replaces_credentials_before_the_token_dies() {
     let watched = eventually(15, async || {
         let creds = env.read_json("db.json").unwrap();
         let user = creds["username"].as_str().unwrap();
-        let ok = env
-            .pg
-            .connect(user, creds["password"].as_str().unwrap())
-            .await
-            .is_ok();
-        assert!(
-            ok,
-            "the file held revoked credentials ({user}):\n{}",
-            agent.output()
-        );
+        let ok = env.pg.connect(user, creds["password"].as_str().unwrap()).await.is_ok();
+        assert!(ok, "the file held revoked credentials ({user}):\n{}", agent.output());
         checks += 1;
-        env.requests()
-            .await
-            .iter()
-            .filter(|r| r.path == "auth/kubernetes/login")
-            .count()
-            >= 3
+        env.requests().await.iter().filter(|r| r.path == "auth/kubernetes/login").count() >= 3
     })
     .await;
     assert!(watched && checks > 5, "three logins seen");
-    assert_ne!(
-        env.read_json("db.json").unwrap()["username"],
-        first["username"]
-    );
+    assert_ne!(env.read_json("db.json").unwrap()["username"], first["username"]);
 
     let reqs = env.requests().await;
-    let logins: Vec<_> = reqs
-        .iter()
-        .filter(|r| r.path == "auth/kubernetes/login")
-        .collect();
-    let creds: Vec<_> = reqs
-        .iter()
-        .filter(|r| r.path == "database/creds/app")
-        .collect();
+    let logins: Vec<_> = reqs.iter().filter(|r| r.path == "auth/kubernetes/login").collect();
+    let creds: Vec<_> = reqs.iter().filter(|r| r.path == "database/creds/app").collect();
     // The first token dies 6 s after its login; its credentials were replaced,
     // with a token of the next login, before then.
     let dies = logins[0].time + Duration::from_secs(6);
-    let replacement = creds
-        .iter()
-        .find(|c| c.time > logins[1].time)
-        .expect("credentials issued under the new token");
-    assert!(
-        replacement.time < dies,
-        "replaced {:.2} s before the token's end",
-        secs_between(replacement.time, dies)
-    );
+    let replacement = creds.iter().find(|c| c.time > logins[1].time).expect("credentials issued under the new token");
+    assert!(replacement.time < dies, "replaced {:.2} s before the token's end", secs_between(replacement.time, dies));
 
     agent.signal(Signal::SIGTERM);
-    assert_eq!(
-        agent.wait(Duration::from_secs(15)).await,
-        0,
-        "{}",
-        agent.output()
-    );
-    let user = env.read_json("db.json").unwrap()["username"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    let user = env.read_json("db.json").unwrap()["username"].as_str().unwrap().to_string();
     assert!(!env.pg.role_exists(&user).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_renewal_alone_causes_no_reissue() {
     // Token renews every ~1 s (ttl 2 s, max 1 h); credentials last 30 s.
-    let env = Env::new(Ttls {
-        db_ttl: "30s",
-        db_max: "1h",
-        token_ttl: "2s",
-        token_max: "1h",
-    })
-    .await;
+    let env = Env::new(Ttls { db_ttl: "30s", db_max: "1h", token_ttl: "2s", token_max: "1h" }).await;
     let mut agent = env.spawn(&env.config("", "")).await;
-    assert!(
-        eventually(20, async || env.read_json("db.json").is_some()).await,
-        "{}",
-        agent.output()
-    );
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
     let renewed = eventually(15, async || {
-        env.requests()
-            .await
-            .iter()
-            .filter(|r| r.path == "auth/token/renew-self" && r.status == 200)
-            .count()
-            >= 4
+        env.requests().await.iter().filter(|r| r.path == "auth/token/renew-self" && r.status == 200).count() >= 4
     })
     .await;
     assert!(renewed, "token renewed repeatedly:\n{}", agent.output());
     let reqs = env.requests().await;
-    assert_eq!(
-        reqs.iter()
-            .filter(|r| r.path == "database/creds/app")
-            .count(),
-        1,
-        "no re-issue"
-    );
-    assert_eq!(
-        reqs.iter()
-            .filter(|r| r.path == "auth/kubernetes/login")
-            .count(),
-        1,
-        "no re-login"
-    );
+    assert_eq!(reqs.iter().filter(|r| r.path == "database/creds/app").count(), 1, "no re-issue");
+    assert_eq!(reqs.iter().filter(|r| r.path == "auth/kubernetes/login").count(), 1, "no re-login");
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0);
 }

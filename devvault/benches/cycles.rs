@@ -22,8 +22,7 @@ async fn main() {
     for _ in 0..CYCLES {
         let creds = api.ok("GET", "database/creds/app", None).await;
         let lease = creds["lease_id"].as_str().expect("lease id").to_string();
-        api.ok("PUT", "sys/leases/revoke", Some(json!({"lease_id": lease})))
-            .await;
+        api.ok("PUT", "sys/leases/revoke", Some(json!({"lease_id": lease}))).await;
     }
     let elapsed = start.elapsed();
     assert_eq!(vault.lease_count(), 0, "every lease revoked");

@@ -13,19 +13,13 @@ pub struct Failure {
 impl Failure {
     /// An error *response* (`logical.ErrorResponse`): the text goes out bare.
     pub fn resp(status: u16, msg: impl Into<String>) -> Self {
-        Failure {
-            status,
-            errors: vec![msg.into()],
-        }
+        Failure { status, errors: vec![msg.into()] }
     }
 
     /// A plain backend error on a non-login request: Vault wraps it with
     /// go-multierror, so the wire text gains the "1 error occurred" frame.
     pub fn backend(status: u16, msg: impl AsRef<str>) -> Self {
-        Failure {
-            status,
-            errors: vec![multierror(msg.as_ref())],
-        }
+        Failure { status, errors: vec![multierror(msg.as_ref())] }
     }
 
     /// Missing, unknown, revoked or expired token.
@@ -40,10 +34,7 @@ impl Failure {
 
     /// A read that found nothing, or an unknown route outside `/v1/`.
     pub fn not_found() -> Self {
-        Failure {
-            status: 404,
-            errors: vec![],
-        }
+        Failure { status: 404, errors: vec![] }
     }
 
     pub fn unsupported_path() -> Self {
@@ -55,10 +46,7 @@ impl Failure {
     }
 
     pub fn no_route(path: &str) -> Self {
-        Self::resp(
-            404,
-            format!("no handler for route \"{path}\". route entry not found."),
-        )
+        Self::resp(404, format!("no handler for route \"{path}\". route entry not found."))
     }
 
     pub fn body(&self) -> Value {
@@ -96,11 +84,7 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn data(mount_type: &str, data: Value) -> Self {
-        Envelope {
-            data: Some(data),
-            mount_type: mount_type.to_string(),
-            ..Default::default()
-        }
+        Envelope { data: Some(data), mount_type: mount_type.to_string(), ..Default::default() }
     }
 
     pub fn to_json(&self) -> Value {
@@ -111,14 +95,7 @@ impl Envelope {
         m.insert("lease_duration".into(), json!(self.lease_duration));
         m.insert("data".into(), self.data.clone().unwrap_or(Value::Null));
         m.insert("wrap_info".into(), Value::Null);
-        m.insert(
-            "warnings".into(),
-            if self.warnings.is_empty() {
-                Value::Null
-            } else {
-                json!(self.warnings)
-            },
-        );
+        m.insert("warnings".into(), if self.warnings.is_empty() { Value::Null } else { json!(self.warnings) });
         m.insert("auth".into(), self.auth.clone().unwrap_or(Value::Null));
         m.insert("mount_type".into(), json!(self.mount_type));
         Value::Object(m)
@@ -131,11 +108,7 @@ impl Reply {
         if warnings.is_empty() {
             return Reply::Empty;
         }
-        Reply::Envelope(Envelope {
-            warnings,
-            mount_type: mount_type.into(),
-            ..Default::default()
-        })
+        Reply::Envelope(Envelope { warnings, mount_type: mount_type.into(), ..Default::default() })
     }
 }
 

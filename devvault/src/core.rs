@@ -159,9 +159,7 @@ impl Core {
     /// The state lock. Never held across an await: database calls run
     /// between two short critical sections.
     pub fn state(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs one logical request. Returns the outcome and the accessor of the
@@ -173,11 +171,7 @@ impl Core {
         }
         let token = {
             let state = self.state();
-            req.token
-                .as_ref()
-                .and_then(|t| state.tokens.get(t))
-                .filter(|t| t.live(now))
-                .cloned()
+            req.token.as_ref().and_then(|t| state.tokens.get(t)).filter(|t| t.live(now)).cloned()
         };
         let Some(token) = token else {
             return (Err(Failure::denied()), String::new());
@@ -194,11 +188,7 @@ impl Core {
 
     fn acl_allows(&self, token: &TokenEntry, req: &Request) -> bool {
         let state = self.state();
-        let policies: Vec<&Policy> = token
-            .policies
-            .iter()
-            .filter_map(|p| state.policies.get(p))
-            .collect();
+        let policies: Vec<&Policy> = token.policies.iter().filter_map(|p| state.policies.get(p)).collect();
         let acl = Acl::new(policies);
         let cap = match req.op {
             Op::Read | Op::Head => Capability::Read,
@@ -225,24 +215,14 @@ impl Core {
             return crate::token::handle(self, &req, rest, token).await;
         }
         if let Some(rest) = path.strip_prefix("auth/") {
-            let mount = self
-                .state()
-                .auth_mounts
-                .keys()
-                .find(|m| under(rest, m))
-                .cloned();
+            let mount = self.state().auth_mounts.keys().find(|m| under(rest, m)).cloned();
             if let Some(mount) = mount {
                 let sub = rest[mount.len()..].trim_start_matches('/').to_string();
                 return crate::kubernetes::handle(self, &req, &mount, &sub).await;
             }
             return Err(Failure::no_route(&path));
         }
-        let mount = self
-            .state()
-            .secret_mounts
-            .keys()
-            .find(|m| under(&path, m))
-            .cloned();
+        let mount = self.state().secret_mounts.keys().find(|m| under(&path, m)).cloned();
         if let Some(mount) = mount {
             let sub = path[mount.len()..].trim_start_matches('/').to_string();
             return crate::database::handle(self, &req, &mount, &sub, token).await;
@@ -256,10 +236,7 @@ impl Core {
         let unknown = fields.unknown(known);
         match reply {
             Reply::Envelope(mut env) if !unknown.is_empty() => {
-                env.warnings.push(format!(
-                    "Endpoint ignored these unrecognized parameters: [{}]",
-                    unknown.join(" ")
-                ));
+                env.warnings.push(format!("Endpoint ignored these unrecognized parameters: [{}]", unknown.join(" ")));
                 Reply::Envelope(env)
             }
             other => other,
@@ -277,32 +254,21 @@ fn is_unauthenticated(state: &State, path: &str) -> bool {
         return true;
     }
     if let Some(rest) = path.strip_prefix("auth/") {
-        return state
-            .auth_mounts
-            .keys()
-            .any(|m| rest == format!("{m}/login"));
+        return state.auth_mounts.keys().any(|m| rest == format!("{m}/login"));
     }
     false
 }
 
 fn needs_sudo(path: &str) -> bool {
-    [
-        "sys/auth",
-        "sys/leases/revoke-prefix/",
-        "sys/leases/revoke-force/",
-        "sys/leases/lookup/",
-    ]
-    .iter()
-    .any(|p| path.starts_with(p))
+    ["sys/auth", "sys/leases/revoke-prefix/", "sys/leases/revoke-force/", "sys/leases/lookup/"]
+        .iter()
+        .any(|p| path.starts_with(p))
 }
 
 /// For paths with an existence check: whether the object exists (Vault then
 /// asks for `create` instead of `update` on a write to a new object).
 fn exists(state: &State, path: &str) -> Option<bool> {
-    if let Some(name) = path
-        .strip_prefix("sys/policies/acl/")
-        .or_else(|| path.strip_prefix("sys/policy/"))
-    {
+    if let Some(name) = path.strip_prefix("sys/policies/acl/").or_else(|| path.strip_prefix("sys/policy/")) {
         return Some(state.policies.contains_key(name));
     }
     for (mount, db) in &state.secret_mounts {

@@ -25,10 +25,7 @@ pub async fn renew(core: &Arc<Core>, lease_id: &str, increment: i64) -> Outcome 
         return Err(Failure::resp(400, "lease_id must be specified"));
     }
     if lease_id.starts_with("auth/") {
-        return Err(Failure::resp(
-            400,
-            "tokens cannot be renewed through this endpoint",
-        ));
+        return Err(Failure::resp(400, "tokens cannot be renewed through this endpoint"));
     }
     let now = Utc::now();
     let (plan, lease) = {
@@ -37,10 +34,7 @@ pub async fn renew(core: &Arc<Core>, lease_id: &str, increment: i64) -> Outcome 
             return Err(Failure::resp(400, "lease not found"));
         };
         if lease.irrevocable.is_some() {
-            return Err(Failure::resp(
-                400,
-                "lease is expired and has failed previous revocation attempts",
-            ));
+            return Err(Failure::resp(400, "lease is expired and has failed previous revocation attempts"));
         }
         if lease.expire_time <= now {
             return Err(Failure::resp(400, "lease expired"));
@@ -78,10 +72,7 @@ pub async fn renew(core: &Arc<Core>, lease_id: &str, increment: i64) -> Outcome 
 }
 
 fn renew_failed(cause: String) -> Failure {
-    Failure::resp(
-        400,
-        format!("failed to renew entry: resp: (*logical.Response)(nil) err: {cause}"),
-    )
+    Failure::resp(400, format!("failed to renew entry: resp: (*logical.Response)(nil) err: {cause}"))
 }
 
 pub fn lookup(core: &Arc<Core>, lease_id: &str) -> Outcome {
@@ -111,12 +102,7 @@ pub fn lookup(core: &Arc<Core>, lease_id: &str) -> Outcome {
 pub async fn revoke_now(core: &Arc<Core>, lease_id: &str) -> Result<(), String> {
     let plan = {
         let mut state = core.state();
-        if let Some(token_id) = state
-            .tokens
-            .values()
-            .find(|t| t.lease_id == lease_id)
-            .map(|t| t.id.clone())
-        {
+        if let Some(token_id) = state.tokens.values().find(|t| t.lease_id == lease_id).map(|t| t.id.clone()) {
             revoke_token_locked(&mut state, &token_id, Utc::now());
             drop(state);
             core.expiry_wake.notify_one();
@@ -136,21 +122,14 @@ pub async fn revoke_now(core: &Arc<Core>, lease_id: &str) -> Result<(), String> 
             core.state().leases.remove(lease_id);
             Ok(())
         }
-        Err(e) => Err(format!(
-            "failed to revoke entry: resp: (*logical.Response)(nil) err: {e}"
-        )),
+        Err(e) => Err(format!("failed to revoke entry: resp: (*logical.Response)(nil) err: {e}")),
     }
 }
 
 /// Lease and token-lease ids starting with `prefix`, sorted.
 pub fn ids_with_prefix(core: &Arc<Core>, prefix: &str) -> Vec<String> {
     let state = core.state();
-    let mut ids: Vec<String> = state
-        .leases
-        .keys()
-        .filter(|id| id.starts_with(prefix))
-        .cloned()
-        .collect();
+    let mut ids: Vec<String> = state.leases.keys().filter(|id| id.starts_with(prefix)).cloned().collect();
     ids.extend(
         state
             .tokens
@@ -165,12 +144,7 @@ pub fn ids_with_prefix(core: &Arc<Core>, prefix: &str) -> Vec<String> {
 /// Marks leases under `prefix` to expire now; the loop revokes them.
 pub fn expire_prefix(core: &Arc<Core>, prefix: &str) {
     let now = Utc::now();
-    for lease in core
-        .state()
-        .leases
-        .values_mut()
-        .filter(|l| l.id.starts_with(prefix))
-    {
+    for lease in core.state().leases.values_mut().filter(|l| l.id.starts_with(prefix)) {
         lease.expire_time = now;
     }
     core.expiry_wake.notify_one();
@@ -190,13 +164,7 @@ pub fn revoke_token_locked(state: &mut State, token_id: &str, now: DateTime<Utc>
     let mut idx = 0;
     while idx < doomed.len() {
         let parent = doomed[idx].clone();
-        doomed.extend(
-            state
-                .tokens
-                .values()
-                .filter(|t| t.parent.as_deref() == Some(&parent))
-                .map(|t| t.id.clone()),
-        );
+        doomed.extend(state.tokens.values().filter(|t| t.parent.as_deref() == Some(&parent)).map(|t| t.id.clone()));
         idx += 1;
     }
     for id in &doomed {
@@ -230,12 +198,8 @@ pub async fn run(core: Arc<Core>) {
 fn tick(core: &Arc<Core>) -> Option<DateTime<Utc>> {
     let now = Utc::now();
     let mut state = core.state();
-    let expired: Vec<String> = state
-        .tokens
-        .values()
-        .filter(|t| t.expire_time.is_some_and(|e| e <= now))
-        .map(|t| t.id.clone())
-        .collect();
+    let expired: Vec<String> =
+        state.tokens.values().filter(|t| t.expire_time.is_some_and(|e| e <= now)).map(|t| t.id.clone()).collect();
     for id in expired {
         revoke_token_locked(&mut state, &id, now);
     }
@@ -245,10 +209,7 @@ fn tick(core: &Arc<Core>) -> Option<DateTime<Utc>> {
         if lease.revoking || lease.irrevocable.is_some() {
             continue;
         }
-        let at = lease
-            .next_attempt
-            .unwrap_or(lease.expire_time)
-            .max(lease.expire_time);
+        let at = lease.next_attempt.unwrap_or(lease.expire_time).max(lease.expire_time);
         if at <= now {
             lease.revoking = true;
             due.push(lease.id.clone());

@@ -17,12 +17,7 @@ impl Fields {
 
     /// Keys of the request that the endpoint does not know, sorted as Vault does.
     pub fn unknown(&self, known: &[&str]) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .map
-            .keys()
-            .filter(|k| !known.contains(&k.as_str()))
-            .cloned()
-            .collect();
+        let mut keys: Vec<String> = self.map.keys().filter(|k| !known.contains(&k.as_str())).cloned().collect();
         keys.sort();
         keys
     }
@@ -78,12 +73,9 @@ impl Fields {
         match self.map.get(key) {
             None => Ok(None),
             Some(Value::Null) => Ok(Some(vec![])),
-            Some(Value::String(s)) => Ok(Some(
-                s.split(',')
-                    .map(|p| p.trim().to_string())
-                    .filter(|p| !p.is_empty())
-                    .collect(),
-            )),
+            Some(Value::String(s)) => {
+                Ok(Some(s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()))
+            }
             Some(Value::Array(items)) => {
                 let mut out = Vec::new();
                 for item in items {
@@ -103,11 +95,7 @@ impl Fields {
     /// string is one element, since SQL contains commas.
     pub fn statements(&self, key: &str) -> Result<Option<Vec<String>>, Failure> {
         match self.map.get(key) {
-            Some(Value::String(s)) => Ok(Some(if s.trim().is_empty() {
-                vec![]
-            } else {
-                vec![s.clone()]
-            })),
+            Some(Value::String(s)) => Ok(Some(if s.trim().is_empty() { vec![] } else { vec![s.clone()] })),
             _ => self.list(key),
         }
     }
@@ -117,14 +105,7 @@ impl Fields {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Object(m)) => Ok(Some(
                 m.iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            v.as_str()
-                                .map(str::to_string)
-                                .unwrap_or_else(|| v.to_string()),
-                        )
-                    })
+                    .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
                     .collect(),
             )),
             Some(v) => Err(invalid(key, v, "expected a map")),
@@ -137,12 +118,7 @@ fn invalid(key: &str, value: &Value, why: &str) -> Failure {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    Failure::resp(
-        400,
-        format!(
-            "Field validation failed: error converting input {shown} for field \"{key}\": {why}"
-        ),
-    )
+    Failure::resp(400, format!("Field validation failed: error converting input {shown} for field \"{key}\": {why}"))
 }
 
 /// `ParseDurationSecond`: integer seconds, numeric string, `<n>d`, or a Go
@@ -150,10 +126,9 @@ fn invalid(key: &str, value: &Value, why: &str) -> Failure {
 pub fn parse_duration(v: &Value) -> Result<i64, String> {
     match v {
         Value::Null => Ok(0),
-        Value::Number(n) => n
-            .as_i64()
-            .or_else(|| n.as_f64().map(|f| f as i64))
-            .ok_or_else(|| "invalid duration".to_string()),
+        Value::Number(n) => {
+            n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)).ok_or_else(|| "invalid duration".to_string())
+        }
         Value::String(s) => parse_duration_str(s),
         _ => Err("invalid duration".to_string()),
     }
@@ -185,17 +160,13 @@ fn go_duration(s: &str) -> Option<i64> {
     }
     let mut total_ns: f64 = 0.0;
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         if num_len == 0 {
             return None;
         }
         let value: f64 = rest[..num_len].parse().ok()?;
         rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let scale = match unit {
@@ -232,12 +203,7 @@ mod tests {
 
     #[test]
     fn lists_from_strings_and_arrays() {
-        let f = Fields::new(
-            json!({"a": "x, y", "b": ["p"], "c": 3})
-                .as_object()
-                .unwrap()
-                .clone(),
-        );
+        let f = Fields::new(json!({"a": "x, y", "b": ["p"], "c": 3}).as_object().unwrap().clone());
         assert_eq!(f.list("a").unwrap().unwrap(), vec!["x", "y"]);
         assert_eq!(f.list("b").unwrap().unwrap(), vec!["p"]);
         let err = f.list("c").unwrap_err();

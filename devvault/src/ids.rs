@@ -6,9 +6,7 @@ const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrst
 
 pub fn base62(n: usize) -> String {
     let mut rng = rand::rng();
-    (0..n)
-        .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
-        .collect()
+    (0..n).map(|_| BASE62[rng.random_range(0..BASE62.len())] as char).collect()
 }
 
 /// Vault's default password generator: 20 characters of `[A-Za-z0-9-]` with
@@ -17,9 +15,7 @@ pub fn password() -> String {
     const CHARSET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-";
     let mut rng = rand::rng();
     loop {
-        let p: String = (0..20)
-            .map(|_| CHARSET[rng.random_range(0..CHARSET.len())] as char)
-            .collect();
+        let p: String = (0..20).map(|_| CHARSET[rng.random_range(0..CHARSET.len())] as char).collect();
         if p.chars().any(|c| c.is_ascii_lowercase())
             && p.chars().any(|c| c.is_ascii_uppercase())
             && p.chars().any(|c| c.is_ascii_digit())

@@ -35,8 +35,7 @@ impl ServiceAccountIssuer {
             SigningAlg::Es256 => (&rcgen::PKCS_ECDSA_P256_SHA256, Algorithm::ES256),
             SigningAlg::Rs256 => (&rcgen::PKCS_RSA_SHA256, Algorithm::RS256),
         };
-        let pair =
-            rcgen::KeyPair::generate_for(rc_alg).map_err(|e| JwtError::KeyGen(e.to_string()))?;
+        let pair = rcgen::KeyPair::generate_for(rc_alg).map_err(|e| JwtError::KeyGen(e.to_string()))?;
         let private_pem = pair.serialize_pem();
         let key = match alg {
             SigningAlg::Es256 => EncodingKey::from_ec_pem(private_pem.as_bytes()),
@@ -45,15 +44,8 @@ impl ServiceAccountIssuer {
         .map_err(|e| JwtError::KeyGen(e.to_string()))?;
         let params = rcgen::CertificateParams::new(vec!["kubernetes.default.svc".to_string()])
             .map_err(|e| JwtError::KeyGen(e.to_string()))?;
-        let cert = params
-            .self_signed(&pair)
-            .map_err(|e| JwtError::KeyGen(e.to_string()))?;
-        Ok(ServiceAccountIssuer {
-            alg: jwt_alg,
-            key,
-            public_pem: pair.public_key_pem(),
-            certificate_pem: cert.pem(),
-        })
+        let cert = params.self_signed(&pair).map_err(|e| JwtError::KeyGen(e.to_string()))?;
+        Ok(ServiceAccountIssuer { alg: jwt_alg, key, public_pem: pair.public_key_pem(), certificate_pem: cert.pem() })
     }
 
     /// The PEM public key for `pem_keys`.

@@ -61,19 +61,12 @@ pub async fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str) -> 
         ("config", Op::Update) => write_config(core, req, mount),
         ("config", Op::Read) => read_config(core, mount),
         ("role" | "role/", Op::List) => {
-            let keys: Vec<String> = core
-                .state()
-                .auth_mounts
-                .get(mount)
-                .map(|m| m.roles.keys().cloned().collect())
-                .unwrap_or_default();
+            let keys: Vec<String> =
+                core.state().auth_mounts.get(mount).map(|m| m.roles.keys().cloned().collect()).unwrap_or_default();
             if keys.is_empty() {
                 return Err(Failure::not_found());
             }
-            Ok(Reply::Envelope(Envelope::data(
-                "kubernetes",
-                json!({ "keys": keys }),
-            )))
+            Ok(Reply::Envelope(Envelope::data("kubernetes", json!({ "keys": keys }))))
         }
         (s, op) if s.starts_with("role/") && s.len() > 5 => {
             let name = s["role/".len()..].trim_end_matches('/');
@@ -113,10 +106,7 @@ fn write_config(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
     }
     let ca = f.str("kubernetes_ca_cert")?;
     if !ca.is_empty() && !ca.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(Failure::resp(
-            400,
-            "The provided CA PEM data contains no valid certificates",
-        ));
+        return Err(Failure::resp(400, "The provided CA PEM data contains no valid certificates"));
     }
     let pem_keys = match f.raw("pem_keys") {
         Some(Value::String(s)) => split_pems(s),
@@ -124,12 +114,7 @@ fn write_config(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
     };
     let mut keys = Vec::new();
     for pem in &pem_keys {
-        let invalid = || {
-            Failure::resp(
-                400,
-                "data does not contain any valid RSA or ECDSA public keys",
-            )
-        };
+        let invalid = || Failure::resp(400, "data does not contain any valid RSA or ECDSA public keys");
         let pem = crate::pem::public_key_pem(pem).ok_or_else(invalid)?;
         let key = DecodingKey::from_ec_pem(pem.as_bytes())
             .map(|k| (KeyKind::Ec, k))
@@ -154,11 +139,7 @@ fn write_config(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
 
 /// A comma-separated string of PEM blocks, as the CLI sends `pem_keys`.
 fn split_pems(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(str::to_string)
-        .collect()
+    s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect()
 }
 
 fn read_config(core: &Arc<Core>, mount: &str) -> Outcome {
@@ -204,20 +185,12 @@ const ROLE_FIELDS: &[&str] = &[
 
 fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outcome {
     let f = req.fields();
-    let mut role = core
-        .state()
-        .auth_mounts
-        .get(mount)
-        .and_then(|m| m.roles.get(name).cloned())
-        .unwrap_or_default();
+    let mut role = core.state().auth_mounts.get(mount).and_then(|m| m.roles.get(name).cloned()).unwrap_or_default();
     if let Some(names) = f.list("bound_service_account_names")? {
         role.bound_names = names;
     }
     if role.bound_names.is_empty() {
-        return Err(Failure::resp(
-            400,
-            "\"bound_service_account_names\" can not be empty",
-        ));
+        return Err(Failure::resp(400, "\"bound_service_account_names\" can not be empty"));
     }
     if role.bound_names.len() > 1 && role.bound_names.iter().any(|n| n == "*") {
         return Err(Failure::resp(400, "can not mix \"*\" with values"));
@@ -265,13 +238,9 @@ fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outco
     if let Some(p) = f.list("token_policies")?.or(f.list("policies")?) {
         role.token_policies = p;
     }
-    role.token_no_default_policy =
-        f.bool_or("token_no_default_policy", role.token_no_default_policy)?;
+    role.token_no_default_policy = f.bool_or("token_no_default_policy", role.token_no_default_policy)?;
     if role.token_max_ttl > 0 && role.token_ttl > role.token_max_ttl {
-        return Err(Failure::resp(
-            400,
-            "token ttl should not be greater than token max ttl",
-        ));
+        return Err(Failure::resp(400, "token ttl should not be greater than token max ttl"));
     }
     let mut warnings = Vec::new();
     if role.audience.is_empty() {
@@ -282,20 +251,11 @@ fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outco
     if let Some(m) = core.state().auth_mounts.get_mut(mount) {
         m.roles.insert(name.to_string(), role);
     }
-    Ok(Core::with_ignored(
-        Reply::warnings("kubernetes", warnings),
-        &f,
-        ROLE_FIELDS,
-    ))
+    Ok(Core::with_ignored(Reply::warnings("kubernetes", warnings), &f, ROLE_FIELDS))
 }
 
 fn read_role(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
-    let Some(r) = core
-        .state()
-        .auth_mounts
-        .get(mount)
-        .and_then(|m| m.roles.get(name).cloned())
-    else {
+    let Some(r) = core.state().auth_mounts.get(mount).and_then(|m| m.roles.get(name).cloned()) else {
         return Err(Failure::not_found());
     };
     Ok(Reply::Envelope(Envelope::data(
@@ -338,10 +298,7 @@ fn login(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
         let state = core.state();
         let m = state.auth_mounts.get(mount);
         let Some(role) = m.and_then(|m| m.roles.get(&role_name).cloned()) else {
-            return Err(Failure::resp(
-                400,
-                format!("invalid role name \"{role_name}\""),
-            ));
+            return Err(Failure::resp(400, format!("invalid role name \"{role_name}\"")));
         };
         let Some(config) = m.and_then(|m| m.config.clone()) else {
             return Err(Failure::resp(500, "could not load backend configuration"));
@@ -350,9 +307,7 @@ fn login(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
     };
     let claims = verify(&jwt, &config, &role)?;
     let subject = subject(&claims)?;
-    if !(role.bound_names.iter().any(|n| n == "*")
-        || crate::glob::matches_any(&role.bound_names, &subject.name))
-    {
+    if !(role.bound_names.iter().any(|n| n == "*") || crate::glob::matches_any(&role.bound_names, &subject.name)) {
         return Err(Failure::resp(403, "service account name not authorized"));
     }
     if !(role.bound_namespaces.iter().any(|n| n == "*")
@@ -363,14 +318,8 @@ fn login(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
     let meta = BTreeMap::from([
         ("role".to_string(), role_name.clone()),
         ("service_account_name".to_string(), subject.name.clone()),
-        (
-            "service_account_namespace".to_string(),
-            subject.namespace.clone(),
-        ),
-        (
-            "service_account_secret_name".to_string(),
-            subject.secret_name.clone(),
-        ),
+        ("service_account_namespace".to_string(), subject.namespace.clone()),
+        ("service_account_secret_name".to_string(), subject.secret_name.clone()),
         ("service_account_uid".to_string(), subject.uid.clone()),
     ]);
     let (token, warnings) = issue(
@@ -378,12 +327,7 @@ fn login(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
         NewToken {
             policies: sorted_policies(role.token_policies.clone(), !role.token_no_default_policy),
             path: format!("auth/{mount}/login"),
-            display_name: format!(
-                "{}-{}-{}",
-                mount.replace('/', "-"),
-                subject.namespace,
-                subject.name
-            ),
+            display_name: format!("{}-{}-{}", mount.replace('/', "-"), subject.namespace, subject.name),
             meta,
             ttl: TtlInput {
                 backend_ttl: role.token_ttl,
@@ -395,10 +339,7 @@ fn login(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
             renewable: true,
             orphan: true,
             parent: None,
-            source: TokenSource::Kubernetes {
-                mount: mount.to_string(),
-                role: role_name,
-            },
+            source: TokenSource::Kubernetes { mount: mount.to_string(), role: role_name },
             entity_id: entity_id(&format!("{mount}/{}", subject.uid)),
             no_expiry: false,
         },
@@ -443,10 +384,7 @@ fn verify(jwt: &str, config: &KubeConfig, role: &KubeRole) -> Result<Value, Fail
         .find_map(|(_, key)| jsonwebtoken::decode::<Value>(jwt, key, &validation).ok())
         .map(|data| data.claims)
         .ok_or_else(denied)?;
-    if !config.issuer.is_empty()
-        && !config.disable_iss_validation
-        && claims["iss"].as_str() != Some(&config.issuer)
-    {
+    if !config.issuer.is_empty() && !config.disable_iss_validation && claims["iss"].as_str() != Some(&config.issuer) {
         return Err(Failure::resp(403, "invalid issuer (iss) claim"));
     }
     if !role.audience.is_empty() {
@@ -466,26 +404,17 @@ fn verify(jwt: &str, config: &KubeConfig, role: &KubeRole) -> Result<Value, Fail
     if let Some(exp) = claims["exp"].as_i64()
         && now > exp + LEEWAY_SECS
     {
-        return Err(Failure::resp(
-            403,
-            "invalid expiration time (exp) claim: token is expired",
-        ));
+        return Err(Failure::resp(403, "invalid expiration time (exp) claim: token is expired"));
     }
     if let Some(nbf) = claims["nbf"].as_i64()
         && now + LEEWAY_SECS < nbf
     {
-        return Err(Failure::resp(
-            403,
-            "invalid not before (nbf) claim: token not yet valid",
-        ));
+        return Err(Failure::resp(403, "invalid not before (nbf) claim: token not yet valid"));
     }
     if let Some(iat) = claims["iat"].as_i64()
         && now + LEEWAY_SECS < iat
     {
-        return Err(Failure::resp(
-            403,
-            "invalid issued at (iat) claim: token issued in the future",
-        ));
+        return Err(Failure::resp(403, "invalid issued at (iat) claim: token issued in the future"));
     }
     Ok(claims)
 }
@@ -494,36 +423,20 @@ fn verify(jwt: &str, config: &KubeConfig, role: &KubeRole) -> Result<Value, Fail
 fn subject(claims: &Value) -> Result<Subject, Failure> {
     let projected = &claims["kubernetes.io"];
     let pick = |projected: &Value, legacy: &str| -> String {
-        projected
-            .as_str()
-            .or_else(|| claims[legacy].as_str())
-            .unwrap_or_default()
-            .to_string()
+        projected.as_str().or_else(|| claims[legacy].as_str()).unwrap_or_default().to_string()
     };
-    let uid = pick(
-        &projected["serviceaccount"]["uid"],
-        "kubernetes.io/serviceaccount/service-account.uid",
-    );
+    let uid = pick(&projected["serviceaccount"]["uid"], "kubernetes.io/serviceaccount/service-account.uid");
     if uid.is_empty() {
         return Err(Failure::resp(500, "could not parse UID from claims"));
     }
     Ok(Subject {
-        namespace: pick(
-            &projected["namespace"],
-            "kubernetes.io/serviceaccount/namespace",
-        ),
-        name: pick(
-            &projected["serviceaccount"]["name"],
-            "kubernetes.io/serviceaccount/service-account.name",
-        ),
+        namespace: pick(&projected["namespace"], "kubernetes.io/serviceaccount/namespace"),
+        name: pick(&projected["serviceaccount"]["name"], "kubernetes.io/serviceaccount/service-account.name"),
         uid,
         secret_name: if projected.is_object() {
             String::new()
         } else {
-            claims["kubernetes.io/serviceaccount/secret.name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string()
+            claims["kubernetes.io/serviceaccount/secret.name"].as_str().unwrap_or_default().to_string()
         },
     })
 }

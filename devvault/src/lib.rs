@@ -70,12 +70,7 @@ impl DevVault {
             tokio::spawn(server::serve(listener, core.clone(), cancel.clone())),
             tokio::spawn(expiration::run(core.clone())),
         ];
-        Ok(DevVault {
-            addr,
-            core,
-            cancel,
-            tasks,
-        })
+        Ok(DevVault { addr, core, cancel, tasks })
     }
 
     pub fn addr(&self) -> SocketAddr {

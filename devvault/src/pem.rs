@@ -15,15 +15,8 @@ pub fn public_key_pem(pem: &str) -> Option<String> {
     let der = STANDARD.decode(body.trim()).ok()?;
     let spki = certificate_spki(&der)?;
     let encoded = STANDARD.encode(spki);
-    let lines: Vec<&str> = encoded
-        .as_bytes()
-        .chunks(64)
-        .filter_map(|c| std::str::from_utf8(c).ok())
-        .collect();
-    Some(format!(
-        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-        lines.join("\n")
-    ))
+    let lines: Vec<&str> = encoded.as_bytes().chunks(64).filter_map(|c| std::str::from_utf8(c).ok()).collect();
+    Some(format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", lines.join("\n")))
 }
 
 /// One DER element at the start of `der`: (tag, header + content length,

@@ -58,11 +58,7 @@ path "sys/leases/lookup" { capabilities = ["update"] }
 impl Policy {
     pub fn parse(name: &str, text: &str) -> Result<Policy, String> {
         let rules = parse_hcl(text)?;
-        Ok(Policy {
-            name: name.to_string(),
-            text: text.to_string(),
-            rules,
-        })
+        Ok(Policy { name: name.to_string(), text: text.to_string(), rules })
     }
 }
 
@@ -133,9 +129,7 @@ fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
             }
             c if c.is_alphanumeric() || c == '_' => {
                 let start = i;
-                while i < chars.len()
-                    && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '-')
-                {
+                while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '-') {
                     i += 1
                 }
                 toks.push(Tok::Ident(chars[start..i].iter().collect()));
@@ -168,8 +162,8 @@ fn parse_hcl(text: &str) -> Result<Vec<Rule>, String> {
                         while i < toks.len() && toks[i] != Tok::RBracket {
                             match &toks[i] {
                                 Tok::Str(s) if key == "capabilities" => {
-                                    let cap = Capability::parse(s)
-                                        .ok_or_else(|| format!("invalid capability {s:?}"))?;
+                                    let cap =
+                                        Capability::parse(s).ok_or_else(|| format!("invalid capability {s:?}"))?;
                                     caps.insert(cap);
                                 }
                                 Tok::Str(_) | Tok::Comma => {}
@@ -187,10 +181,7 @@ fn parse_hcl(text: &str) -> Result<Vec<Rule>, String> {
                     return Err("unterminated path block".into());
                 }
                 i += 1;
-                rules.push(Rule {
-                    path: path.clone(),
-                    caps,
-                });
+                rules.push(Rule { path: path.clone(), caps });
             }
             (Tok::Ident(kw), _, _) if kw == "name" => i += 3,
             _ => return Err("expected path \"...\" { ... }".into()),
@@ -209,10 +200,7 @@ impl Acl {
         let mut rules: BTreeMap<String, BTreeSet<Capability>> = BTreeMap::new();
         for policy in policies {
             for rule in &policy.rules {
-                rules
-                    .entry(rule.path.clone())
-                    .or_default()
-                    .extend(rule.caps.iter().copied());
+                rules.entry(rule.path.clone()).or_default().extend(rule.caps.iter().copied());
             }
         }
         Acl { rules }
@@ -223,11 +211,8 @@ impl Acl {
         if let Some(caps) = self.rules.get(path) {
             return effective(caps);
         }
-        let best = self
-            .rules
-            .iter()
-            .filter(|(pattern, _)| glob_match(pattern, path))
-            .max_by(|a, b| priority_cmp(a.0, b.0));
+        let best =
+            self.rules.iter().filter(|(pattern, _)| glob_match(pattern, path)).max_by(|a, b| priority_cmp(a.0, b.0));
         best.map(|(_, caps)| effective(caps)).unwrap_or_default()
     }
 
@@ -238,11 +223,7 @@ impl Acl {
 }
 
 fn effective(caps: &BTreeSet<Capability>) -> BTreeSet<Capability> {
-    if caps.contains(&Capability::Deny) {
-        BTreeSet::new()
-    } else {
-        caps.clone()
-    }
+    if caps.contains(&Capability::Deny) { BTreeSet::new() } else { caps.clone() }
 }
 
 fn glob_match(pattern: &str, path: &str) -> bool {

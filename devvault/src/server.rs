@@ -38,8 +38,7 @@ pub async fn serve(listener: TcpListener, core: Arc<Core>, cancel: CancellationT
                 let dropper = svc_dropper.clone();
                 async move { Ok::<_, Infallible>(handle(core, dropper, req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = dropper.cancelled() => {}
@@ -59,11 +58,7 @@ fn respond(status: u16, body: Option<Value>) -> Response<Full<Bytes>> {
     resp
 }
 
-async fn handle(
-    core: Arc<Core>,
-    dropper: CancellationToken,
-    req: hyper::Request<Incoming>,
-) -> Response<Full<Bytes>> {
+async fn handle(core: Arc<Core>, dropper: CancellationToken, req: hyper::Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_string();
     let uri_path = req.uri().path().to_string();
     let query: Vec<(String, String)> = req.uri().query().map(parse_query).unwrap_or_default();
@@ -105,9 +100,7 @@ async fn run(
     req: hyper::Request<Incoming>,
 ) -> (u16, Body) {
     let fail = |f: Failure| (f.status, (Some(f.body()), String::new()));
-    let list_query = query
-        .iter()
-        .any(|(k, v)| k == "list" && (v == "true" || v == "1"));
+    let list_query = query.iter().any(|(k, v)| k == "list" && (v == "true" || v == "1"));
     let op = match method {
         "GET" if list_query => Op::List,
         "GET" => Op::Read,
@@ -117,10 +110,7 @@ async fn run(
         "HEAD" => Op::Head,
         "PATCH" => return fail(Failure::unsupported_operation()),
         _ => {
-            return fail(Failure {
-                status: 405,
-                errors: vec![],
-            });
+            return fail(Failure { status: 405, errors: vec![] });
         }
     };
     if op == Op::List && !path.ends_with('/') {
@@ -155,13 +145,7 @@ async fn run(
             data.entry(k.clone()).or_insert(Value::String(v.clone()));
         }
     }
-    let request = Request {
-        op,
-        path,
-        data,
-        query,
-        token,
-    };
+    let request = Request { op, path, data, query, token };
     let (outcome, accessor) = core.handle(request).await;
     let (status, body) = match outcome {
         // A read that produced nothing is a 404 in Vault.

@@ -22,9 +22,7 @@ pub async fn handle(core: &Arc<Core>, req: &Request, _token: Option<TokenEntry>)
         p if p.starts_with("mounts/") => mount(core, req, &p["mounts/".len()..], false),
         p if p.starts_with("auth/") => mount(core, req, &p["auth/".len()..], true),
         "policies/acl" | "policies/acl/" | "policy" | "policy/" => list_policies(core, req),
-        p if p.starts_with("policies/acl/") => {
-            policy(core, req, &p["policies/acl/".len()..], "policy")
-        }
+        p if p.starts_with("policies/acl/") => policy(core, req, &p["policies/acl/".len()..], "policy"),
         // The legacy form hvac uses; reads answer with `rules`.
         p if p.starts_with("policy/") => policy(core, req, &p["policy/".len()..], "rules"),
         p if p.starts_with("leases/") => leases(core, req, &p["leases/".len()..]).await,
@@ -40,9 +38,7 @@ fn health(req: &Request) -> Outcome {
     let mut code = 200u16;
     for (k, v) in &req.query {
         if k == "activecode" {
-            code = v
-                .parse()
-                .map_err(|_| Failure::resp(400, format!("unable to parse activecode code: {v}")))?;
+            code = v.parse().map_err(|_| Failure::resp(400, format!("unable to parse activecode code: {v}")))?;
         }
     }
     let now = chrono::Utc::now().timestamp();
@@ -70,29 +66,20 @@ fn list_mounts(core: &Arc<Core>, req: &Request, auth: bool) -> Outcome {
     let state = core.state();
     let mut data = serde_json::Map::new();
     if auth {
-        data.insert(
-            "token/".into(),
-            json!({"type": "token", "description": "token based credentials"}),
-        );
+        data.insert("token/".into(), json!({"type": "token", "description": "token based credentials"}));
         for m in state.auth_mounts.keys() {
-            data.insert(
-                format!("{m}/"),
-                json!({"type": "kubernetes", "description": ""}),
-            );
+            data.insert(format!("{m}/"), json!({"type": "kubernetes", "description": ""}));
         }
     } else {
-        data.insert("sys/".into(), json!({"type": "system", "description": "system endpoints used for control, policy and debugging"}));
+        data.insert(
+            "sys/".into(),
+            json!({"type": "system", "description": "system endpoints used for control, policy and debugging"}),
+        );
         for m in state.secret_mounts.keys() {
-            data.insert(
-                format!("{m}/"),
-                json!({"type": "database", "description": ""}),
-            );
+            data.insert(format!("{m}/"), json!({"type": "database", "description": ""}));
         }
     }
-    Ok(Reply::Envelope(Envelope::data(
-        "system",
-        Value::Object(data),
-    )))
+    Ok(Reply::Envelope(Envelope::data("system", Value::Object(data))))
 }
 
 fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
@@ -113,10 +100,7 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
             };
             if taken {
                 let prefix = if auth { "auth/" } else { "" };
-                return Err(Failure::resp(
-                    400,
-                    format!("path is already in use at {prefix}{path}/"),
-                ));
+                return Err(Failure::resp(400, format!("path is already in use at {prefix}{path}/")));
             }
             match (auth, kind.as_str()) {
                 (true, "kubernetes") => {
@@ -127,10 +111,7 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
                 }
                 (_, "") => return Err(Failure::resp(400, "plugin not found in the catalog: ")),
                 (_, other) => {
-                    return Err(Failure::resp(
-                        400,
-                        format!("plugin not found in the catalog: {other}"),
-                    ));
+                    return Err(Failure::resp(400, format!("plugin not found in the catalog: {other}")));
                 }
             }
             Ok(Reply::Empty)
@@ -160,10 +141,7 @@ fn list_policies(core: &Arc<Core>, req: &Request) -> Outcome {
     let mut keys: Vec<String> = core.state().policies.keys().cloned().collect();
     keys.push("root".into());
     keys.sort();
-    Ok(Reply::Envelope(Envelope::data(
-        "system",
-        json!({ "keys": keys, "policies": keys }),
-    )))
+    Ok(Reply::Envelope(Envelope::data("system", json!({ "keys": keys, "policies": keys }))))
 }
 
 fn policy(core: &Arc<Core>, req: &Request, name: &str, text_key: &str) -> Outcome {
@@ -174,32 +152,22 @@ fn policy(core: &Arc<Core>, req: &Request, name: &str, text_key: &str) -> Outcom
             let Some(p) = state.policies.get(&name) else {
                 return Err(Failure::not_found());
             };
-            Ok(Reply::Envelope(Envelope::data(
-                "system",
-                json!({"name": p.name, text_key: p.text}),
-            )))
+            Ok(Reply::Envelope(Envelope::data("system", json!({"name": p.name, text_key: p.text}))))
         }
         Op::Update => {
             if name == "root" {
                 return Err(Failure::resp(400, "cannot update \"root\" policy"));
             }
             let f = req.fields();
-            let text = if f.has("policy") {
-                f.str("policy")?
-            } else {
-                f.str("rules")?
-            };
-            let parsed = Policy::parse(&name, &text)
-                .map_err(|e| Failure::resp(400, format!("failed to parse policy: {e}")))?;
+            let text = if f.has("policy") { f.str("policy")? } else { f.str("rules")? };
+            let parsed =
+                Policy::parse(&name, &text).map_err(|e| Failure::resp(400, format!("failed to parse policy: {e}")))?;
             core.state().policies.insert(name, parsed);
             Ok(Reply::Empty)
         }
         Op::Delete => {
             if name == "root" || name == "default" {
-                return Err(Failure::resp(
-                    400,
-                    format!("cannot delete \"{name}\" policy"),
-                ));
+                return Err(Failure::resp(400, format!("cannot delete \"{name}\" policy")));
             }
             core.state().policies.remove(&name);
             Ok(Reply::Empty)
@@ -229,9 +197,7 @@ async fn leases(core: &Arc<Core>, req: &Request, path: &str) -> Outcome {
                 return Err(Failure::resp(400, "lease_id must be specified"));
             }
             if f.bool_or("sync", true)? {
-                expiration::revoke_now(core, &lease_id)
-                    .await
-                    .map_err(|e| Failure::resp(400, e))?;
+                expiration::revoke_now(core, &lease_id).await.map_err(|e| Failure::resp(400, e))?;
                 Ok(Reply::Empty)
             } else {
                 expiration::expire_prefix_exact(core, &lease_id);
@@ -239,11 +205,7 @@ async fn leases(core: &Arc<Core>, req: &Request, path: &str) -> Outcome {
             }
         }
         ("revoke-prefix" | "revoke-force", Op::Update) => {
-            let prefix = if suffix.is_empty() {
-                f.str("prefix")?
-            } else {
-                suffix.to_string()
-            };
+            let prefix = if suffix.is_empty() { f.str("prefix")? } else { suffix.to_string() };
             let force = action == "revoke-force";
             for id in expiration::ids_with_prefix(core, &prefix) {
                 if let Err(e) = expiration::revoke_now(core, &id).await
@@ -274,14 +236,9 @@ async fn leases(core: &Arc<Core>, req: &Request, path: &str) -> Outcome {
             if keys.is_empty() {
                 return Err(Failure::not_found());
             }
-            Ok(Reply::Envelope(Envelope::data(
-                "system",
-                json!({ "keys": keys }),
-            )))
+            Ok(Reply::Envelope(Envelope::data("system", json!({ "keys": keys }))))
         }
-        ("renew" | "revoke" | "revoke-prefix" | "revoke-force" | "lookup", _) => {
-            Err(Failure::unsupported_operation())
-        }
+        ("renew" | "revoke" | "revoke-prefix" | "revoke-force" | "lookup", _) => Err(Failure::unsupported_operation()),
         _ => Err(Failure::unsupported_path()),
     }
 }
@@ -297,18 +254,14 @@ fn devvault(core: &Arc<Core>, req: &Request, path: &str) -> Outcome {
             core.faults.add(fault);
             Ok(Reply::Empty)
         }
-        ("faults", Op::Read) => Ok(Reply::Envelope(Envelope::data(
-            "system",
-            json!({ "faults": core.faults.list() }),
-        ))),
+        ("faults", Op::Read) => Ok(Reply::Envelope(Envelope::data("system", json!({ "faults": core.faults.list() })))),
         ("faults", Op::Delete) => {
             core.faults.clear();
             Ok(Reply::Empty)
         }
-        ("requests", Op::Read) => Ok(Reply::Envelope(Envelope::data(
-            "system",
-            json!({ "requests": core.log.entries() }),
-        ))),
+        ("requests", Op::Read) => {
+            Ok(Reply::Envelope(Envelope::data("system", json!({ "requests": core.log.entries() }))))
+        }
         ("requests", Op::Delete) => {
             core.log.clear();
             Ok(Reply::Empty)

@@ -54,10 +54,7 @@ impl Faults {
     pub fn take(&self, method: &str, path: &str) -> Option<FaultAction> {
         let mut list = self.lock();
         let idx = list.iter().position(|f| {
-            path.starts_with(&f.path_prefix)
-                && f.method
-                    .as_deref()
-                    .is_none_or(|m| m.eq_ignore_ascii_case(method))
+            path.starts_with(&f.path_prefix) && f.method.as_deref().is_none_or(|m| m.eq_ignore_ascii_case(method))
         })?;
         let fault = &mut list[idx];
         let action = FaultAction {

@@ -51,24 +51,18 @@ fn bindir() -> Result<PathBuf, String> {
 
 /// initdb and postgres refuse to run as root: run them as `postgres` then.
 fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 fn postgres_ids() -> Result<(u32, u32), String> {
-    let passwd =
-        std::fs::read_to_string("/etc/passwd").map_err(|e| format!("reading /etc/passwd: {e}"))?;
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("reading /etc/passwd: {e}"))?;
     passwd
         .lines()
         .find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            (f.first() == Some(&"postgres"))
-                .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+            (f.first() == Some(&"postgres")).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
         })
-        .ok_or_else(|| {
-            "running as root but there is no `postgres` user to run PostgreSQL as".to_string()
-        })
+        .ok_or_else(|| "running as root but there is no `postgres` user to run PostgreSQL as".to_string())
 }
 
 fn command(as_postgres: bool, program: &Path) -> Command {
@@ -97,29 +91,18 @@ impl PgCluster {
             .keep();
         let password = format!("pg-{}", crate::ids::base62(16));
         let pwfile = dir.join("pwfile");
-        std::fs::write(&pwfile, format!("{password}\n"))
-            .map_err(|e| format!("writing pwfile: {e}"))?;
+        std::fs::write(&pwfile, format!("{password}\n")).map_err(|e| format!("writing pwfile: {e}"))?;
         if root {
             let (uid, gid) = postgres_ids()?;
             for p in [&dir, &pwfile] {
-                std::os::unix::fs::chown(p, Some(uid), Some(gid))
-                    .map_err(|e| format!("chown {}: {e}", p.display()))?;
+                std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", p.display()))?;
             }
         }
         let data = dir.join("data");
         let out = command(root, &bin.join("initdb"))
             .arg("-D")
             .arg(&data)
-            .args([
-                "-U",
-                ADMIN_USER,
-                "-A",
-                "scram-sha-256",
-                "--auth-local=trust",
-                "-E",
-                "UTF8",
-                "-N",
-            ])
+            .args(["-U", ADMIN_USER, "-A", "scram-sha-256", "--auth-local=trust", "-E", "UTF8", "-N"])
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .map_err(|e| format!("running initdb: {e}"))?;
@@ -149,27 +132,17 @@ impl PgCluster {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("starting postgres: {e}"))?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or("no stdin for the postgres watchdog")?;
+        let stdin = child.stdin.take().ok_or("no stdin for the postgres watchdog")?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
             if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
                 let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!(
-                    "PostgreSQL did not start on port {port}: {log_text}"
-                ));
+                return Err(format!("PostgreSQL did not start on port {port}: {log_text}"));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(PgCluster {
-            port,
-            dir,
-            password,
-            _watchdog: Mutex::new((child, stdin)),
-        })
+        Ok(PgCluster { port, dir, password, _watchdog: Mutex::new((child, stdin)) })
     }
 
     pub fn admin_password(&self) -> &str {
@@ -179,27 +152,16 @@ impl PgCluster {
     /// A connection URL for devvault's `database/config`, templated the way
     /// Vault expects (`{{username}}`/`{{password}}`).
     pub fn templated_url(&self, database: &str) -> String {
-        format!(
-            "postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/{database}?sslmode=disable",
-            self.port
-        )
+        format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/{database}?sslmode=disable", self.port)
     }
 
     pub fn url(&self, user: &str, password: &str, database: &str) -> String {
-        format!(
-            "postgresql://{user}:{password}@127.0.0.1:{}/{database}?sslmode=disable",
-            self.port
-        )
+        format!("postgresql://{user}:{password}@127.0.0.1:{}/{database}?sslmode=disable", self.port)
     }
 
-    pub async fn connect(
-        &self,
-        user: &str,
-        password: &str,
-    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    pub async fn connect(&self, user: &str, password: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let (client, conn) =
-            tokio_postgres::connect(&self.url(user, password, "postgres"), tokio_postgres::NoTls)
-                .await?;
+            tokio_postgres::connect(&self.url(user, password, "postgres"), tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         Ok(client)
     }
@@ -212,11 +174,7 @@ impl PgCluster {
     }
 
     pub async fn role_exists(&self, name: &str) -> bool {
-        let rows = self
-            .admin()
-            .await
-            .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
-            .await;
+        let rows = self.admin().await.query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name]).await;
         !rows.expect("querying pg_roles").is_empty()
     }
 
@@ -225,10 +183,7 @@ impl PgCluster {
         let row = self
             .admin()
             .await
-            .query_opt(
-                "SELECT extract(epoch FROM rolvaliduntil)::bigint FROM pg_roles WHERE rolname = $1",
-                &[&name],
-            )
+            .query_opt("SELECT extract(epoch FROM rolvaliduntil)::bigint FROM pg_roles WHERE rolname = $1", &[&name])
             .await
             .expect("querying pg_roles");
         row.and_then(|r| r.get::<_, Option<i64>>(0))
@@ -240,10 +195,7 @@ impl PgCluster {
         let rows = self
             .admin()
             .await
-            .query(
-                "SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1",
-                &[&pattern],
-            )
+            .query("SELECT rolname::text FROM pg_roles WHERE rolname LIKE $1", &[&pattern])
             .await
             .expect("querying pg_roles");
         rows.iter().map(|r| r.get(0)).collect()
@@ -253,11 +205,7 @@ impl PgCluster {
     /// rotate root do not touch the harness's own password.
     pub async fn create_admin_role(&self, name: &str, password: &str) {
         let sql = format!("CREATE ROLE \"{name}\" WITH LOGIN SUPERUSER PASSWORD '{password}'");
-        self.admin()
-            .await
-            .batch_execute(&sql)
-            .await
-            .expect("creating an admin role");
+        self.admin().await.batch_execute(&sql).await.expect("creating an admin role");
     }
 }
 
@@ -289,10 +237,7 @@ impl Api {
     }
 
     pub fn with_token(&self, token: &str) -> Api {
-        Api {
-            token: Some(token.to_string()),
-            ..self.clone()
-        }
+        Api { token: Some(token.to_string()), ..self.clone() }
     }
 
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -301,46 +246,32 @@ impl Api {
 
     pub async fn raw(&self, method: &str, path: &str, body: Option<String>) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("valid method");
-        let mut req = self
-            .http
-            .request(method, format!("{}/v1/{}", self.base, path));
+        let mut req = self.http.request(method, format!("{}/v1/{}", self.base, path));
         if let Some(t) = &self.token {
             req = req.header("X-Vault-Token", t);
         }
         if let Some(b) = body {
             req = req.body(b);
         }
-        let resp = req
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("request to {path} failed: {e}"));
+        let resp = req.send().await.unwrap_or_else(|e| panic!("request to {path} failed: {e}"));
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
+        let value =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         (status, value)
     }
 
     /// Asserts success (200/204) and returns the body.
     pub async fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let (status, value) = self.call(method, path, body).await;
-        assert!(
-            status == 200 || status == 204,
-            "{method} {path}: {status} {value}"
-        );
+        assert!(status == 200 || status == 204, "{method} {path}: {status} {value}");
         value
     }
 
     /// The devvault request log.
     pub async fn requests(&self) -> Vec<Value> {
         let v = self.ok("GET", "sys/devvault/requests", None).await;
-        v["data"]["requests"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        v["data"]["requests"].as_array().cloned().unwrap_or_default()
     }
 }
 
@@ -358,24 +289,14 @@ pub struct Setup<'a> {
 impl Setup<'_> {
     pub async fn kubernetes(&self, issuer: &crate::ServiceAccountIssuer) {
         let api = self.api;
-        api.ok(
-            "POST",
-            "sys/auth/kubernetes",
-            Some(json!({"type": "kubernetes"})),
-        )
-        .await;
+        api.ok("POST", "sys/auth/kubernetes", Some(json!({"type": "kubernetes"}))).await;
         api.ok(
             "POST",
             "auth/kubernetes/config",
             Some(json!({"kubernetes_host": "https://kubernetes.default.svc", "pem_keys": [issuer.public_pem()]})),
         )
         .await;
-        api.ok(
-            "PUT",
-            "sys/policies/acl/app",
-            Some(json!({"policy": self.policy})),
-        )
-        .await;
+        api.ok("PUT", "sys/policies/acl/app", Some(json!({"policy": self.policy}))).await;
         api.ok(
             "POST",
             &format!("auth/kubernetes/role/{}", self.k8s_role),
@@ -394,24 +315,9 @@ impl Setup<'_> {
 
 /// Enables `database/` and configures connection `db` on `cluster` through a
 /// fresh superuser, with role `role` of the given TTLs.
-pub async fn setup_postgres(
-    api: &Api,
-    cluster: &PgCluster,
-    role: &str,
-    default_ttl: &str,
-    max_ttl: &str,
-) {
-    let (status, _) = api
-        .call(
-            "POST",
-            "sys/mounts/database",
-            Some(json!({"type": "database"})),
-        )
-        .await;
-    assert!(
-        status == 204 || status == 400,
-        "mounting database: {status}"
-    );
+pub async fn setup_postgres(api: &Api, cluster: &PgCluster, role: &str, default_ttl: &str, max_ttl: &str) {
+    let (status, _) = api.call("POST", "sys/mounts/database", Some(json!({"type": "database"}))).await;
+    assert!(status == 204 || status == 400, "mounting database: {status}");
     let admin = format!("vault_admin_{}", crate::ids::base62(8).to_lowercase());
     let password = crate::ids::password();
     cluster.create_admin_role(&admin, &password).await;
@@ -450,12 +356,7 @@ pub async fn setup_postgres(
 /// Enables `database/` with a memory-plugin connection `mem` that allows
 /// `allowed_roles`, and role `app` with the given TTLs.
 pub async fn setup_memory(api: &Api, allowed_roles: &str, default_ttl: &str, max_ttl: &str) {
-    api.ok(
-        "POST",
-        "sys/mounts/database",
-        Some(json!({"type": "database"})),
-    )
-    .await;
+    api.ok("POST", "sys/mounts/database", Some(json!({"type": "database"}))).await;
     let config = json!({"plugin_name": "memory-database-plugin", "allowed_roles": allowed_roles});
     api.ok("POST", "database/config/mem", Some(config)).await;
     let role = json!({

@@ -94,12 +94,7 @@ pub fn sorted_policies(mut policies: Vec<String>, add_default: bool) -> Vec<Stri
     policies
 }
 
-pub async fn handle(
-    core: &Arc<Core>,
-    req: &Request,
-    sub: &str,
-    token: Option<TokenEntry>,
-) -> Outcome {
+pub async fn handle(core: &Arc<Core>, req: &Request, sub: &str, token: Option<TokenEntry>) -> Outcome {
     let Some(token) = token else {
         return Err(Failure::denied());
     };
@@ -114,9 +109,7 @@ pub async fn handle(
             core.expiry_wake.notify_one();
             Ok(Reply::Empty)
         }
-        ("create" | "create-orphan", Op::Update) => {
-            create(core, req, &token, sub == "create-orphan")
-        }
+        ("create" | "create-orphan", Op::Update) => create(core, req, &token, sub == "create-orphan"),
         ("lookup-self" | "renew-self" | "revoke-self" | "create" | "create-orphan", _) => {
             Err(Failure::unsupported_operation())
         }
@@ -126,10 +119,7 @@ pub async fn handle(
 
 fn lookup(t: &TokenEntry) -> Reply {
     let now = Utc::now();
-    let ttl = t
-        .expire_time
-        .map(|e| (e - now).num_seconds().max(0))
-        .unwrap_or(0);
+    let ttl = t.expire_time.map(|e| (e - now).num_seconds().max(0)).unwrap_or(0);
     let mut data = json!({
         "accessor": t.accessor,
         "creation_time": t.creation_time.timestamp(),
@@ -171,10 +161,7 @@ fn renew(core: &Arc<Core>, t: &TokenEntry, increment: i64) -> Outcome {
         TokenSource::Kubernetes { mount, role } => {
             let state = core.state();
             let Some(r) = state.auth_mounts.get(mount).and_then(|m| m.roles.get(role)) else {
-                return Err(Failure::backend(
-                    500,
-                    format!("role {role} does not exist during renewal"),
-                ));
+                return Err(Failure::backend(500, format!("role {role} does not exist during renewal")));
             };
             TtlInput {
                 increment,
@@ -233,10 +220,7 @@ fn create(core: &Arc<Core>, req: &Request, parent: &TokenEntry, orphan: bool) ->
             if !parent.is_root() {
                 let allowed = |p: &String| p == "default" || parent.policies.contains(p);
                 if !p.iter().all(allowed) {
-                    return Err(Failure::resp(
-                        400,
-                        "child policies must be subset of parent",
-                    ));
+                    return Err(Failure::resp(400, "child policies must be subset of parent"));
                 }
             }
             p
@@ -251,31 +235,17 @@ fn create(core: &Arc<Core>, req: &Request, parent: &TokenEntry, orphan: bool) ->
         period: f.duration("period")?,
         ..Default::default()
     };
-    let no_expiry = policies.iter().any(|p| p == "root")
-        && input.backend_ttl == 0
-        && input.period == 0
-        && input.explicit_max == 0;
+    let no_expiry =
+        policies.iter().any(|p| p == "root") && input.backend_ttl == 0 && input.period == 0 && input.explicit_max == 0;
     let name = f.str("display_name")?;
-    let display_name = if name.is_empty() {
-        "token".to_string()
-    } else {
-        format!("token-{name}")
-    };
-    let meta: BTreeMap<String, String> = f
-        .map_of_strings("meta")?
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    let display_name = if name.is_empty() { "token".to_string() } else { format!("token-{name}") };
+    let meta: BTreeMap<String, String> = f.map_of_strings("meta")?.unwrap_or_default().into_iter().collect();
     let orphan = orphan || f.bool_or("no_parent", false)?;
     let (entry, warnings) = issue(
         core,
         NewToken {
             policies,
-            path: if orphan {
-                "auth/token/create-orphan".into()
-            } else {
-                "auth/token/create".into()
-            },
+            path: if orphan { "auth/token/create-orphan".into() } else { "auth/token/create".into() },
             display_name,
             meta,
             ttl: input,
@@ -298,12 +268,5 @@ fn create(core: &Arc<Core>, req: &Request, parent: &TokenEntry, orphan: bool) ->
 
 pub fn entity_id(seed: &str) -> String {
     let h = hex::encode(Sha256::digest(seed.as_bytes()));
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }

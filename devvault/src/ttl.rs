@@ -23,11 +23,7 @@ pub struct TtlResult {
 
 /// `CalculateTTL` with mount defaults D = M = 768h. Errors with Vault's text
 /// when the max TTL has already passed.
-pub fn calculate(
-    input: TtlInput,
-    start: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> Result<TtlResult, String> {
+pub fn calculate(input: TtlInput, start: DateTime<Utc>, now: DateTime<Utc>) -> Result<TtlResult, String> {
     let mut warnings = Vec::new();
     let mut max_ttl = SYSTEM_TTL;
     if input.backend_max > 0 && input.backend_max < max_ttl {
@@ -47,8 +43,7 @@ pub fn calculate(
             ));
             period = max_ttl;
         }
-        let limit =
-            (input.explicit_max > 0).then(|| start + chrono::Duration::seconds(input.explicit_max));
+        let limit = (input.explicit_max > 0).then(|| start + chrono::Duration::seconds(input.explicit_max));
         (period, limit)
     } else {
         let ttl = if input.increment > 0 {
@@ -132,30 +127,18 @@ mod tests {
 
     #[test]
     fn increment_capped_by_backend_max() {
-        let input = TtlInput {
-            increment: 3600,
-            backend_ttl: 60,
-            backend_max: 1200,
-            ..Default::default()
-        };
+        let input = TtlInput { increment: 3600, backend_ttl: 60, backend_max: 1200, ..Default::default() };
         let r = calculate(input, at(1000), at(1000)).unwrap();
         assert_eq!(r.ttl, 1200);
         assert_eq!(
             r.warnings,
-            vec![
-                "TTL of \"1h\" exceeded the effective max_ttl of \"20m\"; TTL value is capped accordingly"
-            ]
+            vec!["TTL of \"1h\" exceeded the effective max_ttl of \"20m\"; TTL value is capped accordingly"]
         );
     }
 
     #[test]
     fn renewal_counts_from_issue_time() {
-        let input = TtlInput {
-            increment: 4,
-            backend_ttl: 4,
-            backend_max: 12,
-            ..Default::default()
-        };
+        let input = TtlInput { increment: 4, backend_ttl: 4, backend_max: 12, ..Default::default() };
         let r = calculate(input, at(1000), at(1010)).unwrap();
         assert_eq!(r.ttl, 2);
         assert!(calculate(input, at(1000), at(1012)).is_err());
@@ -170,11 +153,7 @@ mod tests {
 
     #[test]
     fn period_ignores_max_without_explicit() {
-        let input = TtlInput {
-            period: 60,
-            backend_max: 30,
-            ..Default::default()
-        };
+        let input = TtlInput { period: 60, backend_max: 30, ..Default::default() };
         let r = calculate(input, at(0), at(1000)).unwrap();
         assert_eq!(r.ttl, 30);
         assert_eq!(r.warnings.len(), 1);

@@ -31,33 +31,19 @@ async fn status_fault_answers_n_times_then_clears() {
 #[tokio::test]
 async fn delay_fault_holds_then_proceeds() {
     let (_v, api) = vault().await;
-    api.ok(
-        "POST",
-        "sys/devvault/faults",
-        Some(json!({"path_prefix": "sys/health", "delay_ms": 300, "count": 1})),
-    )
-    .await;
+    api.ok("POST", "sys/devvault/faults", Some(json!({"path_prefix": "sys/health", "delay_ms": 300, "count": 1})))
+        .await;
     let start = std::time::Instant::now();
     let (s, _) = api.call("GET", "sys/health", None).await;
     assert_eq!(s, 200);
-    assert!(
-        start.elapsed() >= std::time::Duration::from_millis(300),
-        "the delay was applied"
-    );
+    assert!(start.elapsed() >= std::time::Duration::from_millis(300), "the delay was applied");
 }
 
 #[tokio::test]
 async fn drop_fault_closes_the_connection_unanswered() {
     let (v, api) = vault().await;
-    api.ok(
-        "POST",
-        "sys/devvault/faults",
-        Some(json!({"path_prefix": "sys/health", "drop": true, "count": 1})),
-    )
-    .await;
-    let err = reqwest::get(format!("{}/v1/sys/health", v.url()))
-        .await
-        .expect_err("connection dropped");
+    api.ok("POST", "sys/devvault/faults", Some(json!({"path_prefix": "sys/health", "drop": true, "count": 1}))).await;
+    let err = reqwest::get(format!("{}/v1/sys/health", v.url())).await.expect_err("connection dropped");
     assert!(!err.is_status());
     let (s, _) = api.call("GET", "sys/health", None).await;
     assert_eq!(s, 200);
@@ -68,17 +54,8 @@ async fn drop_fault_closes_the_connection_unanswered() {
 #[tokio::test]
 async fn request_log_records_every_request_without_tokens() {
     let (_v, api) = vault().await;
-    let created = api
-        .ok(
-            "POST",
-            "auth/token/create",
-            Some(json!({"ttl": "1h", "policies": ["default"]})),
-        )
-        .await;
-    let token = created["auth"]["client_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let created = api.ok("POST", "auth/token/create", Some(json!({"ttl": "1h", "policies": ["default"]}))).await;
+    let token = created["auth"]["client_token"].as_str().unwrap().to_string();
     let accessor = created["auth"]["accessor"].as_str().unwrap().to_string();
     let user = api.with_token(&token);
     user.ok("GET", "auth/token/lookup-self", None).await;
@@ -106,29 +83,11 @@ async fn request_log_records_every_request_without_tokens() {
             )
         })
         .collect();
-    assert!(rows.contains(&(
-        "GET".into(),
-        "auth/token/lookup-self".into(),
-        200,
-        accessor.clone()
-    )));
-    assert!(rows.contains(&(
-        "GET".into(),
-        "database/creds/x".into(),
-        403,
-        accessor.clone()
-    )));
-    assert!(rows.contains(&(
-        "PUT".into(),
-        "auth/token/renew-self".into(),
-        503,
-        String::new()
-    )));
+    assert!(rows.contains(&("GET".into(), "auth/token/lookup-self".into(), 200, accessor.clone())));
+    assert!(rows.contains(&("GET".into(), "database/creds/x".into(), 403, accessor.clone())));
+    assert!(rows.contains(&("PUT".into(), "auth/token/renew-self".into(), 503, String::new())));
     let time = log[0]["time"].as_str().unwrap();
-    assert!(
-        chrono::DateTime::parse_from_rfc3339(time).is_ok() && time.len() == 24,
-        "{time}"
-    );
+    assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok() && time.len() == 24, "{time}");
     api.ok("DELETE", "sys/devvault/requests", None).await;
     let log = api.requests().await;
     assert_eq!(log.len(), 1, "only the GET that read it: {log:?}");

@@ -7,12 +7,7 @@ use devvault::{ServiceAccountIssuer, SigningAlg};
 use serde_json::{Value, json};
 
 async fn login_with(api: &devvault::testing::Api, role: &str, jwt: &str) -> (u16, Value) {
-    api.call(
-        "POST",
-        "auth/kubernetes/login",
-        Some(json!({"role": role, "jwt": jwt})),
-    )
-    .await
+    api.call("POST", "auth/kubernetes/login", Some(json!({"role": role, "jwt": jwt}))).await
 }
 
 fn claims() -> Value {
@@ -81,24 +76,9 @@ async fn each_login_failure_has_vaults_status_and_text() {
         ("app", String::new(), 400, "missing jwt"),
         ("nope", good.clone(), 400, "invalid role name \"nope\""),
         ("app", "not.a.jwt".into(), 403, "permission denied"),
-        (
-            "app",
-            format!("{}x", &good[..good.len() - 2]),
-            403,
-            "permission denied",
-        ),
-        (
-            "app",
-            sign(&|c| c["exp"] = json!(now - 120)),
-            403,
-            "invalid expiration time (exp) claim: token is expired",
-        ),
-        (
-            "app",
-            sign(&|c| c["nbf"] = json!(now + 600)),
-            403,
-            "invalid not before (nbf) claim: token not yet valid",
-        ),
+        ("app", format!("{}x", &good[..good.len() - 2]), 403, "permission denied"),
+        ("app", sign(&|c| c["exp"] = json!(now - 120)), 403, "invalid expiration time (exp) claim: token is expired"),
+        ("app", sign(&|c| c["nbf"] = json!(now + 600)), 403, "invalid not before (nbf) claim: token not yet valid"),
         (
             "app",
             sign(&|c| c["iat"] = json!(now + 600)),
@@ -117,12 +97,7 @@ async fn each_login_failure_has_vaults_status_and_text() {
             403,
             "service account name not authorized",
         ),
-        (
-            "app",
-            sign(&|c| c["kubernetes.io"]["namespace"] = json!("kube-system")),
-            403,
-            "namespace not authorized",
-        ),
+        ("app", sign(&|c| c["kubernetes.io"]["namespace"] = json!("kube-system")), 403, "namespace not authorized"),
         (
             "app",
             sign(&|c| c["kubernetes.io"]["serviceaccount"]["uid"] = Value::Null),
@@ -132,11 +107,7 @@ async fn each_login_failure_has_vaults_status_and_text() {
     ];
     for (role, jwt, status, text) in cases {
         let (s, b) = login_with(&api, role, &jwt).await;
-        assert_eq!(
-            (s, b),
-            (status, json!({"errors": [text]})),
-            "role={role:?} expected {text:?}"
-        );
+        assert_eq!((s, b), (status, json!({"errors": [text]})), "role={role:?} expected {text:?}");
     }
     // Issuer checked only when configured and validation enabled.
     api.ok(
@@ -146,26 +117,15 @@ async fn each_login_failure_has_vaults_status_and_text() {
     )
     .await;
     let (s, b) = login_with(&api, "app", &good).await;
-    assert_eq!(
-        (s, b),
-        (403, json!({"errors": ["invalid issuer (iss) claim"]}))
-    );
+    assert_eq!((s, b), (403, json!({"errors": ["invalid issuer (iss) claim"]})));
 }
 
 #[tokio::test]
 async fn config_and_role_validation() {
     let (_v, api) = vault().await;
-    api.ok(
-        "POST",
-        "sys/auth/kubernetes",
-        Some(json!({"type": "kubernetes"})),
-    )
-    .await;
+    api.ok("POST", "sys/auth/kubernetes", Some(json!({"type": "kubernetes"}))).await;
     let (s, b) = login_with(&api, "app", "x").await;
-    assert_eq!(
-        (s, b),
-        (400, json!({"errors": ["invalid role name \"app\""]}))
-    );
+    assert_eq!((s, b), (400, json!({"errors": ["invalid role name \"app\""]})));
     api.ok(
         "POST",
         "auth/kubernetes/role/app",
@@ -173,45 +133,16 @@ async fn config_and_role_validation() {
     )
     .await;
     let (s, b) = login_with(&api, "app", "x").await;
-    assert_eq!(
-        (s, b),
-        (
-            500,
-            json!({"errors": ["could not load backend configuration"]})
-        )
-    );
-    let (s, b) = api
-        .call("POST", "auth/kubernetes/config", Some(json!({})))
-        .await;
+    assert_eq!((s, b), (500, json!({"errors": ["could not load backend configuration"]})));
+    let (s, b) = api.call("POST", "auth/kubernetes/config", Some(json!({}))).await;
     assert_eq!((s, b), (400, json!({"errors": ["no host provided"]})));
     let (s, b) = api
-        .call(
-            "POST",
-            "auth/kubernetes/config",
-            Some(json!({"kubernetes_host": "h", "pem_keys": ["garbage"]})),
-        )
+        .call("POST", "auth/kubernetes/config", Some(json!({"kubernetes_host": "h", "pem_keys": ["garbage"]})))
         .await;
-    assert_eq!(
-        (s, b),
-        (
-            400,
-            json!({"errors": ["data does not contain any valid RSA or ECDSA public keys"]})
-        )
-    );
-    let (s, b) = api
-        .call(
-            "POST",
-            "auth/kubernetes/role/x",
-            Some(json!({"bound_service_account_namespaces": "a"})),
-        )
-        .await;
-    assert_eq!(
-        (s, b),
-        (
-            400,
-            json!({"errors": ["\"bound_service_account_names\" can not be empty"]})
-        )
-    );
+    assert_eq!((s, b), (400, json!({"errors": ["data does not contain any valid RSA or ECDSA public keys"]})));
+    let (s, b) =
+        api.call("POST", "auth/kubernetes/role/x", Some(json!({"bound_service_account_namespaces": "a"}))).await;
+    assert_eq!((s, b), (400, json!({"errors": ["\"bound_service_account_names\" can not be empty"]})));
     let (s, b) = api
         .call(
             "POST",
@@ -219,13 +150,7 @@ async fn config_and_role_validation() {
             Some(json!({"bound_service_account_names": "a", "bound_service_account_namespaces": "b", "token_ttl": "2h", "token_max_ttl": "1h"})),
         )
         .await;
-    assert_eq!(
-        (s, b),
-        (
-            400,
-            json!({"errors": ["token ttl should not be greater than token max ttl"]})
-        )
-    );
+    assert_eq!((s, b), (400, json!({"errors": ["token ttl should not be greater than token max ttl"]})));
     let role = api.ok("GET", "auth/kubernetes/role/app", None).await;
     assert_eq!(role["data"]["bound_service_account_names"], json!(["*"]));
 }
@@ -237,24 +162,10 @@ async fn token_max_ttl_caps_renewal_and_expiry_revokes_token() {
     with_kubernetes(&api, &iss, "2s", "3s").await;
     let (me, auth) = common::login(&api, &iss).await;
     assert_eq!(auth["lease_duration"], 2);
-    let r = me
-        .ok(
-            "PUT",
-            "auth/token/renew-self",
-            Some(json!({"increment": 60})),
-        )
-        .await;
+    let r = me.ok("PUT", "auth/token/renew-self", Some(json!({"increment": 60}))).await;
     let ttl = r["auth"]["lease_duration"].as_i64().unwrap();
     assert!(ttl <= 3, "{ttl}");
-    assert!(
-        r["warnings"][0]
-            .as_str()
-            .unwrap()
-            .starts_with("TTL of \"1m\" exceeded the effective max_ttl of")
-    );
-    let expired = common::eventually(6, async || {
-        me.call("GET", "auth/token/lookup-self", None).await.0 == 403
-    })
-    .await;
+    assert!(r["warnings"][0].as_str().unwrap().starts_with("TTL of \"1m\" exceeded the effective max_ttl of"));
+    let expired = common::eventually(6, async || me.call("GET", "auth/token/lookup-self", None).await.0 == 403).await;
     assert!(expired, "token revoked at its max TTL");
 }

@@ -13,9 +13,7 @@ async fn memory_db(api: &devvault::testing::Api) {
 #[tokio::test]
 async fn health_and_headers() {
     let (v, api) = vault().await;
-    let resp = reqwest::get(format!("{}/v1/sys/health", v.url()))
-        .await
-        .unwrap();
+    let resp = reqwest::get(format!("{}/v1/sys/health", v.url())).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/json");
     assert_eq!(resp.headers()["cache-control"], "no-store");
@@ -33,23 +31,13 @@ async fn envelope_shape_of_creds() {
     let (_v, api) = vault().await;
     memory_db(&api).await;
     let body = api.ok("GET", "database/creds/app", None).await;
-    for key in [
-        "request_id",
-        "lease_id",
-        "renewable",
-        "lease_duration",
-        "data",
-        "wrap_info",
-        "warnings",
-        "auth",
-        "mount_type",
-    ] {
+    for key in
+        ["request_id", "lease_id", "renewable", "lease_duration", "data", "wrap_info", "warnings", "auth", "mount_type"]
+    {
         assert!(body.get(key).is_some(), "missing {key}: {body}");
     }
     let lease = body["lease_id"].as_str().unwrap();
-    let tail = lease
-        .strip_prefix("database/creds/app/")
-        .expect("lease id prefix");
+    let tail = lease.strip_prefix("database/creds/app/").expect("lease id prefix");
     assert_eq!(tail.len(), 24);
     assert!(tail.chars().all(|c| c.is_ascii_alphanumeric()));
     assert_eq!(body["lease_duration"], 3600);
@@ -67,101 +55,40 @@ async fn bad_input_gets_vault_errors() {
     let (_v, api) = vault().await;
     memory_db(&api).await;
 
-    let (s, b) = api
-        .raw("PUT", "sys/leases/renew", Some("{not json".into()))
-        .await;
+    let (s, b) = api.raw("PUT", "sys/leases/renew", Some("{not json".into())).await;
     assert_eq!((s, b), (400, json!({"errors": ["error parsing JSON"]})));
 
-    let (s, b) = api
-        .raw("PUT", "sys/leases/renew", Some("[1,2]".into()))
-        .await;
+    let (s, b) = api.raw("PUT", "sys/leases/renew", Some("[1,2]".into())).await;
     assert_eq!((s, b), (400, json!({"errors": ["error parsing JSON"]})));
 
-    let (s, b) = api
-        .call(
-            "PUT",
-            "sys/leases/renew",
-            Some(json!({"lease_id": "x", "increment": "soon"})),
-        )
-        .await;
+    let (s, b) = api.call("PUT", "sys/leases/renew", Some(json!({"lease_id": "x", "increment": "soon"}))).await;
     assert_eq!(s, 400);
     let text = b["errors"][0].as_str().unwrap();
-    assert!(
-        text.starts_with(
-            "Field validation failed: error converting input soon for field \"increment\""
-        ),
-        "{text}"
-    );
+    assert!(text.starts_with("Field validation failed: error converting input soon for field \"increment\""), "{text}");
 
     let (s, b) = api.call("GET", "database/creds/nope", None).await;
     assert_eq!((s, b), (400, json!({"errors": ["unknown role: nope"]})));
 
-    api.ok(
-        "POST",
-        "database/roles/orphan",
-        Some(json!({"db_name": "missing", "creation_statements": "x"})),
-    )
-    .await;
+    api.ok("POST", "database/roles/orphan", Some(json!({"db_name": "missing", "creation_statements": "x"}))).await;
     let (s, b) = api.call("GET", "database/creds/orphan", None).await;
     assert_eq!(s, 500);
-    assert_eq!(
-        b["errors"][0],
-        "1 error occurred:\n\t* could not find connection with name \"missing\"\n\n"
-    );
+    assert_eq!(b["errors"][0], "1 error occurred:\n\t* could not find connection with name \"missing\"\n\n");
 
-    api.ok(
-        "POST",
-        "database/roles/other",
-        Some(json!({"db_name": "mem", "creation_statements": "x"})),
-    )
-    .await;
+    api.ok("POST", "database/roles/other", Some(json!({"db_name": "mem", "creation_statements": "x"}))).await;
     let (s, b) = api.call("GET", "database/creds/other", None).await;
-    assert_eq!(
-        (s, b),
-        (
-            500,
-            json!({"errors": ["1 error occurred:\n\t* \"other\" is not an allowed role\n\n"]})
-        )
-    );
+    assert_eq!((s, b), (500, json!({"errors": ["1 error occurred:\n\t* \"other\" is not an allowed role\n\n"]})));
 
-    let (s, b) = api
-        .call(
-            "POST",
-            "database/roles/nodb",
-            Some(json!({"creation_statements": "x"})),
-        )
-        .await;
-    assert_eq!(
-        (s, b),
-        (400, json!({"errors": ["database name is required"]}))
-    );
+    let (s, b) = api.call("POST", "database/roles/nodb", Some(json!({"creation_statements": "x"}))).await;
+    assert_eq!((s, b), (400, json!({"errors": ["database name is required"]})));
 
     let (s, b) = api.call("POST", "database/creds/app", None).await;
-    assert_eq!(
-        (s, b),
-        (
-            405,
-            json!({"errors": ["1 error occurred:\n\t* unsupported operation\n\n"]})
-        )
-    );
+    assert_eq!((s, b), (405, json!({"errors": ["1 error occurred:\n\t* unsupported operation\n\n"]})));
 
     let (s, b) = api.call("GET", "database/bogus/x", None).await;
-    assert_eq!(
-        (s, b),
-        (
-            404,
-            json!({"errors": ["1 error occurred:\n\t* unsupported path\n\n"]})
-        )
-    );
+    assert_eq!((s, b), (404, json!({"errors": ["1 error occurred:\n\t* unsupported path\n\n"]})));
 
     let (s, b) = api.call("GET", "nomount/x", None).await;
-    assert_eq!(
-        (s, b),
-        (
-            404,
-            json!({"errors": ["no handler for route \"nomount/x\". route entry not found."]})
-        )
-    );
+    assert_eq!((s, b), (404, json!({"errors": ["no handler for route \"nomount/x\". route entry not found."]})));
 
     let (s, b) = api.call("GET", "database/roles/absent", None).await;
     assert_eq!((s, b), (404, json!({"errors": []})));
@@ -170,13 +97,7 @@ async fn bad_input_gets_vault_errors() {
     assert_eq!((s, b), (405, json!({"errors": []})));
 
     let (s, b) = api.call("POST", "database/roles/", Some(json!({}))).await;
-    assert_eq!(
-        (s, b),
-        (
-            400,
-            json!({"errors": ["cannot write to a path ending in '/'"]})
-        )
-    );
+    assert_eq!((s, b), (400, json!({"errors": ["cannot write to a path ending in '/'"]})));
 }
 
 #[tokio::test]
@@ -186,10 +107,7 @@ async fn missing_or_unknown_token_is_denied() {
     let anon = devvault::testing::Api::new(&v.url(), None);
     let (s, b) = anon.call("GET", "database/creds/app", None).await;
     assert_eq!((s, b), (403, json!({"errors": ["permission denied"]})));
-    let (s, b) = api
-        .with_token("hvs.unknown")
-        .call("GET", "auth/token/lookup-self", None)
-        .await;
+    let (s, b) = api.with_token("hvs.unknown").call("GET", "auth/token/lookup-self", None).await;
     assert_eq!((s, b), (403, json!({"errors": ["permission denied"]})));
     // Test extensions are for the root token only.
     let (s, _) = anon.call("GET", "sys/devvault/requests", None).await;
@@ -200,72 +118,27 @@ async fn missing_or_unknown_token_is_denied() {
 async fn acl_denies_what_policies_do_not_grant() {
     let (_v, api) = vault().await;
     memory_db(&api).await;
-    api.ok(
-        "POST",
-        "database/roles/other",
-        Some(json!({"db_name": "mem", "creation_statements": "x"})),
-    )
-    .await;
-    api.ok(
-        "POST",
-        "database/config/mem",
-        Some(json!({"allowed_roles": "*"})),
-    )
-    .await;
-    api.ok(
-        "PUT",
-        "sys/policies/acl/app",
-        Some(json!({"policy": APP_POLICY})),
-    )
-    .await;
-    let created = api
-        .ok(
-            "POST",
-            "auth/token/create",
-            Some(json!({"policies": ["app"], "ttl": "1h"})),
-        )
-        .await;
+    api.ok("POST", "database/roles/other", Some(json!({"db_name": "mem", "creation_statements": "x"}))).await;
+    api.ok("POST", "database/config/mem", Some(json!({"allowed_roles": "*"}))).await;
+    api.ok("PUT", "sys/policies/acl/app", Some(json!({"policy": APP_POLICY}))).await;
+    let created = api.ok("POST", "auth/token/create", Some(json!({"policies": ["app"], "ttl": "1h"}))).await;
     assert_eq!(created["auth"]["policies"], json!(["app", "default"]));
     let app = api.with_token(created["auth"]["client_token"].as_str().unwrap());
     let creds = app.ok("GET", "database/creds/app", None).await;
     let (s, b) = app.call("GET", "database/creds/other", None).await;
-    assert_eq!(
-        (s, b),
-        (
-            403,
-            json!({"errors": ["1 error occurred:\n\t* permission denied\n\n"]})
-        )
-    );
+    assert_eq!((s, b), (403, json!({"errors": ["1 error occurred:\n\t* permission denied\n\n"]})));
     // The default policy: lookup-self and renew allowed; listing leases not.
     app.ok("GET", "auth/token/lookup-self", None).await;
-    app.ok(
-        "PUT",
-        "sys/leases/renew",
-        Some(json!({"lease_id": creds["lease_id"]})),
-    )
-    .await;
-    let (s, _) = app
-        .call("LIST", "sys/leases/lookup/database/creds/app", None)
-        .await;
+    app.ok("PUT", "sys/leases/renew", Some(json!({"lease_id": creds["lease_id"]}))).await;
+    let (s, _) = app.call("LIST", "sys/leases/lookup/database/creds/app", None).await;
     assert_eq!(s, 403);
-    let (s, _) = app
-        .call("PUT", "sys/policies/acl/evil", Some(json!({"policy": ""})))
-        .await;
+    let (s, _) = app.call("PUT", "sys/policies/acl/evil", Some(json!({"policy": ""}))).await;
     assert_eq!(s, 403);
     let (s, b) = api
-        .call(
-            "PUT",
-            "sys/policies/acl/bad",
-            Some(json!({"policy": "path \"x\" { capabilities = [\"fly\"] }"})),
-        )
+        .call("PUT", "sys/policies/acl/bad", Some(json!({"policy": "path \"x\" { capabilities = [\"fly\"] }"})))
         .await;
     assert_eq!(s, 400);
-    assert!(
-        b["errors"][0]
-            .as_str()
-            .unwrap()
-            .starts_with("failed to parse policy")
-    );
+    assert!(b["errors"][0].as_str().unwrap().starts_with("failed to parse policy"));
 }
 
 #[tokio::test]
@@ -274,103 +147,48 @@ async fn renew_caps_with_vault_warning_and_lookup_shape() {
     memory_db(&api).await;
     let creds = api.ok("GET", "database/creds/app", None).await;
     let lease = creds["lease_id"].clone();
-    let r = api
-        .ok(
-            "PUT",
-            "sys/leases/renew",
-            Some(json!({"lease_id": lease, "increment": "3h"})),
-        )
-        .await;
+    let r = api.ok("PUT", "sys/leases/renew", Some(json!({"lease_id": lease, "increment": "3h"}))).await;
     let ttl = r["lease_duration"].as_i64().unwrap();
     assert!((7198..=7200).contains(&ttl), "{ttl}");
     let warning = r["warnings"][0].as_str().unwrap();
-    assert!(
-        warning.starts_with("TTL of \"3h\" exceeded the effective max_ttl of \"1h59m"),
-        "{warning}"
-    );
+    assert!(warning.starts_with("TTL of \"3h\" exceeded the effective max_ttl of \"1h59m"), "{warning}");
     assert!(warning.ends_with("\"; TTL value is capped accordingly"));
     // Path-suffix form and an ignored parameter.
     let path = format!("sys/leases/renew/{}", lease.as_str().unwrap());
     let r = api.ok("POST", &path, Some(json!({"bogus": 1}))).await;
     assert_eq!(r["lease_duration"], 3600);
-    let l = api
-        .ok("PUT", "sys/leases/lookup", Some(json!({"lease_id": lease})))
-        .await;
-    for key in [
-        "id",
-        "issue_time",
-        "expire_time",
-        "last_renewal",
-        "renewable",
-        "ttl",
-    ] {
+    let l = api.ok("PUT", "sys/leases/lookup", Some(json!({"lease_id": lease}))).await;
+    for key in ["id", "issue_time", "expire_time", "last_renewal", "renewable", "ttl"] {
         assert!(l["data"].get(key).is_some(), "lookup lacks {key}");
     }
     assert!(l["data"]["last_renewal"].is_string());
-    let (s, b) = api
-        .call(
-            "PUT",
-            "sys/leases/lookup",
-            Some(json!({"lease_id": "database/creds/app/nope"})),
-        )
-        .await;
+    let (s, b) = api.call("PUT", "sys/leases/lookup", Some(json!({"lease_id": "database/creds/app/nope"}))).await;
     assert_eq!((s, b), (400, json!({"errors": ["invalid lease"]})));
     // Revoke: known → 204 and gone; unknown → 204 as in Vault.
-    let (s, _) = api
-        .call("PUT", "sys/leases/revoke", Some(json!({"lease_id": lease})))
-        .await;
+    let (s, _) = api.call("PUT", "sys/leases/revoke", Some(json!({"lease_id": lease}))).await;
     assert_eq!(s, 204);
-    let (s, _) = api
-        .call(
-            "PUT",
-            "sys/leases/revoke",
-            Some(json!({"lease_id": "database/creds/app/unknown"})),
-        )
-        .await;
+    let (s, _) = api.call("PUT", "sys/leases/revoke", Some(json!({"lease_id": "database/creds/app/unknown"}))).await;
     assert_eq!(s, 204);
-    let (s, b) = api
-        .call("PUT", "sys/leases/renew", Some(json!({"lease_id": lease})))
-        .await;
+    let (s, b) = api.call("PUT", "sys/leases/renew", Some(json!({"lease_id": lease}))).await;
     assert_eq!((s, b), (400, json!({"errors": ["lease not found"]})));
     let (s, b) = api.call("PUT", "sys/leases/renew", Some(json!({}))).await;
-    assert_eq!(
-        (s, b),
-        (400, json!({"errors": ["lease_id must be specified"]}))
-    );
+    assert_eq!((s, b), (400, json!({"errors": ["lease_id must be specified"]})));
 }
 
 #[tokio::test]
 async fn token_renew_caps_and_revoke_self_revokes_leases() {
     let (v, api) = vault().await;
     memory_db(&api).await;
-    api.ok(
-        "PUT",
-        "sys/policies/acl/app",
-        Some(json!({"policy": APP_POLICY})),
-    )
-    .await;
+    api.ok("PUT", "sys/policies/acl/app", Some(json!({"policy": APP_POLICY}))).await;
     let created = api
-        .ok(
-            "POST",
-            "auth/token/create",
-            Some(json!({"policies": "app", "ttl": "10m", "explicit_max_ttl": "20m"})),
-        )
+        .ok("POST", "auth/token/create", Some(json!({"policies": "app", "ttl": "10m", "explicit_max_ttl": "20m"})))
         .await;
     let app = api.with_token(created["auth"]["client_token"].as_str().unwrap());
-    let r = app
-        .ok(
-            "PUT",
-            "auth/token/renew-self",
-            Some(json!({"increment": "1h"})),
-        )
-        .await;
+    let r = app.ok("PUT", "auth/token/renew-self", Some(json!({"increment": "1h"}))).await;
     let ttl = r["auth"]["lease_duration"].as_i64().unwrap();
     assert!((1198..=1200).contains(&ttl), "{ttl}");
     let w = r["warnings"][0].as_str().unwrap();
-    assert!(
-        w.starts_with("TTL of \"1h\" exceeded the effective max_ttl of \"19m5"),
-        "{w}"
-    );
+    assert!(w.starts_with("TTL of \"1h\" exceeded the effective max_ttl of \"19m5"), "{w}");
     assert_eq!(r["auth"]["token_policies"], json!(["app", "default"]));
     let look = app.ok("GET", "auth/token/lookup-self", None).await;
     assert_eq!(look["data"]["display_name"], "token");
@@ -380,10 +198,7 @@ async fn token_renew_caps_and_revoke_self_revokes_leases() {
     assert_eq!(v.memory_users().len(), 2);
     let (s, _) = app.call("POST", "auth/token/revoke-self", None).await;
     assert_eq!(s, 204);
-    assert!(
-        common::eventually(5, async || v.memory_users().is_empty()).await,
-        "leases of the token revoked"
-    );
+    assert!(common::eventually(5, async || v.memory_users().is_empty()).await, "leases of the token revoked");
     let (s, b) = app.call("GET", "auth/token/lookup-self", None).await;
     assert_eq!((s, b), (403, json!({"errors": ["permission denied"]})));
 }
@@ -391,12 +206,7 @@ async fn token_renew_caps_and_revoke_self_revokes_leases() {
 #[tokio::test]
 async fn ignored_parameters_warning() {
     let (_v, api) = vault().await;
-    api.ok(
-        "POST",
-        "sys/auth/kubernetes",
-        Some(json!({"type": "kubernetes"})),
-    )
-    .await;
+    api.ok("POST", "sys/auth/kubernetes", Some(json!({"type": "kubernetes"}))).await;
     let r = api
         .ok(
             "POST",
@@ -405,28 +215,8 @@ async fn ignored_parameters_warning() {
         )
         .await;
     let warnings = r["warnings"].as_array().unwrap();
-    assert!(
-        warnings[0]
-            .as_str()
-            .unwrap()
-            .starts_with("Role r does not have an audience configured.")
-    );
-    assert_eq!(
-        warnings[1],
-        "Endpoint ignored these unrecognized parameters: [aaa zzz]"
-    );
-    let (s, b) = api
-        .call(
-            "POST",
-            "sys/auth/kubernetes",
-            Some(json!({"type": "kubernetes"})),
-        )
-        .await;
-    assert_eq!(
-        (s, b),
-        (
-            400,
-            json!({"errors": ["path is already in use at auth/kubernetes/"]})
-        )
-    );
+    assert!(warnings[0].as_str().unwrap().starts_with("Role r does not have an audience configured."));
+    assert_eq!(warnings[1], "Endpoint ignored these unrecognized parameters: [aaa zzz]");
+    let (s, b) = api.call("POST", "sys/auth/kubernetes", Some(json!({"type": "kubernetes"}))).await;
+    assert_eq!((s, b), (400, json!({"errors": ["path is already in use at auth/kubernetes/"]})));
 }

@@ -1,6 +1,7 @@
-//! The lease supervisor: one task per secret. It obtains the secret, renders
-//! its files, renews the lease at `renew_at` of its TTL, re-issues before the
-//! lease (or the token that created it) ends, and revokes a replaced lease
+//! The lease supervisor: one task per secret. It obtains the secret (or
+//! adopts the lease recorded in the state file), renders its files, renews
+//! the lease at `renew_at` of its TTL, re-issues before the lease (or the
+//! token that created it) ends, and revokes a replaced lease
 //! `revoke_replaced_after` later. Decisions come from `schedule`; this loop
 //! sleeps until the instant it names and acts.
 
@@ -18,10 +19,11 @@ use crate::backoff::Backoff;
 use crate::config::{Method, SecretConfig};
 use crate::render::{Context, Renderer, write_atomic};
 use crate::secret::LeaseId;
+use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
 use crate::vault::{Secret, VaultClient, VaultError, now};
 use schedule::{Action, LeaseTimes, Policy};
 
-/// A lease the agent is responsible for, as reported at shutdown.
+/// A lease the agent is responsible for, as reported when a supervisor stops.
 #[derive(Debug, Clone)]
 pub struct LiveLease {
     pub secret: String,
@@ -36,14 +38,23 @@ pub enum Event {
     Rendered { secret: String },
 }
 
+/// A secret's configuration and the templates compiled for it; replaced
+/// on reload.
+pub struct SecretSpec {
+    pub index: usize,
+    pub cfg: SecretConfig,
+    pub renderer: Arc<Renderer>,
+}
+
 /// Credentials in hand.
-struct Held {
-    secret: Secret,
-    times: LeaseTimes,
-    token_accessor: String,
-    issued_at: SystemTime,
+#[derive(Clone)]
+pub struct Held {
+    pub secret: Secret,
+    pub times: LeaseTimes,
+    pub token_accessor: String,
+    pub issued_at: SystemTime,
     /// Where in the jitter window this grant's next action falls.
-    sample: f64,
+    pub sample: f64,
 }
 
 impl Held {
@@ -58,13 +69,45 @@ impl Held {
             token_accessor: self.token_accessor.clone(),
         }
     }
+
+    pub fn record(&self, path: &str) -> LeaseRecord {
+        LeaseRecord {
+            path: path.to_string(),
+            lease_id: self.secret.lease_id.clone(),
+            token_accessor: self.token_accessor.clone(),
+            issued_at: unix(self.issued_at),
+            first_ttl: self.times.first_ttl.as_secs_f64(),
+            granted_at: unix(self.times.granted_at),
+            ttl: self.times.ttl.as_secs_f64(),
+            renewable: self.times.renewable,
+            capped: self.times.capped,
+            data: self.secret.data.clone(),
+        }
+    }
+
+    /// A recorded lease that Vault confirmed alive with `ttl` left.
+    pub fn adopted(r: &LeaseRecord, ttl: Duration, renewable: bool) -> Held {
+        Held {
+            secret: Secret {
+                lease_id: r.lease_id.clone(),
+                lease_duration: ttl,
+                renewable,
+                data: r.data.clone(),
+                warnings: vec![],
+            },
+            times: LeaseTimes { first_ttl: secs(r.first_ttl), granted_at: now(), ttl, renewable, capped: r.capped },
+            token_accessor: r.token_accessor.clone(),
+            issued_at: time(r.issued_at),
+            sample: rand::random(),
+        }
+    }
 }
 
 /// A replaced lease waiting for `revoke_replaced_after`.
-struct Retired {
-    lease: LiveLease,
-    revoke_at: SystemTime,
-    expires_at: SystemTime,
+#[derive(Clone)]
+pub struct Retired {
+    pub held: Held,
+    pub revoke_at: SystemTime,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,47 +119,48 @@ enum Step {
 }
 
 pub struct Supervisor {
-    pub index: usize,
-    pub cfg: SecretConfig,
+    pub spec: watch::Receiver<Arc<SecretSpec>>,
     pub client: VaultClient,
     pub auth: watch::Receiver<AuthState>,
     pub relogin: Arc<Notify>,
-    pub renderer: Arc<Renderer>,
-    pub rerender: watch::Receiver<u64>,
     pub events: mpsc::UnboundedSender<Event>,
+    pub store: Option<Arc<StateStore>>,
+    /// A lease adopted from the state file.
+    pub adopted: Option<Held>,
     pub cancel: CancellationToken,
 }
 
 /// Renewal answers meaning the lease cannot be renewed any more.
 fn lease_gone(e: &VaultError) -> bool {
-    [
-        "lease not found",
-        "lease expired",
-        "lease is not renewable",
-        "invalid lease",
-        "past the max TTL",
-    ]
-    .iter()
-    .any(|t| e.mentions(t))
+    ["lease not found", "lease expired", "lease is not renewable", "invalid lease", "past the max TTL"]
+        .iter()
+        .any(|t| e.mentions(t))
 }
 
 impl Supervisor {
-    fn policy(&self) -> Policy {
-        Policy {
-            renew_at: self.cfg.renew_at,
-            jitter: self.cfg.jitter,
-        }
+    fn cfg(&self) -> SecretConfig {
+        self.spec.borrow().cfg.clone()
+    }
+
+    fn name(&self) -> String {
+        self.spec.borrow().cfg.name.clone()
     }
 
     /// Runs until cancelled; returns the leases still alive.
     pub async fn run(mut self) -> Vec<LiveLease> {
-        let name = self.cfg.name.clone();
-        let mut held: Option<Held> = None;
+        let name = self.name();
+        let mut held: Option<Held> = self.adopted.take();
         let mut retired: Vec<Retired> = Vec::new();
+        if let Some(h) = &held {
+            // Files may be missing or stale after a restart.
+            self.render(h).await;
+            let _ = self.events.send(Event::Rendered { secret: name.clone() });
+            self.persist(&held, &retired);
+        }
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut retry_at: Option<SystemTime> = None;
         let mut auth_open = true;
-        let mut rerender_open = true;
+        let mut spec_open = true;
         loop {
             let (step, due) = self.next_step(held.as_ref(), retry_at);
             let revoke_due = retired.iter().map(|r| r.revoke_at).min();
@@ -129,17 +173,17 @@ impl Supervisor {
                     auth_open = changed.is_ok();
                     continue;
                 }
-                changed = self.rerender.changed(), if rerender_open => {
-                    rerender_open = changed.is_ok();
-                    if let Some(h) = &held
-                        && let Err(e) = self.render(h)
-                    {
-                        tracing::error!(event = "render_failed", secret = %name, error = %e, "re-rendering failed; files left as they were");
+                changed = self.spec.changed(), if spec_open => {
+                    spec_open = changed.is_ok();
+                    if let Some(h) = &held {
+                        self.render(h).await;
                     }
                     continue;
                 }
             }
-            self.revoke_retired(&mut retired).await;
+            if self.revoke_retired(&mut retired).await {
+                self.persist(&held, &retired);
+            }
             if now() < due {
                 continue;
             }
@@ -148,6 +192,7 @@ impl Supervisor {
                 Step::Refresh => self.refresh(&mut held).await,
                 Step::Renew => self.renew(&mut held).await,
             };
+            self.persist(&held, &retired);
             match outcome {
                 Ok(()) => {
                     backoff.reset();
@@ -156,26 +201,35 @@ impl Supervisor {
                 Err(delay) => retry_at = Some(now() + delay.unwrap_or_else(|| backoff.next())),
             }
         }
-        let mut live: Vec<LiveLease> = retired.into_iter().map(|r| r.lease).collect();
+        let mut live: Vec<LiveLease> = retired.into_iter().map(|r| r.held.live(&name)).collect();
         if let Some(h) = held.filter(Held::has_lease) {
             live.push(h.live(&name));
         }
         live
     }
 
+    fn persist(&self, held: &Option<Held>, retired: &[Retired]) {
+        let Some(store) = &self.store else { return };
+        let cfg = self.cfg();
+        let record = SecretRecord {
+            current: held.as_ref().filter(|h| h.has_lease()).map(|h| h.record(&cfg.path)),
+            retired: retired.iter().map(|r| r.held.record(&cfg.path)).collect(),
+        };
+        if let Err(e) = store.set_secret(&cfg.name, record) {
+            tracing::error!(event = "state_write_failed", secret = %cfg.name, error = %e, "recording state failed");
+        }
+    }
+
     fn next_step(&self, held: Option<&Held>, retry_at: Option<SystemTime>) -> (Step, SystemTime) {
         let later = |t: SystemTime| retry_at.map_or(t, |r| r.max(t));
-        let Some(h) = held else {
-            return (Step::Issue, retry_at.unwrap_or_else(now));
-        };
+        let Some(h) = held else { return (Step::Issue, retry_at.unwrap_or_else(now)) };
+        let cfg = self.cfg();
         if !h.has_lease() {
-            return (
-                Step::Refresh,
-                later(h.times.granted_at + self.cfg.refresh_interval),
-            );
+            return (Step::Refresh, later(h.times.granted_at + cfg.refresh_interval));
         }
         let token_end = self.auth.borrow().token_end(&h.token_accessor);
-        let next = schedule::next(&h.times, token_end, &self.policy(), h.sample);
+        let policy = Policy { renew_at: cfg.renew_at, jitter: cfg.jitter };
+        let next = schedule::next(&h.times, token_end, &policy, h.sample);
         let step = match next.action {
             Action::Renew => Step::Renew,
             Action::Reissue => Step::Reissue,
@@ -189,23 +243,16 @@ impl Supervisor {
     }
 
     async fn read(&mut self) -> Result<(Secret, String), VaultError> {
-        let token = self.current_token().await.ok_or(VaultError::Setup {
-            op: "read secret",
-            reason: "no Vault token".into(),
-        })?;
-        let method = match self.cfg.method {
+        let cfg = self.cfg();
+        let token = self
+            .current_token()
+            .await
+            .ok_or(VaultError::Setup { op: "read secret", reason: "no Vault token".into() })?;
+        let method = match cfg.method {
             Method::Get => HttpMethod::GET,
             Method::Post => HttpMethod::POST,
         };
-        let result = self
-            .client
-            .read_secret(
-                &token.token.secret,
-                method,
-                &self.cfg.path,
-                self.cfg.body.as_ref(),
-            )
-            .await;
+        let result = self.client.read_secret(&token.token.secret, method, &cfg.path, cfg.body.as_ref()).await;
         if let Err(e) = &result
             && e.is_permission_denied()
         {
@@ -215,14 +262,15 @@ impl Supervisor {
     }
 
     /// Obtains new credentials and renders them. A previous lease is retired
-    /// (revoked later); if rendering fails the new lease is revoked instead
-    /// and the old credentials stay in place.
+    /// (revoked later); if writing fails the new lease is revoked instead and
+    /// the old credentials stay in place.
     async fn issue_and_render(
         &mut self,
         held: &mut Option<Held>,
         retired: &mut Vec<Retired>,
     ) -> Result<(), Option<Duration>> {
-        let name = self.cfg.name.clone();
+        let cfg = self.cfg();
+        let name = cfg.name.clone();
         let (secret, accessor) = match self.read().await {
             Ok(s) => s,
             Err(e) => {
@@ -248,24 +296,18 @@ impl Supervisor {
             warnings = ?fresh.secret.warnings,
             "obtained credentials"
         );
-        if let Err(e) = self.render(&fresh) {
-            tracing::error!(event = "render_failed", secret = %name, error = %e, "writing files failed; revoking the new lease and keeping the old files");
+        if !self.render(&fresh).await {
+            tracing::error!(event = "render_failed", secret = %name, "revoking the new lease and keeping the old files");
             if fresh.has_lease() {
                 self.revoke(&fresh.live(&name)).await;
             }
             return Err(None);
         }
-        let _ = self.events.send(Event::Rendered {
-            secret: name.clone(),
-        });
+        let _ = self.events.send(Event::Rendered { secret: name.clone() });
         if let Some(old) = held.take().filter(Held::has_lease) {
-            let revoke_at = at + self.cfg.revoke_replaced_after;
-            tracing::info!(event = "replaced", secret = %name, old_lease = %old.secret.lease_id, revoke_in_secs = self.cfg.revoke_replaced_after.as_secs(), "credentials replaced; old lease revoked later");
-            retired.push(Retired {
-                lease: old.live(&name),
-                revoke_at,
-                expires_at: old.times.expires_at(),
-            });
+            let revoke_at = at + cfg.revoke_replaced_after;
+            tracing::info!(event = "replaced", secret = %name, old_lease = %old.secret.lease_id, revoke_in_secs = cfg.revoke_replaced_after.as_secs(), "credentials replaced; old lease revoked later");
+            retired.push(Retired { held: old, revoke_at });
         }
         *held = Some(fresh);
         Ok(())
@@ -276,7 +318,7 @@ impl Supervisor {
         let (secret, accessor) = match self.read().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(event = "refresh_failed", secret = %self.cfg.name, error = %e, "re-reading the secret failed");
+                tracing::warn!(event = "refresh_failed", secret = %self.name(), error = %e, "re-reading the secret failed");
                 return Err(None);
             }
         };
@@ -288,8 +330,7 @@ impl Supervisor {
             issued_at: at,
             sample: rand::random(),
         };
-        if let Err(e) = self.render(&fresh) {
-            tracing::error!(event = "render_failed", secret = %self.cfg.name, error = %e, "writing files failed; files left as they were");
+        if !self.render(&fresh).await {
             return Err(None);
         }
         *held = Some(fresh);
@@ -297,22 +338,12 @@ impl Supervisor {
     }
 
     async fn renew(&mut self, held: &mut Option<Held>) -> Result<(), Option<Duration>> {
-        let name = self.cfg.name.clone();
-        let Some(h) = held.as_mut() else {
-            return Ok(());
-        };
-        let Some(token) = self.current_token().await else {
-            return Err(None);
-        };
-        match self
-            .client
-            .renew_lease(&token.token.secret, &h.secret.lease_id, h.times.first_ttl)
-            .await
-        {
+        let name = self.name();
+        let Some(h) = held.as_mut() else { return Ok(()) };
+        let Some(token) = self.current_token().await else { return Err(None) };
+        match self.client.renew_lease(&token.token.secret, &h.secret.lease_id, h.times.first_ttl).await {
             Ok(r) => {
-                h.times = h
-                    .times
-                    .renewed(now(), r.lease_duration, r.renewable, &r.warnings);
+                h.times = h.times.renewed(now(), r.lease_duration, r.renewable, &r.warnings);
                 h.sample = rand::random();
                 tracing::info!(event = "renewed", secret = %name, lease = %h.secret.lease_id, ttl_secs = r.lease_duration.as_secs(), capped = h.times.capped, "renewed lease");
                 if h.times.capped {
@@ -322,10 +353,10 @@ impl Supervisor {
             }
             Err(e) if lease_gone(&e) => {
                 tracing::warn!(event = "lease_gone", secret = %name, lease = %h.secret.lease_id, error = %e, "lease can no longer be renewed; issuing new credentials");
-                // The old lease is dead: nothing to retire or revoke.
+                // The old lease is dead: it ends now, so the schedule re-issues.
                 h.times.renewable = false;
                 h.times.ttl = Duration::ZERO;
-                h.times.capped = true;
+                h.times.granted_at = now();
                 Ok(())
             }
             Err(e) => {
@@ -333,45 +364,34 @@ impl Supervisor {
                     self.relogin.notify_one();
                 }
                 tracing::warn!(event = "renew_failed", secret = %name, lease = %h.secret.lease_id, error = %e, "renewing the lease failed; will retry");
-                let left = h
-                    .times
-                    .expires_at()
-                    .duration_since(now())
-                    .unwrap_or_default();
-                Err(Some(
-                    (left / 4).clamp(Duration::from_millis(200), Duration::from_secs(30)),
-                ))
+                let left = h.times.expires_at().duration_since(now()).unwrap_or_default();
+                Err(Some((left / 4).clamp(Duration::from_millis(200), Duration::from_secs(30))))
             }
         }
     }
 
-    async fn revoke_retired(&mut self, retired: &mut Vec<Retired>) {
+    /// Revokes the retired leases that are due; true when any left the list.
+    async fn revoke_retired(&mut self, retired: &mut Vec<Retired>) -> bool {
+        let name = self.name();
         let at = now();
+        let before = retired.len();
         let mut keep = Vec::new();
         for r in std::mem::take(retired) {
             if r.revoke_at > at {
                 keep.push(r);
-            } else if r.expires_at <= at {
+            } else if r.held.times.expires_at() <= at {
                 // Vault already revoked it at expiry.
-            } else if !self.revoke(&r.lease).await {
-                keep.push(Retired {
-                    revoke_at: at + Duration::from_secs(30),
-                    ..r
-                });
+            } else if !self.revoke(&r.held.live(&name)).await {
+                keep.push(Retired { revoke_at: at + Duration::from_secs(30), ..r });
             }
         }
         *retired = keep;
+        retired.len() != before
     }
 
     async fn revoke(&mut self, lease: &LiveLease) -> bool {
-        let Some(token) = self.current_token().await else {
-            return false;
-        };
-        match self
-            .client
-            .revoke_lease(&token.token.secret, &lease.lease_id)
-            .await
-        {
+        let Some(token) = self.current_token().await else { return false };
+        match self.client.revoke_lease(&token.token.secret, &lease.lease_id).await {
             Ok(()) => {
                 tracing::info!(event = "revoked", secret = %lease.secret, lease = %lease.lease_id, "revoked lease");
                 true
@@ -383,9 +403,12 @@ impl Supervisor {
         }
     }
 
-    fn render(&self, h: &Held) -> Result<bool, crate::render::RenderError> {
+    /// Renders every file, then notifies the application if any changed.
+    /// False when a file could not be rendered or written (logged).
+    async fn render(&self, h: &Held) -> bool {
+        let spec = self.spec.borrow().clone();
         let ctx = Context {
-            name: &self.cfg.name,
+            name: &spec.cfg.name,
             data: &h.secret.data,
             lease_id: &h.secret.lease_id,
             lease_duration: h.times.ttl,
@@ -393,14 +416,29 @@ impl Supervisor {
             expires_at: h.has_lease().then(|| h.times.expires_at()),
         };
         // Everything is rendered in memory first: a failing template writes nothing.
-        let files = self.renderer.render(self.index, &ctx)?;
-        let mut changed = 0;
-        for (plan, text) in &files {
-            if write_atomic(plan, text.as_bytes())? {
-                changed += 1;
+        let written = spec.renderer.render(spec.index, &ctx).and_then(|files| {
+            let mut changed = 0;
+            for (plan, text) in &files {
+                if write_atomic(plan, text.as_bytes())? {
+                    changed += 1;
+                }
+            }
+            Ok((files.len(), changed))
+        });
+        match written {
+            Ok((files, changed)) => {
+                tracing::info!(event = "rendered", secret = %spec.cfg.name, files, changed, "files written");
+                if changed > 0
+                    && let Some(hooks) = &spec.cfg.on_change
+                {
+                    crate::hooks::run(&spec.cfg.name, hooks, &h.secret.data).await;
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!(event = "render_failed", secret = %spec.cfg.name, error = %e, "writing files failed; files left as they were");
+                false
             }
         }
-        tracing::info!(event = "rendered", secret = %self.cfg.name, files = files.len(), changed, "files written");
-        Ok(changed > 0)
     }
 }

@@ -30,13 +30,7 @@ pub struct LeaseTimes {
 
 impl LeaseTimes {
     pub fn issued(now: SystemTime, ttl: Duration, renewable: bool) -> Self {
-        LeaseTimes {
-            first_ttl: ttl,
-            granted_at: now,
-            ttl,
-            renewable,
-            capped: false,
-        }
+        LeaseTimes { first_ttl: ttl, granted_at: now, ttl, renewable, capped: false }
     }
 
     pub fn expires_at(&self) -> SystemTime {
@@ -44,13 +38,7 @@ impl LeaseTimes {
     }
 
     /// The lease after a successful renewal.
-    pub fn renewed(
-        &self,
-        now: SystemTime,
-        granted: Duration,
-        renewable: bool,
-        warnings: &[String],
-    ) -> Self {
+    pub fn renewed(&self, now: SystemTime, granted: Duration, renewable: bool, warnings: &[String]) -> Self {
         LeaseTimes {
             granted_at: now,
             ttl: granted,
@@ -80,20 +68,12 @@ fn part(d: Duration, fraction: f64) -> Duration {
 
 /// Vault capped the renewal: it granted less than asked, or said so.
 pub fn renewal_capped(requested: Duration, granted: Duration, warnings: &[String]) -> bool {
-    granted < requested
-        || warnings
-            .iter()
-            .any(|w| w.contains("exceeded the effective max_ttl"))
+    granted < requested || warnings.iter().any(|w| w.contains("exceeded the effective max_ttl"))
 }
 
 /// The point `renew_at` through a grant, moved earlier by up to `jitter` of
 /// its TTL (`sample` in [0, 1) picks how much).
-pub fn renew_point(
-    granted_at: SystemTime,
-    ttl: Duration,
-    policy: &Policy,
-    sample: f64,
-) -> SystemTime {
+pub fn renew_point(granted_at: SystemTime, ttl: Duration, policy: &Policy, sample: f64) -> SystemTime {
     granted_at + part(ttl, policy.renew_at) - part(ttl, policy.jitter * sample)
 }
 
@@ -107,47 +87,28 @@ pub fn renew_point(
 /// bound) is re-issued so that the new credentials exist while the old lease
 /// still has `(1 - renew_at) × first TTL` left; otherwise it is renewed at
 /// `renew_at` of its current TTL.
-pub fn next(
-    lease: &LeaseTimes,
-    token_end: Option<SystemTime>,
-    policy: &Policy,
-    sample: f64,
-) -> Next {
-    let overlap = part(lease.first_ttl, 1.0 - policy.renew_at)
-        + part(lease.first_ttl, policy.jitter * sample);
-    let reissue_before =
-        |end: SystemTime| end.checked_sub(overlap).unwrap_or(SystemTime::UNIX_EPOCH);
+pub fn next(lease: &LeaseTimes, token_end: Option<SystemTime>, policy: &Policy, sample: f64) -> Next {
+    let overlap = part(lease.first_ttl, 1.0 - policy.renew_at) + part(lease.first_ttl, policy.jitter * sample);
+    let reissue_before = |end: SystemTime| end.checked_sub(overlap).unwrap_or(SystemTime::UNIX_EPOCH);
     if !lease.renewable || lease.capped {
         let end = token_end.map_or(lease.expires_at(), |t| t.min(lease.expires_at()));
-        return Next {
-            action: Action::Reissue,
-            at: reissue_before(end),
-        };
+        return Next { action: Action::Reissue, at: reissue_before(end) };
     }
     let renew_at = renew_point(lease.granted_at, lease.ttl, policy, sample);
     // Renewals extend the lease, but not past the end of its token.
     if let Some(end) = token_end
         && reissue_before(end) <= renew_at
     {
-        return Next {
-            action: Action::Reissue,
-            at: reissue_before(end),
-        };
+        return Next { action: Action::Reissue, at: reissue_before(end) };
     }
-    Next {
-        action: Action::Renew,
-        at: renew_at,
-    }
+    Next { action: Action::Renew, at: renew_at }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const POLICY: Policy = Policy {
-        renew_at: 0.5,
-        jitter: 0.05,
-    };
+    const POLICY: Policy = Policy { renew_at: 0.5, jitter: 0.05 };
 
     fn t(secs: f64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs_f64(1_000_000.0 + secs)
@@ -160,13 +121,7 @@ mod tests {
     #[test]
     fn renews_at_half_the_ttl_without_jitter() {
         let lease = LeaseTimes::issued(t(0.0), s(4.0), true);
-        assert_eq!(
-            next(&lease, None, &POLICY, 0.0),
-            Next {
-                action: Action::Renew,
-                at: t(2.0)
-            }
-        );
+        assert_eq!(next(&lease, None, &POLICY, 0.0), Next { action: Action::Renew, at: t(2.0) });
     }
 
     #[test]
@@ -175,11 +130,7 @@ mod tests {
         for sample in [0.0, 0.25, 0.5, 0.999] {
             let n = next(&lease, None, &POLICY, sample);
             assert_eq!(n.action, Action::Renew);
-            assert!(
-                n.at <= t(50.0) && n.at >= t(45.0),
-                "sample {sample}: {:?}",
-                n.at
-            );
+            assert!(n.at <= t(50.0) && n.at >= t(45.0), "sample {sample}: {:?}", n.at);
         }
     }
 
@@ -197,13 +148,7 @@ mod tests {
     fn renewal_uses_the_current_ttl() {
         let lease = LeaseTimes::issued(t(0.0), s(4.0), true).renewed(t(2.0), s(4.0), true, &[]);
         assert!(!lease.capped);
-        assert_eq!(
-            next(&lease, None, &POLICY, 0.0),
-            Next {
-                action: Action::Renew,
-                at: t(4.0)
-            }
-        );
+        assert_eq!(next(&lease, None, &POLICY, 0.0), Next { action: Action::Renew, at: t(4.0) });
     }
 
     #[test]
@@ -212,20 +157,15 @@ mod tests {
         let lease = LeaseTimes::issued(t(0.0), s(4.0), true).renewed(t(8.0), s(3.0), true, &[]);
         assert!(lease.capped);
         let n = next(&lease, None, &POLICY, 0.0);
-        assert_eq!(
-            n,
-            Next {
-                action: Action::Reissue,
-                at: t(9.0)
-            }
-        );
+        assert_eq!(n, Next { action: Action::Reissue, at: t(9.0) });
         // New credentials in place with (1 - 0.5) × 4 s = 2 s left on the old.
         assert_eq!(lease.expires_at().duration_since(n.at).unwrap(), s(2.0));
     }
 
     #[test]
     fn capping_is_recognised_by_warning_too() {
-        let w = vec!["TTL of \"4s\" exceeded the effective max_ttl of \"4s\"; TTL value is capped accordingly".to_string()];
+        let w =
+            vec!["TTL of \"4s\" exceeded the effective max_ttl of \"4s\"; TTL value is capped accordingly".to_string()];
         assert!(renewal_capped(s(4.0), s(4.0), &w));
         assert!(!renewal_capped(s(4.0), s(4.0), &[]));
         assert!(renewal_capped(s(4.0), s(2.0), &[]));
@@ -234,48 +174,21 @@ mod tests {
     #[test]
     fn non_renewable_lease_is_reissued_before_it_ends() {
         let lease = LeaseTimes::issued(t(0.0), s(10.0), false);
-        assert_eq!(
-            next(&lease, None, &POLICY, 0.0),
-            Next {
-                action: Action::Reissue,
-                at: t(5.0)
-            }
-        );
+        assert_eq!(next(&lease, None, &POLICY, 0.0), Next { action: Action::Reissue, at: t(5.0) });
     }
 
     #[test]
     fn token_expiry_bounds_the_lease() {
         // Lease for 60 s, but its token dies for good at t=10.
         let lease = LeaseTimes::issued(t(0.0), s(60.0), true);
-        assert_eq!(
-            next(&lease, Some(t(10.0)), &POLICY, 0.0),
-            Next {
-                action: Action::Reissue,
-                at: t(0.0) - s(20.0)
-            }
-        );
+        assert_eq!(next(&lease, Some(t(10.0)), &POLICY, 0.0), Next { action: Action::Reissue, at: t(0.0) - s(20.0) });
         let short = LeaseTimes::issued(t(0.0), s(4.0), true);
-        assert_eq!(
-            next(&short, Some(t(10.0)), &POLICY, 0.0),
-            Next {
-                action: Action::Renew,
-                at: t(2.0)
-            }
-        );
+        assert_eq!(next(&short, Some(t(10.0)), &POLICY, 0.0), Next { action: Action::Renew, at: t(2.0) });
         // A token that outlives the lease changes nothing.
-        assert_eq!(
-            next(&short, Some(t(100.0)), &POLICY, 0.0),
-            next(&short, None, &POLICY, 0.0)
-        );
+        assert_eq!(next(&short, Some(t(100.0)), &POLICY, 0.0), next(&short, None, &POLICY, 0.0));
         // Near the token's end the re-issue comes before the renewal.
         let late = short.renewed(t(7.0), s(4.0), true, &[]);
-        assert_eq!(
-            next(&late, Some(t(10.0)), &POLICY, 0.0),
-            Next {
-                action: Action::Reissue,
-                at: t(8.0)
-            }
-        );
+        assert_eq!(next(&late, Some(t(10.0)), &POLICY, 0.0), Next { action: Action::Reissue, at: t(8.0) });
     }
 
     #[test]

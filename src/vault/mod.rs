@@ -23,11 +23,7 @@ pub enum VaultError {
     #[error("{op}: cannot reach Vault: {reason}")]
     Transport { op: &'static str, reason: String },
     #[error("{op}: Vault answered {status}: {}", errors.join("; "))]
-    Status {
-        op: &'static str,
-        status: u16,
-        errors: Vec<String>,
-    },
+    Status { op: &'static str, status: u16, errors: Vec<String> },
     #[error("{op}: unexpected response from Vault: {reason}")]
     Decode { op: &'static str, reason: String },
     #[error("{op}: {reason}")]
@@ -75,10 +71,7 @@ pub struct Token {
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token")
-            .field("accessor", &self.accessor)
-            .field("ttl", &self.ttl)
-            .finish()
+        f.debug_struct("Token").field("accessor", &self.accessor).field("ttl", &self.ttl).finish()
     }
 }
 
@@ -128,16 +121,10 @@ pub struct VaultClient {
 
 impl VaultClient {
     pub fn new(cfg: ClientConfig) -> Result<Self, VaultError> {
-        let setup = |reason: String| VaultError::Setup {
-            op: "client setup",
-            reason,
-        };
+        let setup = |reason: String| VaultError::Setup { op: "client setup", reason };
         let downgrade_guard = reqwest::redirect::Policy::custom(|attempt| {
             // Follow one standby redirect; never from https to http.
-            let from_https = attempt
-                .previous()
-                .first()
-                .is_some_and(|u| u.scheme() == "https");
+            let from_https = attempt.previous().first().is_some_and(|u| u.scheme() == "https");
             if attempt.previous().len() > 1 {
                 attempt.stop()
             } else if from_https && attempt.url().scheme() != "https" {
@@ -199,10 +186,7 @@ impl VaultClient {
         body: Option<&Value>,
     ) -> Result<Envelope, VaultError> {
         let url = format!("{}/v1/{}", self.base, path.trim_start_matches('/'));
-        let mut req = self
-            .http
-            .request(method, url)
-            .header("X-Vault-Request", "true");
+        let mut req = self.http.request(method, url).header("X-Vault-Request", "true");
         if let Some(t) = token {
             req = req.header("X-Vault-Token", t.expose_secret());
         }
@@ -210,64 +194,29 @@ impl VaultClient {
             req = req.header("X-Vault-Namespace", &self.namespace);
         }
         if let Some(b) = body {
-            req = req
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(b.to_string());
+            req = req.header(header::CONTENT_TYPE, "application/json").body(b.to_string());
         }
-        let resp = req.send().await.map_err(|e| VaultError::Transport {
-            op,
-            reason: transport_reason(&e),
-        })?;
+        let resp = req.send().await.map_err(|e| VaultError::Transport { op, reason: transport_reason(&e) })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| VaultError::Transport {
-            op,
-            reason: transport_reason(&e),
-        })?;
+        let bytes = resp.bytes().await.map_err(|e| VaultError::Transport { op, reason: transport_reason(&e) })?;
         if status == StatusCode::NO_CONTENT || (status.is_success() && bytes.is_empty()) {
             return Ok(Envelope::default());
         }
         if !status.is_success() {
-            let errors = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| b.errors)
-                .unwrap_or_default();
-            return Err(VaultError::Status {
-                op,
-                status: status.as_u16(),
-                errors,
-            });
+            let errors = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.errors).unwrap_or_default();
+            return Err(VaultError::Status { op, status: status.as_u16(), errors });
         }
-        serde_json::from_slice(&bytes).map_err(|e| VaultError::Decode {
-            op,
-            reason: e.to_string(),
-        })
+        serde_json::from_slice(&bytes).map_err(|e| VaultError::Decode { op, reason: e.to_string() })
     }
 
-    pub async fn login_kubernetes(
-        &self,
-        mount: &str,
-        role: &str,
-        jwt: &SecretString,
-    ) -> Result<Token, VaultError> {
+    pub async fn login_kubernetes(&self, mount: &str, role: &str, jwt: &SecretString) -> Result<Token, VaultError> {
         let op = "kubernetes login";
         let body = json!({ "role": role, "jwt": jwt.expose_secret() });
-        let env = self
-            .call(
-                op,
-                Method::POST,
-                &format!("auth/{}/login", mount.trim_matches('/')),
-                None,
-                Some(&body),
-            )
-            .await?;
-        let auth = env.auth.ok_or(VaultError::Decode {
-            op,
-            reason: "no auth block".into(),
-        })?;
+        let env =
+            self.call(op, Method::POST, &format!("auth/{}/login", mount.trim_matches('/')), None, Some(&body)).await?;
+        let auth = env.auth.ok_or(VaultError::Decode { op, reason: "no auth block".into() })?;
         if auth.client_token.is_empty() {
-            return Err(VaultError::Decode {
-                op,
-                reason: "empty client_token".into(),
-            });
+            return Err(VaultError::Decode { op, reason: "empty client_token".into() });
         }
         Ok(Token {
             secret: SecretString::from(auth.client_token),
@@ -279,44 +228,18 @@ impl VaultClient {
 
     /// `auth/token/lookup-self`: the token's remaining TTL and renewability.
     pub async fn lookup_self(&self, token: &SecretString) -> Result<(Duration, bool), VaultError> {
-        let env = self
-            .call(
-                "token lookup",
-                Method::GET,
-                "auth/token/lookup-self",
-                Some(token),
-                None,
-            )
-            .await?;
+        let env = self.call("token lookup", Method::GET, "auth/token/lookup-self", Some(token), None).await?;
         let data = data_object(env.data);
         let ttl = data.get("ttl").and_then(Value::as_i64).unwrap_or(0);
-        let renewable = data
-            .get("renewable")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let renewable = data.get("renewable").and_then(Value::as_bool).unwrap_or(false);
         Ok((secs(ttl), renewable))
     }
 
-    pub async fn renew_self(
-        &self,
-        token: &SecretString,
-        increment: Duration,
-    ) -> Result<TokenRenewal, VaultError> {
+    pub async fn renew_self(&self, token: &SecretString, increment: Duration) -> Result<TokenRenewal, VaultError> {
         let op = "token renew";
         let body = json!({ "increment": increment.as_secs() });
-        let env = self
-            .call(
-                op,
-                Method::PUT,
-                "auth/token/renew-self",
-                Some(token),
-                Some(&body),
-            )
-            .await?;
-        let auth = env.auth.ok_or(VaultError::Decode {
-            op,
-            reason: "no auth block".into(),
-        })?;
+        let env = self.call(op, Method::PUT, "auth/token/renew-self", Some(token), Some(&body)).await?;
+        let auth = env.auth.ok_or(VaultError::Decode { op, reason: "no auth block".into() })?;
         Ok(TokenRenewal {
             ttl: secs(auth.lease_duration),
             renewable: auth.renewable,
@@ -325,15 +248,7 @@ impl VaultClient {
     }
 
     pub async fn revoke_self(&self, token: &SecretString) -> Result<(), VaultError> {
-        self.call(
-            "token revoke",
-            Method::PUT,
-            "auth/token/revoke-self",
-            Some(token),
-            None,
-        )
-        .await
-        .map(|_| ())
+        self.call("token revoke", Method::PUT, "auth/token/revoke-self", Some(token), None).await.map(|_| ())
     }
 
     /// Reads (GET) or writes (POST with `body`) a secret path.
@@ -344,9 +259,7 @@ impl VaultClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Secret, VaultError> {
-        let env = self
-            .call("read secret", method, path, Some(token), body)
-            .await?;
+        let env = self.call("read secret", method, path, Some(token), body).await?;
         Ok(Secret {
             lease_id: LeaseId::new(env.lease_id.unwrap_or_default()),
             lease_duration: secs(env.lease_duration.unwrap_or(0)),
@@ -363,15 +276,7 @@ impl VaultClient {
         increment: Duration,
     ) -> Result<LeaseRenewal, VaultError> {
         let body = json!({ "lease_id": lease.expose(), "increment": increment.as_secs() });
-        let env = self
-            .call(
-                "lease renew",
-                Method::PUT,
-                "sys/leases/renew",
-                Some(token),
-                Some(&body),
-            )
-            .await?;
+        let env = self.call("lease renew", Method::PUT, "sys/leases/renew", Some(token), Some(&body)).await?;
         Ok(LeaseRenewal {
             lease_duration: secs(env.lease_duration.unwrap_or(0)),
             renewable: env.renewable.unwrap_or(false),
@@ -379,33 +284,24 @@ impl VaultClient {
         })
     }
 
-    pub async fn revoke_lease(
-        &self,
-        token: &SecretString,
-        lease: &LeaseId,
-    ) -> Result<(), VaultError> {
+    pub async fn revoke_lease(&self, token: &SecretString, lease: &LeaseId) -> Result<(), VaultError> {
         let body = json!({ "lease_id": lease.expose() });
-        self.call(
-            "lease revoke",
-            Method::PUT,
-            "sys/leases/revoke",
-            Some(token),
-            Some(&body),
-        )
-        .await
-        .map(|_| ())
+        self.call("lease revoke", Method::PUT, "sys/leases/revoke", Some(token), Some(&body)).await.map(|_| ())
+    }
+
+    /// `sys/leases/lookup`: the lease's TTL left and renewability.
+    pub async fn lookup_lease(&self, token: &SecretString, lease: &LeaseId) -> Result<(Duration, bool), VaultError> {
+        let body = json!({ "lease_id": lease.expose() });
+        let env = self.call("lease lookup", Method::PUT, "sys/leases/lookup", Some(token), Some(&body)).await?;
+        let data = data_object(env.data);
+        let ttl = data.get("ttl").and_then(Value::as_i64).unwrap_or(0);
+        let renewable = data.get("renewable").and_then(Value::as_bool).unwrap_or(false);
+        Ok((secs(ttl), renewable))
     }
 
     /// A raw write, for setup steps (the demo configures devvault with it).
-    pub async fn write(
-        &self,
-        token: &SecretString,
-        path: &str,
-        body: &Value,
-    ) -> Result<(), VaultError> {
-        self.call("write", Method::POST, path, Some(token), Some(body))
-            .await
-            .map(|_| ())
+    pub async fn write(&self, token: &SecretString, path: &str, body: &Value) -> Result<(), VaultError> {
+        self.call("write", Method::POST, path, Some(token), Some(body)).await.map(|_| ())
     }
 }
 

@@ -35,9 +35,7 @@ pub struct Ttls<'a> {
 impl Env {
     pub async fn new(ttls: Ttls<'_>) -> Env {
         let pg = shared_cluster();
-        let vault = DevVault::start("127.0.0.1:0".parse().unwrap(), "root")
-            .await
-            .expect("devvault starts");
+        let vault = DevVault::start("127.0.0.1:0".parse().unwrap(), "root").await.expect("devvault starts");
         let api = Api::new(&vault.url(), Some("root"));
         let issuer = ServiceAccountIssuer::generate(SigningAlg::Es256).unwrap();
         setup_postgres(&api, pg, "app", ttls.db_ttl, ttls.db_max).await;
@@ -52,18 +50,8 @@ impl Env {
         .await;
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-        let env = Env {
-            vault,
-            api,
-            pg,
-            issuer,
-            dir,
-        };
-        std::fs::write(
-            env.token_path(),
-            env.issuer.mint("default", "app", 3600).unwrap(),
-        )
-        .unwrap();
+        let env = Env { vault, api, pg, issuer, dir };
+        std::fs::write(env.token_path(), env.issuer.mint("default", "app", 3600).unwrap()).unwrap();
         env
     }
 
@@ -107,11 +95,7 @@ log:
     }
 
     pub async fn spawn(&self, config: &Path) -> Agent {
-        Agent::spawn(
-            &["agent", "-c", &config.display().to_string()],
-            self.dir.path(),
-        )
-        .await
+        Agent::spawn(&["agent", "-c", &config.display().to_string()], self.dir.path()).await
     }
 
     /// devvault's request log as (time, method, path, status).
@@ -180,10 +164,7 @@ impl Agent {
     pub async fn wait(&mut self, limit: Duration) -> i32 {
         match tokio::time::timeout(limit, self.child.wait()).await {
             Ok(status) => status.unwrap().code().unwrap_or(-1),
-            Err(_) => panic!(
-                "agent did not exit within {limit:?}; output:\n{}",
-                self.output()
-            ),
+            Err(_) => panic!("agent did not exit within {limit:?}; output:\n{}", self.output()),
         }
     }
 
@@ -202,13 +183,7 @@ impl Agent {
 }
 
 fn rand_suffix() -> String {
-    format!(
-        "{:x}",
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
+    format!("{:x}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos())
 }
 
 /// Polls `cond` every 50 ms up to `secs`: the condition is what is asserted;

@@ -39,9 +39,6 @@ impl MemPlugin {
 
     /// Live users and their `VALID UNTIL` text.
     pub fn list(&self) -> Vec<(String, String)> {
-        self.users()
-            .iter()
-            .map(|(u, e)| (u.clone(), e.clone()))
-            .collect()
+        self.users().iter().map(|(u, e)| (u.clone(), e.clone())).collect()
     }
 }

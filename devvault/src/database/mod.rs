@@ -28,13 +28,7 @@ pub enum Plugin {
 }
 
 impl Plugin {
-    async fn new_user(
-        &self,
-        stmts: &[String],
-        user: &str,
-        password: &str,
-        exp: DateTime<Utc>,
-    ) -> Result<(), String> {
+    async fn new_user(&self, stmts: &[String], user: &str, password: &str, exp: DateTime<Utc>) -> Result<(), String> {
         let exp = sql::expiration_text(exp);
         match self {
             Plugin::Postgres(p) => p.new_user(stmts, user, password, &exp).await,
@@ -47,12 +41,7 @@ impl Plugin {
         }
     }
 
-    pub async fn update_expiration(
-        &self,
-        user: &str,
-        exp: DateTime<Utc>,
-        stmts: &[String],
-    ) -> Result<(), String> {
+    pub async fn update_expiration(&self, user: &str, exp: DateTime<Utc>, stmts: &[String]) -> Result<(), String> {
         let exp = sql::expiration_text(exp);
         match self {
             Plugin::Postgres(p) => p.update_expiration(user, &exp, stmts).await,
@@ -111,13 +100,7 @@ pub struct DbMount {
     pub roles: BTreeMap<String, DbRole>,
 }
 
-pub async fn handle(
-    core: &Arc<Core>,
-    req: &Request,
-    mount: &str,
-    sub: &str,
-    token: Option<TokenEntry>,
-) -> Outcome {
+pub async fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str, token: Option<TokenEntry>) -> Outcome {
     let (kind, name) = match sub.split_once('/') {
         Some((k, n)) => (k, n.trim_end_matches('/')),
         None => (sub, ""),
@@ -139,9 +122,7 @@ pub async fn handle(
         }
         ("creds", n, Op::Read) if !n.is_empty() => creds(core, mount, n, token).await,
         ("rotate-root", n, Op::Update) if !n.is_empty() => rotate_root(core, mount, n).await,
-        ("config" | "roles" | "creds" | "rotate-root", n, _) if !n.is_empty() => {
-            Err(Failure::unsupported_operation())
-        }
+        ("config" | "roles" | "creds" | "rotate-root", n, _) if !n.is_empty() => Err(Failure::unsupported_operation()),
         _ => Err(Failure::unsupported_path()),
     }
 }
@@ -155,10 +136,7 @@ fn list(core: &Arc<Core>, mount: &str, keys: impl FnOnce(&mut DbMount) -> Vec<St
     if keys.is_empty() {
         return Err(Failure::not_found());
     }
-    Ok(Reply::Envelope(Envelope::data(
-        "database",
-        json!({ "keys": keys }),
-    )))
+    Ok(Reply::Envelope(Envelope::data("database", json!({ "keys": keys }))))
 }
 
 const CONFIG_FIELDS: &[&str] = &[
@@ -197,11 +175,7 @@ async fn write_config(core: &Arc<Core>, req: &Request, mount: &str, name: &str) 
     })
     .flatten();
     let pick = |key: &str, old: Option<String>| -> Result<String, Failure> {
-        if f.has(key) {
-            f.str(key)
-        } else {
-            Ok(old.unwrap_or_default())
-        }
+        if f.has(key) { f.str(key) } else { Ok(old.unwrap_or_default()) }
     };
     let plugin_name = pick("plugin_name", old.as_ref().map(|o| o.0.clone()))?;
     if plugin_name.is_empty() {
@@ -238,10 +212,7 @@ async fn write_config(core: &Arc<Core>, req: &Request, mount: &str, name: &str) 
     };
     if verify_connection {
         plugin.verify().await.map_err(|e| {
-            Failure::resp(
-                400,
-                format!("error creating database object: error verifying connection: {e}"),
-            )
+            Failure::resp(400, format!("error creating database object: error verifying connection: {e}"))
         })?;
     }
     let conn = DbConnection {
@@ -258,9 +229,7 @@ async fn write_config(core: &Arc<Core>, req: &Request, mount: &str, name: &str) 
         disable_escaping,
         plugin,
     };
-    with_mount(core, mount, |m| {
-        m.connections.insert(name.to_string(), conn)
-    });
+    with_mount(core, mount, |m| m.connections.insert(name.to_string(), conn));
     Ok(Core::with_ignored(Reply::Empty, &f, CONFIG_FIELDS))
 }
 
@@ -302,9 +271,7 @@ const ROLE_FIELDS: &[&str] = &[
 
 fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outcome {
     let f = req.fields();
-    let mut role = with_mount(core, mount, |m| m.roles.get(name).cloned())
-        .flatten()
-        .unwrap_or_default();
+    let mut role = with_mount(core, mount, |m| m.roles.get(name).cloned()).flatten().unwrap_or_default();
     if f.has("db_name") {
         role.db_name = f.str("db_name")?;
     }
@@ -334,10 +301,7 @@ fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outco
         role.credential_type = "password".into();
     }
     if role.credential_type != "password" {
-        return Err(Failure::resp(
-            400,
-            format!("invalid credential_type {:?}", role.credential_type),
-        ));
+        return Err(Failure::resp(400, format!("invalid credential_type {:?}", role.credential_type)));
     }
     with_mount(core, mount, |m| m.roles.insert(name.to_string(), role));
     Ok(Core::with_ignored(Reply::Empty, &f, ROLE_FIELDS))
@@ -368,22 +332,12 @@ fn read_role(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
 /// `v-<display name, 8>-<role, 8>-<random 20>-<unix time>`, at most 63 bytes.
 pub fn username(display_name: &str, role: &str, now: DateTime<Utc>) -> String {
     let trunc = |s: &str, n: usize| s.chars().take(n).collect::<String>();
-    let name = format!(
-        "v-{}-{}-{}-{}",
-        trunc(display_name, 8),
-        trunc(role, 8),
-        crate::ids::base62(20),
-        now.timestamp()
-    );
+    let name =
+        format!("v-{}-{}-{}-{}", trunc(display_name, 8), trunc(role, 8), crate::ids::base62(20), now.timestamp());
     trunc(&name, 63)
 }
 
-async fn creds(
-    core: &Arc<Core>,
-    mount: &str,
-    role_name: &str,
-    token: Option<TokenEntry>,
-) -> Outcome {
+async fn creds(core: &Arc<Core>, mount: &str, role_name: &str, token: Option<TokenEntry>) -> Outcome {
     let now = Utc::now();
     let (role, plugin) = {
         let state = core.state();
@@ -394,33 +348,20 @@ async fn creds(
             return Err(Failure::resp(400, format!("unknown role: {role_name}")));
         };
         let Some(conn) = db.connections.get(&role.db_name) else {
-            return Err(Failure::backend(
-                500,
-                format!("could not find connection with name \"{}\"", role.db_name),
-            ));
+            return Err(Failure::backend(500, format!("could not find connection with name \"{}\"", role.db_name)));
         };
         if !crate::glob::matches_any(&conn.allowed_roles, role_name) {
-            return Err(Failure::backend(
-                500,
-                format!("\"{role_name}\" is not an allowed role"),
-            ));
+            return Err(Failure::backend(500, format!("\"{role_name}\" is not an allowed role")));
         }
         (role, conn.plugin.clone())
     };
     let ttl = ttl::calculate(
-        TtlInput {
-            backend_ttl: role.default_ttl,
-            backend_max: role.max_ttl,
-            ..Default::default()
-        },
+        TtlInput { backend_ttl: role.default_ttl, backend_max: role.max_ttl, ..Default::default() },
         now,
         now,
     )
     .map_err(|e| Failure::backend(500, e))?;
-    let display_name = token
-        .as_ref()
-        .map(|t| t.display_name.as_str())
-        .unwrap_or("root");
+    let display_name = token.as_ref().map(|t| t.display_name.as_str()).unwrap_or("root");
     let user = username(display_name, role_name, now);
     let password = crate::ids::password();
     let valid_until = now + Duration::seconds(ttl.ttl + EXPIRATION_BUFFER_SECS);
@@ -434,9 +375,7 @@ async fn creds(
         let mut state = core.state();
         // Vault couples the lease to its token; a token revoked while the user
         // was being created takes the lease with it.
-        let token_alive = creator
-            .as_ref()
-            .is_none_or(|t| state.tokens.contains_key(t));
+        let token_alive = creator.as_ref().is_none_or(|t| state.tokens.contains_key(t));
         state.leases.insert(
             lease_id.clone(),
             LeaseEntry {
@@ -447,11 +386,7 @@ async fn creds(
                 username: user.clone(),
                 revocation_statements: role.revocation_statements.clone(),
                 issue_time: now,
-                expire_time: if token_alive {
-                    now + Duration::seconds(ttl.ttl)
-                } else {
-                    now
-                },
+                expire_time: if token_alive { now + Duration::seconds(ttl.ttl) } else { now },
                 last_renewal: None,
                 renewable: true,
                 token: creator,
@@ -477,27 +412,17 @@ async fn creds(
 async fn rotate_root(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
     let (plugin, username, url, statements, disable_escaping) = {
         let state = core.state();
-        let Some(conn) = state
-            .secret_mounts
-            .get(mount)
-            .and_then(|m| m.connections.get(name))
-        else {
+        let Some(conn) = state.secret_mounts.get(mount).and_then(|m| m.connections.get(name)) else {
             return Err(Failure::backend(
                 500,
                 format!("unable to rotate root credentials: no configuration found for {name}"),
             ));
         };
         if conn.username.is_empty() {
-            return Err(Failure::backend(
-                500,
-                "unable to rotate root credentials: no username in configuration",
-            ));
+            return Err(Failure::backend(500, "unable to rotate root credentials: no username in configuration"));
         }
         if conn.password.is_empty() {
-            return Err(Failure::backend(
-                500,
-                "unable to rotate root credentials: no password in configuration",
-            ));
+            return Err(Failure::backend(500, "unable to rotate root credentials: no password in configuration"));
         }
         (
             conn.plugin.clone(),
@@ -511,14 +436,11 @@ async fn rotate_root(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
     if let Plugin::Postgres(pg) = &plugin {
         pg.rotate_root(&username, &new_password, &statements)
             .await
-            .map_err(|e| {
-                Failure::backend(500, format!("unable to rotate root credentials: {e}"))
-            })?;
+            .map_err(|e| Failure::backend(500, format!("unable to rotate root credentials: {e}")))?;
     }
     let new_plugin = match plugin {
         Plugin::Postgres(_) => Plugin::Postgres(Arc::new(
-            PgPlugin::new(&url, &username, &new_password, disable_escaping)
-                .map_err(|e| Failure::backend(500, e))?,
+            PgPlugin::new(&url, &username, &new_password, disable_escaping).map_err(|e| Failure::backend(500, e))?,
         )),
         memory => memory,
     };
@@ -538,41 +460,22 @@ pub struct RenewPlan {
 }
 
 /// The backend half of a renewal, computed under the state lock.
-pub fn plan_renew(
-    state: &State,
-    lease: &LeaseEntry,
-    increment: i64,
-    now: DateTime<Utc>,
-) -> Result<RenewPlan, String> {
-    let db = state
-        .secret_mounts
-        .get(&lease.mount)
-        .ok_or("no database mount")?;
-    let role = db.roles.get(&lease.role).ok_or_else(|| {
-        format!(
-            "error during renew: could not find role with name {:?}",
-            lease.role
-        )
-    })?;
+pub fn plan_renew(state: &State, lease: &LeaseEntry, increment: i64, now: DateTime<Utc>) -> Result<RenewPlan, String> {
+    let db = state.secret_mounts.get(&lease.mount).ok_or("no database mount")?;
+    let role = db
+        .roles
+        .get(&lease.role)
+        .ok_or_else(|| format!("error during renew: could not find role with name {:?}", lease.role))?;
     let conn = db
         .connections
         .get(&lease.db_name)
         .ok_or_else(|| format!("could not find connection with name {:?}", lease.db_name))?;
     let ttl = ttl::calculate(
-        TtlInput {
-            increment,
-            backend_ttl: role.default_ttl,
-            backend_max: role.max_ttl,
-            ..Default::default()
-        },
+        TtlInput { increment, backend_ttl: role.default_ttl, backend_max: role.max_ttl, ..Default::default() },
         lease.issue_time,
         now,
     )?;
-    Ok(RenewPlan {
-        plugin: conn.plugin.clone(),
-        renew_statements: role.renew_statements.clone(),
-        ttl,
-    })
+    Ok(RenewPlan { plugin: conn.plugin.clone(), renew_statements: role.renew_statements.clone(), ttl })
 }
 
 pub struct RevokePlan {
@@ -583,9 +486,7 @@ pub struct RevokePlan {
 
 impl RevokePlan {
     pub async fn run(self) -> Result<(), String> {
-        self.plugin
-            .delete_user(&self.username, &self.statements)
-            .await
+        self.plugin.delete_user(&self.username, &self.statements).await
     }
 }
 

@@ -16,41 +16,24 @@ const DEFAULT_RENEW: &str = "ALTER ROLE \"{{name}}\" VALID UNTIL '{{expiration}}
 const DEFAULT_ROTATE_ROOT: &str = "ALTER ROLE \"{{username}}\" WITH PASSWORD '{{password}}';";
 
 impl PgPlugin {
-    pub fn new(
-        connection_url: &str,
-        username: &str,
-        password: &str,
-        disable_escaping: bool,
-    ) -> Result<Self, String> {
+    pub fn new(connection_url: &str, username: &str, password: &str, disable_escaping: bool) -> Result<Self, String> {
         if connection_url.is_empty() {
             return Err("connection_url cannot be empty".into());
         }
         let esc = |s: &str| {
-            if disable_escaping {
-                s.to_string()
-            } else {
-                path_escape(s)
-            }
+            if disable_escaping { s.to_string() } else { path_escape(s) }
         };
         let conn_str = connection_url
             .replace("{{username}}", &esc(username))
             .replace("{{password}}", &esc(password))
             .replace("{{name}}", &esc(username));
-        Ok(PgPlugin {
-            conn_str,
-            root_password: password.to_string(),
-            client: Mutex::new(None),
-        })
+        Ok(PgPlugin { conn_str, root_password: password.to_string(), client: Mutex::new(None) })
     }
 
     /// Error texts never carry the root password (Vault replaces it too).
     fn sanitize(&self, e: impl std::fmt::Display) -> String {
         let text = e.to_string();
-        if self.root_password.is_empty() {
-            text
-        } else {
-            text.replace(&self.root_password, "[password]")
-        }
+        if self.root_password.is_empty() { text } else { text.replace(&self.root_password, "[password]") }
     }
 
     async fn with_client<T>(
@@ -60,11 +43,10 @@ impl PgPlugin {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             let connect = tokio_postgres::connect(&self.conn_str, NoTls);
-            let (client, connection) =
-                tokio::time::timeout(std::time::Duration::from_secs(10), connect)
-                    .await
-                    .map_err(|_| "timeout connecting to the database".to_string())?
-                    .map_err(|e| self.sanitize(e))?;
+            let (client, connection) = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+                .await
+                .map_err(|_| "timeout connecting to the database".to_string())?
+                .map_err(|e| self.sanitize(e))?;
             tokio::spawn(connection);
             *guard = Some(client);
         }
@@ -79,8 +61,7 @@ impl PgPlugin {
     }
 
     pub async fn verify(&self) -> Result<(), String> {
-        self.with_client(async |c| c.simple_query("SELECT 1").await.map(|_| ()))
-            .await
+        self.with_client(async |c| c.simple_query("SELECT 1").await.map(|_| ())).await
     }
 
     async fn in_transaction(&self, queries: Vec<String>) -> Result<(), String> {
@@ -104,12 +85,7 @@ impl PgPlugin {
         if statements.iter().all(|s| s.trim().is_empty()) {
             return Err("empty creation statements".into());
         }
-        let vars = [
-            ("name", username),
-            ("username", username),
-            ("password", password),
-            ("expiration", expiration),
-        ];
+        let vars = [("name", username), ("username", username), ("password", password), ("expiration", expiration)];
         self.in_transaction(render(statements, &vars)).await
     }
 
@@ -119,16 +95,8 @@ impl PgPlugin {
         expiration: &str,
         statements: &[String],
     ) -> Result<(), String> {
-        let statements = if statements.is_empty() {
-            vec![DEFAULT_RENEW.to_string()]
-        } else {
-            statements.to_vec()
-        };
-        let vars = [
-            ("name", username),
-            ("username", username),
-            ("expiration", expiration),
-        ];
+        let statements = if statements.is_empty() { vec![DEFAULT_RENEW.to_string()] } else { statements.to_vec() };
+        let vars = [("name", username), ("username", username), ("expiration", expiration)];
         self.in_transaction(render(&statements, &vars)).await
     }
 
@@ -183,31 +151,16 @@ impl PgPlugin {
         .await?
     }
 
-    pub async fn rotate_root(
-        &self,
-        username: &str,
-        new_password: &str,
-        statements: &[String],
-    ) -> Result<(), String> {
-        let statements = if statements.is_empty() {
-            vec![DEFAULT_ROTATE_ROOT.to_string()]
-        } else {
-            statements.to_vec()
-        };
-        let vars = [
-            ("name", username),
-            ("username", username),
-            ("password", new_password),
-        ];
+    pub async fn rotate_root(&self, username: &str, new_password: &str, statements: &[String]) -> Result<(), String> {
+        let statements =
+            if statements.is_empty() { vec![DEFAULT_ROTATE_ROOT.to_string()] } else { statements.to_vec() };
+        let vars = [("name", username), ("username", username), ("password", new_password)];
         self.in_transaction(render(&statements, &vars)).await
     }
 }
 
 fn render(statements: &[String], vars: &[(&str, &str)]) -> Vec<String> {
-    split_statements(statements)
-        .into_iter()
-        .map(|q| substitute(&q, vars))
-        .collect()
+    split_statements(statements).into_iter().map(|q| substitute(&q, vars)).collect()
 }
 
 /// Go's `url.PathEscape`.

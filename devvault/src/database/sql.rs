@@ -23,12 +23,7 @@ pub fn split_statements(statements: &[String]) -> Vec<String> {
             }
             continue;
         }
-        out.extend(
-            stmt.split(';')
-                .map(str::trim)
-                .filter(|q| !q.is_empty())
-                .map(str::to_string),
-        );
+        out.extend(stmt.split(';').map(str::trim).filter(|q| !q.is_empty()).map(str::to_string));
     }
     out
 }
@@ -44,9 +39,7 @@ fn contains_block(stmt: &str) -> bool {
             unquoted.push(c);
         }
     }
-    unquoted
-        .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
-        .any(|w| w.eq_ignore_ascii_case("END"))
+    unquoted.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').any(|w| w.eq_ignore_ascii_case("END"))
 }
 
 /// Vault's `2006-01-02 15:04:05-0700` layout (UTC here).

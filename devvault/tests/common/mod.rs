@@ -9,9 +9,7 @@ path "sys/leases/revoke" { capabilities = ["update"] }
 "#;
 
 pub async fn vault() -> (DevVault, Api) {
-    let v = DevVault::start("127.0.0.1:0".parse().unwrap(), "root")
-        .await
-        .expect("devvault starts");
+    let v = DevVault::start("127.0.0.1:0".parse().unwrap(), "root").await.expect("devvault starts");
     let api = Api::new(&v.url(), Some("root"));
     (v, api)
 }
@@ -22,27 +20,15 @@ pub fn issuer() -> ServiceAccountIssuer {
 
 /// Kubernetes auth configured for SA `default/app`, role `app`.
 pub async fn with_kubernetes(api: &Api, issuer: &ServiceAccountIssuer, ttl: &str, max_ttl: &str) {
-    Setup {
-        api,
-        k8s_role: "app",
-        policy: APP_POLICY.into(),
-        token_ttl: ttl,
-        token_max_ttl: max_ttl,
-    }
-    .kubernetes(issuer)
-    .await;
+    Setup { api, k8s_role: "app", policy: APP_POLICY.into(), token_ttl: ttl, token_max_ttl: max_ttl }
+        .kubernetes(issuer)
+        .await;
 }
 
 /// Logs in as `default/app`; returns an Api with the token and the auth block.
 pub async fn login(api: &Api, issuer: &ServiceAccountIssuer) -> (Api, serde_json::Value) {
     let jwt = issuer.mint("default", "app", 600).unwrap();
-    let body = api
-        .ok(
-            "POST",
-            "auth/kubernetes/login",
-            Some(serde_json::json!({"role": "app", "jwt": jwt})),
-        )
-        .await;
+    let body = api.ok("POST", "auth/kubernetes/login", Some(serde_json::json!({"role": "app", "jwt": jwt}))).await;
     let token = body["auth"]["client_token"].as_str().unwrap().to_string();
     (api.with_token(&token), body["auth"].clone())
 }

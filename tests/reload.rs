@@ -1,0 +1,113 @@
+//! Live reload: SIGHUP and a ConfigMap-style symlink swap.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Env, Ttls, eventually};
+use nix::sys::signal::Signal;
+
+fn secret_yaml(env: &Env, name: &str, file: &str, template: &str) -> String {
+    format!(
+        "  - name: {name}\n    path: database/creds/app\n    files:\n      - path: {}/{file}\n        template: \"{template}\"\n",
+        env.secrets().display()
+    )
+}
+
+fn config_yaml(env: &Env, secrets: &str, log_level: &str) -> String {
+    format!(
+        "vault:\n  address: {}\nauth:\n  kubernetes:\n    role: app\n    token_path: {}\nsecrets:\n{secrets}log:\n  format: json\n  level: {log_level}\n",
+        env.vault.url(),
+        env.token_path().display()
+    )
+}
+
+fn read(env: &Env, file: &str) -> Option<String> {
+    std::fs::read_to_string(env.secrets().join(file)).ok()
+}
+
+async fn creds_calls(env: &Env) -> usize {
+    env.requests().await.iter().filter(|r| r.path == "database/creds/app").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_templates_adds_and_removes_secrets() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let path = env.dir.path().join("leasehold.yaml");
+    let a = secret_yaml(&env, "a", "a.txt", "user={{ username }}");
+    std::fs::write(&path, config_yaml(&env, &a, "info")).unwrap();
+    let mut agent = env.spawn(&path).await;
+    assert!(eventually(20, async || read(&env, "a.txt").is_some()).await, "{}", agent.output());
+    let user_a = read(&env, "a.txt").unwrap().trim_start_matches("user=").to_string();
+
+    // Template change: re-rendered from the credentials in hand.
+    let a2 = secret_yaml(&env, "a", "a.txt", "USER={{ username }}");
+    let b = secret_yaml(&env, "b", "b.txt", "{{ username }}");
+    std::fs::write(&path, config_yaml(&env, &format!("{a2}{b}"), "info")).unwrap();
+    agent.signal(Signal::SIGHUP);
+    assert!(
+        eventually(10, async || read(&env, "a.txt").is_some_and(|t| t.starts_with("USER="))).await,
+        "{}",
+        agent.output()
+    );
+    assert_eq!(read(&env, "a.txt").unwrap(), format!("USER={user_a}"));
+    // Added secret issued.
+    assert!(eventually(10, async || read(&env, "b.txt").is_some()).await, "{}", agent.output());
+    assert_eq!(creds_calls(&env).await, 2, "one for a, one for the added b; none for the template change");
+    let user_b = read(&env, "b.txt").unwrap();
+
+    // Removed secret: lease revoked (role gone), files removed.
+    std::fs::write(&path, config_yaml(&env, &a2, "info")).unwrap();
+    agent.signal(Signal::SIGHUP);
+    assert!(eventually(10, async || read(&env, "b.txt").is_none()).await, "{}", agent.output());
+    assert!(eventually(5, async || !env.pg.role_exists(&user_b).await).await, "removed secret's role dropped");
+    assert!(env.pg.role_exists(&user_a).await);
+
+    // An invalid config is logged and ignored.
+    std::fs::write(&path, "vault: [this is not valid\n").unwrap();
+    agent.signal(Signal::SIGHUP);
+    assert!(eventually(10, async || !agent.events("config_rejected").is_empty()).await, "{}", agent.output());
+    assert!(agent.child.try_wait().unwrap().is_none(), "still running");
+    assert_eq!(read(&env, "a.txt").unwrap(), format!("USER={user_a}"));
+    assert_eq!(creds_calls(&env).await, 2);
+
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    assert!(!env.pg.role_exists(&user_a).await);
+}
+
+/// Writes `text` as a ConfigMap volume does: a timestamped directory, a
+/// `..data` symlink swapped by rename, and `leasehold.yaml → ..data/leasehold.yaml`.
+fn configmap_write(dir: &Path, generation: u32, text: &str) {
+    let ts = dir.join(format!("..2026_11_27_{generation}"));
+    std::fs::create_dir_all(&ts).unwrap();
+    std::fs::write(ts.join("leasehold.yaml"), text).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(ts.file_name().unwrap(), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    let link = dir.join("leasehold.yaml");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("..data/leasehold.yaml", &link).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_symlink_swap_is_picked_up_without_a_signal() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let cm = env.dir.path().join("configmap");
+    std::fs::create_dir_all(&cm).unwrap();
+    configmap_write(&cm, 1, &config_yaml(&env, &secret_yaml(&env, "a", "a.txt", "v1 {{ username }}"), "info"));
+    let mut agent = env.spawn(&cm.join("leasehold.yaml")).await;
+    assert!(eventually(20, async || read(&env, "a.txt").is_some()).await, "{}", agent.output());
+    configmap_write(&cm, 2, &config_yaml(&env, &secret_yaml(&env, "a", "a.txt", "v2 {{ username }}"), "info"));
+    assert!(
+        eventually(10, async || read(&env, "a.txt").is_some_and(|t| t.starts_with("v2 "))).await,
+        "{}",
+        agent.output()
+    );
+    assert_eq!(creds_calls(&env).await, 1);
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}
