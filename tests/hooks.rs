@@ -68,8 +68,9 @@ async fn hooks_fire_once_per_change() {
     let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
     let d = env.dir.path().to_path_buf();
     // The "application": records every SIGUSR1 it receives.
+    // The trap is set before the pid is published: an early signal must not kill it.
     let app_script = format!(
-        "echo $$ > {d}/app.pid; trap 'echo usr1 >> {d}/signals' USR1; while :; do sleep 0.05; done",
+        "trap 'echo usr1 >> {d}/signals' USR1; echo $$ > {d}/app.pid; while :; do sleep 0.05; done",
         d = d.display()
     );
     let mut app = tokio::process::Command::new("sh").args(["-c", &app_script]).kill_on_drop(true).spawn().unwrap();
