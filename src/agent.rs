@@ -20,6 +20,7 @@ use crate::render::Renderer;
 use crate::secret::SecretString;
 use crate::shutdown::Signals;
 use crate::state::StateStore;
+use crate::telemetry::Telemetry;
 use crate::vault::{ClientConfig, VaultClient};
 
 pub const EXIT_OK: i32 = 0;
@@ -75,11 +76,14 @@ struct Agent {
     store: Option<Arc<StateStore>>,
     stop: CancellationToken,
     running: HashMap<String, Running>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Agent {
     fn start(&mut self, index: usize, cfg: SecretConfig, renderer: Arc<Renderer>, adopted: Option<Held>) {
         let cancel = self.stop.child_token();
+        let files: Vec<PathBuf> = cfg.files.iter().map(|f| f.path.clone()).collect();
+        self.telemetry.declare(&cfg.name, &cfg.path, &files);
         let (spec_tx, spec_rx) = watch::channel(Arc::new(SecretSpec { index, cfg: cfg.clone(), renderer }));
         let supervisor = Supervisor {
             spec: spec_rx,
@@ -89,6 +93,7 @@ impl Agent {
             events: self.events.clone(),
             store: self.store.clone(),
             adopted,
+            telemetry: self.telemetry.clone(),
             cancel: cancel.clone(),
         };
         let handle = tokio::spawn(supervisor.run());
@@ -101,7 +106,7 @@ impl Agent {
         r.cancel.cancel();
         let leases = r.handle.await.unwrap_or_default();
         let token = self.auth.borrow().current.clone();
-        let failed = revoke_leases(&self.client, &leases, token.as_deref()).await;
+        let failed = revoke_leases(&self.client, &leases, token.as_deref(), &self.telemetry).await;
         for f in &r.cfg.files {
             if let Err(e) = std::fs::remove_file(&f.path)
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -114,6 +119,7 @@ impl Agent {
         {
             let _ = store.remove_secret(name);
         }
+        self.telemetry.remove(name);
         tracing::info!(event = "secret_removed", secret = %name, revoked = leases.len() - failed.len(), "secret removed from the configuration");
     }
 
@@ -138,6 +144,7 @@ impl Agent {
         {
             Ok(parsed) => parsed,
             Err(e) => {
+                self.telemetry.reloaded(false);
                 tracing::error!(event = "config_rejected", error = %e, "the new config is invalid; keeping the running one");
                 return added;
             }
@@ -163,6 +170,8 @@ impl Agent {
                     for gone in r.cfg.files.iter().filter(|f| !cfg.files.iter().any(|n| n.path == f.path)) {
                         let _ = std::fs::remove_file(&gone.path);
                     }
+                    let files: Vec<PathBuf> = cfg.files.iter().map(|f| f.path.clone()).collect();
+                    self.telemetry.declare(&cfg.name, &cfg.path, &files);
                     r.cfg = cfg.clone();
                     let _ = r.spec.send(Arc::new(SecretSpec { index, cfg: cfg.clone(), renderer: renderer.clone() }));
                 }
@@ -196,7 +205,29 @@ fn open_store(config: &Config) -> anyhow::Result<Option<Arc<StateStore>>> {
 /// Runs the agent until a signal (or, with `once`, until every secret is
 /// rendered). Returns the process exit code.
 pub async fn run(config: Config, config_path: &Path, signals: Signals, opts: Options) -> anyhow::Result<i32> {
-    let client = client(&config)?;
+    let telemetry = Telemetry::new();
+    // Up before the first login, so probes answer (503) while credentials are obtained.
+    let listener = tokio::net::TcpListener::bind(&config.telemetry.listen)
+        .await
+        .with_context(|| format!("telemetry.listen {}: cannot listen", config.telemetry.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(event = "telemetry_listening", addr = %addr, "serving /healthz, /readyz, /metrics and /v1/status");
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(crate::telemetry::server::serve(listener, telemetry.clone(), server_stop.clone()));
+    let code = run_agent(config, config_path, signals, opts, telemetry).await;
+    server_stop.cancel();
+    let _ = server.await;
+    code
+}
+
+async fn run_agent(
+    config: Config,
+    config_path: &Path,
+    signals: Signals,
+    opts: Options,
+    telemetry: Arc<Telemetry>,
+) -> anyhow::Result<i32> {
+    let client = client(&config)?.with_observer(telemetry.clone());
     let renderer = Arc::new(Renderer::compile(&config, config_path)?);
     let store = open_store(&config)?;
     let snapshot = store.as_ref().map(|s| s.snapshot()).unwrap_or_default();
@@ -218,6 +249,7 @@ pub async fn run(config: Config, config_path: &Path, signals: Signals, opts: Opt
         state: auth_tx,
         relogin: relogin.clone(),
         store: store.clone(),
+        telemetry: telemetry.clone(),
     };
     let auth_task = tokio::spawn(auth.run(stop.clone()));
 
@@ -230,7 +262,7 @@ pub async fn run(config: Config, config_path: &Path, signals: Signals, opts: Opt
         };
         if let Some(token) = token {
             adopted = crate::adopt::leases(&client, &token.token.secret, &snapshot, &config).await;
-            let failed = revoke_leases(&client, &adopted.revoke, Some(&token)).await;
+            let failed = revoke_leases(&client, &adopted.revoke, Some(&token), &telemetry).await;
             if failed.is_empty()
                 && let Some(store) = &store
             {
@@ -254,6 +286,7 @@ pub async fn run(config: Config, config_path: &Path, signals: Signals, opts: Opt
         store: store.clone(),
         stop: stop.clone(),
         running: HashMap::new(),
+        telemetry: telemetry.clone(),
     };
     for (index, cfg) in config.secrets.iter().enumerate() {
         let held = adopted.adopted.remove(&cfg.name);
@@ -347,7 +380,7 @@ pub async fn run(config: Config, config_path: &Path, signals: Signals, opts: Opt
         return Ok(EXIT_OK);
     }
     let timeout = config.shutdown.timeout;
-    let maybe_alive = match tokio::time::timeout(timeout, revoke_all(&client, &live, &auth_state)).await {
+    let maybe_alive = match tokio::time::timeout(timeout, revoke_all(&client, &live, &auth_state, &telemetry)).await {
         Ok(left) => left,
         Err(_) => {
             tracing::error!(
@@ -373,7 +406,12 @@ pub async fn run(config: Config, config_path: &Path, signals: Signals, opts: Opt
 }
 
 /// Revokes leases in parallel with `token`; returns those that failed.
-async fn revoke_leases(client: &VaultClient, leases: &[LiveLease], token: Option<&HeldToken>) -> Vec<LiveLease> {
+async fn revoke_leases(
+    client: &VaultClient,
+    leases: &[LiveLease],
+    token: Option<&HeldToken>,
+    telemetry: &Telemetry,
+) -> Vec<LiveLease> {
     let Some(token) = token else { return leases.to_vec() };
     let mut tasks = JoinSet::new();
     for lease in leases.iter().cloned() {
@@ -389,9 +427,12 @@ async fn revoke_leases(client: &VaultClient, leases: &[LiveLease], token: Option
         let Ok((lease, result)) = joined else { continue };
         match result {
             Ok(()) => {
+                telemetry.revoked(&lease.secret, true);
                 tracing::info!(event = "revoked", secret = %lease.secret, lease = %lease.lease_id, "revoked lease")
             }
             Err(e) => {
+                telemetry.revoked(&lease.secret, false);
+                let e = lease.lease_id.redact(&e.to_string());
                 tracing::warn!(event = "revoke_failed", secret = %lease.secret, lease = %lease.lease_id, error = %e, "revoking lease failed");
                 failed.push(lease);
             }
@@ -403,8 +444,13 @@ async fn revoke_leases(client: &VaultClient, leases: &[LiveLease], token: Option
 /// Revokes every lease in parallel, then revoke-self every token still held
 /// (which also revokes any lease it created: the fallback when the policy
 /// lacks `sys/leases/revoke`). Returns the leases that may still be alive.
-async fn revoke_all(client: &VaultClient, live: &[LiveLease], auth: &AuthState) -> Vec<LiveLease> {
-    let mut failed = revoke_leases(client, live, auth.current.as_deref()).await;
+async fn revoke_all(
+    client: &VaultClient,
+    live: &[LiveLease],
+    auth: &AuthState,
+    telemetry: &Telemetry,
+) -> Vec<LiveLease> {
+    let mut failed = revoke_leases(client, live, auth.current.as_deref(), telemetry).await;
     let revoked_tokens = revoke_tokens(client, &auth.held).await;
     failed.retain(|l| !revoked_tokens.contains(&l.token_accessor));
     failed

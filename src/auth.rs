@@ -16,6 +16,7 @@ use crate::backoff::Backoff;
 use crate::lease::schedule::{Policy, renew_point, renewal_capped};
 use crate::secret::{ExposeSecret, SecretString};
 use crate::state::{StateStore, TokenRecord, unix};
+use crate::telemetry::Telemetry;
 use crate::vault::{Token, VaultClient, VaultError, now};
 
 /// Tokens are renewed at half their TTL, up to 5 % earlier.
@@ -88,6 +89,7 @@ pub struct AuthLoop {
     /// Poked by a supervisor that got a 403: the token may be revoked.
     pub relogin: Arc<Notify>,
     pub store: Option<Arc<StateStore>>,
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl AuthLoop {
@@ -164,6 +166,8 @@ impl AuthLoop {
             if needs_login {
                 match self.login().await {
                     Ok(held) => {
+                        self.telemetry.login(true);
+                        self.telemetry.token(&held.token.accessor, held.expires_at());
                         tracing::info!(event = "login", accessor = %held.token.accessor, ttl_secs = held.token.ttl.as_secs(), renewable = !held.final_expiry, "logged in to Vault");
                         self.publish(held);
                         backoff.reset();
@@ -171,6 +175,7 @@ impl AuthLoop {
                         continue;
                     }
                     Err(e) => {
+                        self.telemetry.login(false);
                         tracing::warn!(event = "login_failed", error = %e, "login to Vault failed");
                         if !self.sleep(backoff.next(), &cancel).await {
                             return;
@@ -195,6 +200,8 @@ impl AuthLoop {
                     let capped = renewal_capped(current.token.ttl, r.ttl, &r.warnings) || !r.renewable;
                     tracing::info!(event = "token_renewed", accessor = %current.token.accessor, ttl_secs = r.ttl.as_secs(), capped, "renewed Vault token");
                     let at = now();
+                    self.telemetry.token_renewed(true);
+                    self.telemetry.token(&current.token.accessor, at + r.ttl);
                     self.replace_current(|t| HeldToken {
                         granted_at: at,
                         ttl: r.ttl,
@@ -205,6 +212,7 @@ impl AuthLoop {
                     sample = rand::random();
                 }
                 Err(e) if e.is_permission_denied() => {
+                    self.telemetry.token_renewed(false);
                     tracing::warn!(event = "token_refused", accessor = %current.token.accessor, error = %e, "Vault refused the token; logging in again");
                     self.replace_current(|t| HeldToken {
                         granted_at: now(),
@@ -214,6 +222,7 @@ impl AuthLoop {
                     });
                 }
                 Err(e) => {
+                    self.telemetry.token_renewed(false);
                     tracing::warn!(event = "token_renew_failed", error = %e, "renewing the Vault token failed");
                     let left = current.expires_at().duration_since(now()).unwrap_or_default();
                     if !self.sleep(backoff.next().min(left / 4 + Duration::from_millis(100)), &cancel).await {

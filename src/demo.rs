@@ -152,6 +152,8 @@ secrets:
         mode: "0600"
 shutdown:
   timeout: 5s
+telemetry:
+  listen: 127.0.0.1:0
 log:
   format: text
 "#,

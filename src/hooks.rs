@@ -28,29 +28,28 @@ pub enum HookError {
     Http(String),
 }
 
-/// Runs every configured hook; returns the failures (already logged).
-pub async fn run(secret: &str, hooks: &OnChange, data: &SecretData) -> Vec<HookError> {
-    let mut failures = Vec::new();
+/// Runs every configured hook; returns each hook's name and whether it
+/// succeeded (failures are logged here).
+pub async fn run(secret: &str, hooks: &OnChange, data: &SecretData) -> Vec<(&'static str, bool)> {
+    let mut outcomes = Vec::new();
     if let Some(sig) = &hooks.signal {
-        record(secret, "signal", signal(&sig.pid_file, &sig.signal), &mut failures);
+        record(secret, "signal", signal(&sig.pid_file, &sig.signal), &mut outcomes);
     }
     if let Some(argv) = &hooks.exec {
-        record(secret, "exec", exec(secret, argv, data).await, &mut failures);
+        record(secret, "exec", exec(secret, argv, data).await, &mut outcomes);
     }
     if let Some(http) = &hooks.http {
-        record(secret, "http", call(&http.url, &http.method).await, &mut failures);
+        record(secret, "http", call(&http.url, &http.method).await, &mut outcomes);
     }
-    failures
+    outcomes
 }
 
-fn record(secret: &str, hook: &str, result: Result<(), HookError>, failures: &mut Vec<HookError>) {
-    match result {
+fn record(secret: &str, hook: &'static str, result: Result<(), HookError>, outcomes: &mut Vec<(&'static str, bool)>) {
+    match &result {
         Ok(()) => tracing::info!(event = "notified", secret, hook, "application notified"),
-        Err(e) => {
-            tracing::warn!(event = "notify_failed", secret, hook, error = %e, "notifying the application failed");
-            failures.push(e);
-        }
+        Err(e) => tracing::warn!(event = "notify_failed", secret, hook, error = %e, "notifying the application failed"),
     }
+    outcomes.push((hook, result.is_ok()));
 }
 
 fn signal(pid_file: &std::path::Path, name: &str) -> Result<(), HookError> {

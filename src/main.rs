@@ -18,6 +18,7 @@ mod render;
 mod secret;
 mod shutdown;
 mod state;
+mod status;
 mod telemetry;
 mod vault;
 
@@ -53,6 +54,12 @@ enum Command {
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: PathBuf,
     },
+    /// Print a running agent's status (/v1/status) as a table.
+    Status {
+        /// The agent's telemetry address.
+        #[arg(long, default_value = "127.0.0.1:9102")]
+        addr: String,
+    },
     /// Run a local devvault and the agent against it with short TTLs.
     #[cfg(feature = "demo")]
     Demo {
@@ -66,10 +73,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    telemetry::harden();
     let cli = Cli::parse();
     match cli.command {
         Command::Agent { config, once } => run_agent(&config, once),
         Command::Check { config } => run_check(&config),
+        Command::Status { addr } => status::main(&addr),
         #[cfg(feature = "demo")]
         Command::Demo { database_url, dir } => demo::main(database_url, dir),
     }

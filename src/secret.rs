@@ -29,6 +29,12 @@ impl LeaseId {
         self.0.is_empty()
     }
 
+    /// `text` with the full id replaced by the short form, for error texts
+    /// that might echo it.
+    pub fn redact(&self, text: &str) -> String {
+        if self.0.is_empty() { text.to_string() } else { text.replace(&self.0, &self.short()) }
+    }
+
     pub fn short(&self) -> String {
         match self.0.rsplit_once('/') {
             Some((prefix, tail)) => {

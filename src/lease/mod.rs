@@ -20,6 +20,7 @@ use crate::config::{Method, SecretConfig};
 use crate::render::{Context, Renderer, write_atomic};
 use crate::secret::LeaseId;
 use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
+use crate::telemetry::Telemetry;
 use crate::vault::{Secret, VaultClient, VaultError, now};
 use schedule::{Action, LeaseTimes, Policy};
 
@@ -127,6 +128,7 @@ pub struct Supervisor {
     pub store: Option<Arc<StateStore>>,
     /// A lease adopted from the state file.
     pub adopted: Option<Held>,
+    pub telemetry: Arc<Telemetry>,
     pub cancel: CancellationToken,
 }
 
@@ -152,6 +154,7 @@ impl Supervisor {
         let mut held: Option<Held> = self.adopted.take();
         let mut retired: Vec<Retired> = Vec::new();
         if let Some(h) = &held {
+            self.telemetry.adopted(&name, &h.secret.lease_id, h.times.ttl, h.times.renewable, h.times.granted_at);
             // Files may be missing or stale after a restart.
             self.render(h).await;
             let _ = self.events.send(Event::Rendered { secret: name.clone() });
@@ -274,6 +277,7 @@ impl Supervisor {
         let (secret, accessor) = match self.read().await {
             Ok(s) => s,
             Err(e) => {
+                self.telemetry.failed(&name, "issue", &e.to_string());
                 tracing::warn!(event = "issue_failed", secret = %name, error = %e, "obtaining credentials failed");
                 return Err(None);
             }
@@ -286,12 +290,14 @@ impl Supervisor {
             issued_at: at,
             sample: rand::random(),
         };
+        self.telemetry.issued(&name, &fresh.secret.lease_id, fresh.times.ttl, fresh.times.renewable, at);
         tracing::info!(
             event = "issued",
             secret = %name,
             lease = %fresh.secret.lease_id,
             username = fresh.secret.data.str("username").unwrap_or(""),
             ttl_secs = fresh.times.ttl.as_secs(),
+            expires_at = %crate::render::rfc3339(fresh.times.expires_at()),
             renewable = fresh.times.renewable,
             warnings = ?fresh.secret.warnings,
             "obtained credentials"
@@ -318,6 +324,7 @@ impl Supervisor {
         let (secret, accessor) = match self.read().await {
             Ok(s) => s,
             Err(e) => {
+                self.telemetry.failed(&self.name(), "issue", &e.to_string());
                 tracing::warn!(event = "refresh_failed", secret = %self.name(), error = %e, "re-reading the secret failed");
                 return Err(None);
             }
@@ -330,6 +337,7 @@ impl Supervisor {
             issued_at: at,
             sample: rand::random(),
         };
+        self.telemetry.issued(&self.name(), &fresh.secret.lease_id, fresh.times.ttl, fresh.times.renewable, at);
         if !self.render(&fresh).await {
             return Err(None);
         }
@@ -343,7 +351,9 @@ impl Supervisor {
         let Some(token) = self.current_token().await else { return Err(None) };
         match self.client.renew_lease(&token.token.secret, &h.secret.lease_id, h.times.first_ttl).await {
             Ok(r) => {
-                h.times = h.times.renewed(now(), r.lease_duration, r.renewable, &r.warnings);
+                let at = now();
+                h.times = h.times.renewed(at, r.lease_duration, r.renewable, &r.warnings);
+                self.telemetry.renewed(&name, r.lease_duration, r.renewable, at);
                 h.sample = rand::random();
                 tracing::info!(event = "renewed", secret = %name, lease = %h.secret.lease_id, ttl_secs = r.lease_duration.as_secs(), capped = h.times.capped, "renewed lease");
                 if h.times.capped {
@@ -352,7 +362,9 @@ impl Supervisor {
                 Ok(())
             }
             Err(e) if lease_gone(&e) => {
-                tracing::warn!(event = "lease_gone", secret = %name, lease = %h.secret.lease_id, error = %e, "lease can no longer be renewed; issuing new credentials");
+                let error = h.secret.lease_id.redact(&e.to_string());
+                self.telemetry.lease_ended(&name, now(), &error);
+                tracing::warn!(event = "lease_gone", secret = %name, lease = %h.secret.lease_id, error = %error, "lease can no longer be renewed; issuing new credentials");
                 // The old lease is dead: it ends now, so the schedule re-issues.
                 h.times.renewable = false;
                 h.times.ttl = Duration::ZERO;
@@ -363,7 +375,9 @@ impl Supervisor {
                 if e.is_permission_denied() {
                     self.relogin.notify_one();
                 }
-                tracing::warn!(event = "renew_failed", secret = %name, lease = %h.secret.lease_id, error = %e, "renewing the lease failed; will retry");
+                let error = h.secret.lease_id.redact(&e.to_string());
+                self.telemetry.failed(&name, "renew", &error);
+                tracing::warn!(event = "renew_failed", secret = %name, lease = %h.secret.lease_id, error = %error, "renewing the lease failed; will retry");
                 let left = h.times.expires_at().duration_since(now()).unwrap_or_default();
                 Err(Some((left / 4).clamp(Duration::from_millis(200), Duration::from_secs(30))))
             }
@@ -393,10 +407,13 @@ impl Supervisor {
         let Some(token) = self.current_token().await else { return false };
         match self.client.revoke_lease(&token.token.secret, &lease.lease_id).await {
             Ok(()) => {
+                self.telemetry.revoked(&lease.secret, true);
                 tracing::info!(event = "revoked", secret = %lease.secret, lease = %lease.lease_id, "revoked lease");
                 true
             }
             Err(e) => {
+                self.telemetry.revoked(&lease.secret, false);
+                let e = lease.lease_id.redact(&e.to_string());
                 tracing::warn!(event = "revoke_failed", secret = %lease.secret, lease = %lease.lease_id, error = %e, "revoking a replaced lease failed");
                 false
             }
@@ -417,25 +434,28 @@ impl Supervisor {
         };
         // Everything is rendered in memory first: a failing template writes nothing.
         let written = spec.renderer.render(spec.index, &ctx).and_then(|files| {
-            let mut changed = 0;
+            let mut written = Vec::new();
             for (plan, text) in &files {
-                if write_atomic(plan, text.as_bytes())? {
-                    changed += 1;
-                }
+                written.push((plan.path.clone(), write_atomic(plan, text.as_bytes())?));
             }
-            Ok((files.len(), changed))
+            Ok(written)
         });
         match written {
-            Ok((files, changed)) => {
-                tracing::info!(event = "rendered", secret = %spec.cfg.name, files, changed, "files written");
+            Ok(written) => {
+                let changed = written.iter().filter(|(_, c)| *c).count();
+                self.telemetry.rendered(&spec.cfg.name, &written, now());
+                tracing::info!(event = "rendered", secret = %spec.cfg.name, files = written.len(), changed, expires_at = ?ctx.expires_at.map(crate::render::rfc3339), "files written");
                 if changed > 0
                     && let Some(hooks) = &spec.cfg.on_change
                 {
-                    crate::hooks::run(&spec.cfg.name, hooks, &h.secret.data).await;
+                    for (hook, ok) in crate::hooks::run(&spec.cfg.name, hooks, &h.secret.data).await {
+                        self.telemetry.notified(&spec.cfg.name, hook, ok);
+                    }
                 }
                 true
             }
             Err(e) => {
+                self.telemetry.render_failed(&spec.cfg.name, &e.to_string());
                 tracing::error!(event = "render_failed", secret = %spec.cfg.name, error = %e, "writing files failed; files left as they were");
                 false
             }

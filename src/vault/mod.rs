@@ -111,12 +111,19 @@ pub struct ClientConfig {
     pub max_retries: usize,
 }
 
+/// Sees every request to Vault (for metrics): operation, HTTP status (0
+/// when there was no answer) and duration.
+pub trait RequestObserver: Send + Sync {
+    fn observe(&self, op: &'static str, code: u16, elapsed: Duration);
+}
+
 #[derive(Clone)]
 pub struct VaultClient {
     http: reqwest::Client,
     base: String,
     namespace: String,
     max_retries: usize,
+    observer: Option<std::sync::Arc<dyn RequestObserver>>,
 }
 
 impl VaultClient {
@@ -155,7 +162,13 @@ impl VaultClient {
             base: cfg.address.trim_end_matches('/').to_string(),
             namespace: cfg.namespace,
             max_retries: cfg.max_retries,
+            observer: None,
         })
+    }
+
+    pub fn with_observer(mut self, observer: std::sync::Arc<dyn RequestObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// One request with retries of transient failures. Returns the status
@@ -196,7 +209,12 @@ impl VaultClient {
         if let Some(b) = body {
             req = req.header(header::CONTENT_TYPE, "application/json").body(b.to_string());
         }
-        let resp = req.send().await.map_err(|e| VaultError::Transport { op, reason: transport_reason(&e) })?;
+        let started = std::time::Instant::now();
+        let sent = req.send().await;
+        if let Some(o) = &self.observer {
+            o.observe(op, sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0), started.elapsed());
+        }
+        let resp = sent.map_err(|e| VaultError::Transport { op, reason: transport_reason(&e) })?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| VaultError::Transport { op, reason: transport_reason(&e) })?;
         if status == StatusCode::NO_CONTENT || (status.is_success() && bytes.is_empty()) {

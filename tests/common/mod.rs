@@ -84,6 +84,8 @@ secrets:
 log:
   format: json
   level: debug
+telemetry:
+  listen: 127.0.0.1:0
 {top_extra}"#,
             url = self.vault.url(),
             token = self.token_path().display(),
@@ -170,6 +172,11 @@ impl Agent {
 
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The telemetry address the agent logged.
+    pub fn telemetry_addr(&self) -> Option<String> {
+        self.events("telemetry_listening").first().and_then(|e| e["addr"].as_str().map(str::to_string))
     }
 
     /// Log lines (JSON) with this `event`.
