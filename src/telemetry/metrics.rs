@@ -130,7 +130,7 @@ impl Metrics {
         );
         r.register("notifications", "on_change hook runs by hook and result", m.notifications.clone());
         r.register("config_reloads", "Configuration reloads by result (success, rejected)", m.reloads.clone());
-        r.register("build", "Build information; the value is always 1", m.build_info.clone());
+        r.register("build_info", "Build information; the value is always 1", m.build_info.clone());
         m.build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").to_string() }).set(1);
         (m, r)
     }
