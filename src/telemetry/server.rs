@@ -76,6 +76,10 @@ fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
+async fn status(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], t.status_json().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -87,8 +91,4 @@ mod tests {
             "# HELP x_requests_total Requests.\n# TYPE x_requests_total counter\nx_requests_total{a=\"b\"} 1\n# HELP g G.\n# TYPE g gauge\ng 2\n"
         );
     }
-}
-
-async fn status(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], t.status_json().to_string())
 }
