@@ -11,8 +11,9 @@ use crate::config::{Config, ConfigError};
 use crate::render::{Context, RenderError, Renderer};
 use crate::secret::{LeaseId, SecretData};
 
-/// Sample credentials shaped like `database/creds/<role>`; other paths get
-/// the same keys, so templates using other `data` keys are reported.
+/// Sample credentials shaped like `database/creds/<role>`. Only templates
+/// of database secrets are held to that shape; for other paths (KV, PKI)
+/// undefined values render empty, and syntax and filter errors still count.
 fn sample_data() -> SecretData {
     let sample =
         json!({ "username": "v-kubernet-sample-AbCdEfGhIjKlMnOpQrSt-1700000000", "password": "Sample-Passw0rd-xyzw" });
@@ -21,7 +22,8 @@ fn sample_data() -> SecretData {
 
 /// Problems found, as printable lines (empty when the config is good).
 pub fn check(config: &Config, config_path: &Path) -> Result<Vec<String>, ConfigError> {
-    let renderer = Renderer::compile(config, config_path)?;
+    let strict = Renderer::compile(config, config_path)?;
+    let lenient = Renderer::compile_with(config, config_path, minijinja::UndefinedBehavior::Chainable)?;
     let data = sample_data();
     let lease = LeaseId::new("database/creds/sample/AbCdEfGhIjKlMnOpQrStUvWx".into());
     let mut problems = Vec::new();
@@ -34,6 +36,8 @@ pub fn check(config: &Config, config_path: &Path) -> Result<Vec<String>, ConfigE
             issued_at: SystemTime::now(),
             expires_at: Some(SystemTime::now() + Duration::from_secs(3600)),
         };
+        let known_shape = secret.path.trim_start_matches('/').contains("/creds/");
+        let renderer = if known_shape { &strict } else { &lenient };
         if let Err(RenderError::Template { file, reason } | RenderError::Write { file, reason }) =
             renderer.render(i, &ctx)
         {

@@ -79,9 +79,9 @@ pub struct Renderer {
     plans: Vec<Vec<FilePlan>>,
 }
 
-fn sandbox() -> Environment<'static> {
+fn sandbox(undefined: UndefinedBehavior) -> Environment<'static> {
     let mut env = Environment::new();
-    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_undefined_behavior(undefined);
     env.set_fuel(Some(FUEL));
     // Credentials files are not HTML: never escape.
     env.set_auto_escape_callback(|_| AutoEscape::None);
@@ -95,7 +95,17 @@ impl Renderer {
     /// Compiles every template (inline or `template_file`). Errors name the
     /// config key of the template.
     pub fn compile(config: &Config, config_path: &Path) -> Result<Renderer, ConfigError> {
-        let mut env = sandbox();
+        Self::compile_with(config, config_path, UndefinedBehavior::Strict)
+    }
+
+    /// `leasehold check` renders secrets whose data shape it cannot know
+    /// (e.g. KV) with lenient undefined values.
+    pub fn compile_with(
+        config: &Config,
+        config_path: &Path,
+        undefined: UndefinedBehavior,
+    ) -> Result<Renderer, ConfigError> {
+        let mut env = sandbox(undefined);
         let mut plans = Vec::new();
         for (i, secret) in config.secrets.iter().enumerate() {
             let mut secret_plans = Vec::new();
@@ -320,7 +330,7 @@ mod tests {
 
     #[test]
     fn templates_are_strict_and_fuelled() {
-        let mut env = sandbox();
+        let mut env = sandbox(UndefinedBehavior::Strict);
         env.add_template_owned("t", "{{ username|urlencode }}:{{ password|urlencode }}").unwrap();
         let value = json!({"username": "u", "password": "a b"});
         assert_eq!(env.get_template("t").unwrap().render(minijinja::Value::from(Serde(&value))).unwrap(), "u:a%20b");

@@ -102,8 +102,8 @@ def postgres():
     pg.stop()
 
 
-@pytest.fixture(scope="session")
-def devvault_url():
+def start_devvault():
+    """Starts the devvault binary on a free port; returns (process, url)."""
     binary = os.environ.get("DEVVAULT_BIN", os.path.join(ROOT, "target", "debug", "devvault"))
     if not os.path.exists(binary):
         pytest.fail("devvault binary not found at %s; build it with cargo build -p devvault" % binary)
@@ -113,7 +113,21 @@ def devvault_url():
     if not line.startswith("devvault listening on "):
         proc.kill()
         pytest.fail("devvault did not start: %r" % line)
-    yield line.rsplit(" ", 1)[1]
+    return proc, line.rsplit(" ", 1)[1]
+
+
+@pytest.fixture(scope="session")
+def devvault_url():
+    proc, url = start_devvault()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def fresh_devvault():
+    proc, url = start_devvault()
+    yield url
     proc.terminate()
     proc.wait(timeout=10)
 
