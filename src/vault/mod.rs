@@ -317,6 +317,7 @@ impl VaultClient {
         Ok((secs(ttl), renewable))
     }
 
+    #[cfg(feature = "demo")]
     /// A raw write, for setup steps (the demo configures devvault with it).
     pub async fn write(&self, token: &SecretString, path: &str, body: &Value) -> Result<(), VaultError> {
         self.call("write", Method::POST, path, Some(token), Some(body)).await.map(|_| ())
