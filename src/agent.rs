@@ -67,7 +67,9 @@ struct Running {
 struct Agent {
     config: Config,
     config_path: PathBuf,
-    config_text: String,
+    /// The config text plus the template files it names, as last loaded:
+    /// a file event reloads only when this changed.
+    fingerprint: String,
     env: Env<'static>,
     client: VaultClient,
     auth: watch::Receiver<AuthState>,
@@ -136,7 +138,7 @@ impl Agent {
                 return added;
             }
         };
-        if !force && text == self.config_text {
+        if !force && fingerprint(&text, &self.config) == self.fingerprint {
             return added;
         }
         let new = match Config::parse(&text, &self.config_path, self.env)
@@ -187,10 +189,23 @@ impl Agent {
             added = added.len(),
             "configuration reloaded"
         );
+        self.fingerprint = fingerprint(&text, &config);
         self.config = config;
-        self.config_text = text;
         added
     }
+}
+
+/// The config's text followed by the content of every `template_file` of
+/// `config` (which usually sits in the same ConfigMap and changes with it).
+fn fingerprint(text: &str, config: &Config) -> String {
+    let mut out = text.to_string();
+    for file in config.secrets.iter().flat_map(|s| &s.files) {
+        if let Some(path) = &file.template_file {
+            out.push('\0');
+            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+    }
+    out
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Option<Arc<StateStore>>> {
@@ -274,10 +289,11 @@ async fn run_agent(
     }
 
     let config_text = std::fs::read_to_string(config_path).unwrap_or_default();
+    let fingerprint = fingerprint(&config_text, &config);
     let mut agent = Agent {
         config: config.clone(),
         config_path: config_path.to_path_buf(),
-        config_text,
+        fingerprint,
         env: opts.env,
         client: client.clone(),
         auth: auth_rx.clone(),

@@ -62,3 +62,73 @@ async fn vault_down_at_start_is_retried_and_files_never_truncated() {
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0);
 }
+
+/// A Vault standby that answers every request with a 307 to `active`.
+async fn standby(active: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let active = active.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let resp = format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: {active}{path}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+fn with_address(env: &Env, config: &std::path::Path, address: &str) {
+    let text = std::fs::read_to_string(config).unwrap().replace(&env.vault.url(), address);
+    std::fs::write(config, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_redirect_is_followed_once_not_twice() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let one_hop = standby(env.vault.url()).await;
+    let config = env.config("", "");
+    with_address(&env, &config, &one_hop);
+    let mut agent = env.spawn(&config).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+
+    // Two redirects in a row are refused, like Vault's own client does.
+    std::fs::remove_file(env.secrets().join("db.json")).unwrap();
+    let two_hops = standby(one_hop).await;
+    let config = env.config("", "");
+    with_address(&env, &config, &two_hops);
+    let mut agent = env.spawn(&config).await;
+    let refused = eventually(10, async || {
+        agent.events("login_failed").iter().any(|e| e["error"].as_str().is_some_and(|t| t.contains("307")))
+    })
+    .await;
+    assert!(refused, "{}", agent.output());
+    assert!(env.read_json("db.json").is_none());
+    agent.signal(Signal::SIGTERM);
+    agent.wait(Duration::from_secs(15)).await;
+}
+
+#[tokio::test]
+async fn a_missing_or_invalid_ca_cert_stops_the_agent_with_the_key_named() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let config = env.config("", "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let garbage = env.dir.path().join("ca.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    for (ca, expect) in [("/nonexistent/ca.crt", "vault.ca_cert"), (garbage.to_str().unwrap(), "no PEM certificate")] {
+        std::fs::write(&config, text.replace("vault:\n", &format!("vault:\n  ca_cert: {ca}\n"))).unwrap();
+        let mut agent = env.spawn(&config).await;
+        assert_eq!(agent.wait(Duration::from_secs(10)).await, 1, "{}", agent.output());
+        assert!(agent.output().contains(expect), "{expect}: {}", agent.output());
+    }
+}

@@ -77,20 +77,28 @@ async fn sighup_reloads_templates_adds_and_removes_secrets() {
     assert!(!env.pg.role_exists(&user_a).await);
 }
 
-/// Writes `text` as a ConfigMap volume does: a timestamped directory, a
-/// `..data` symlink swapped by rename, and `leasehold.yaml → ..data/leasehold.yaml`.
-fn configmap_write(dir: &Path, generation: u32, text: &str) {
+/// Writes `files` as a ConfigMap volume does: a timestamped directory, a
+/// `..data` symlink swapped by rename, and `<name> → ..data/<name>` links.
+fn configmap_files(dir: &Path, generation: u32, files: &[(&str, &str)]) {
     let ts = dir.join(format!("..2026_11_27_{generation}"));
     std::fs::create_dir_all(&ts).unwrap();
-    std::fs::write(ts.join("leasehold.yaml"), text).unwrap();
+    for (name, text) in files {
+        std::fs::write(ts.join(name), text).unwrap();
+    }
     let tmp = dir.join("..data_tmp");
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(ts.file_name().unwrap(), &tmp).unwrap();
     std::fs::rename(&tmp, dir.join("..data")).unwrap();
-    let link = dir.join("leasehold.yaml");
-    if std::fs::symlink_metadata(&link).is_err() {
-        std::os::unix::fs::symlink("..data/leasehold.yaml", &link).unwrap();
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+        }
     }
+}
+
+fn configmap_write(dir: &Path, generation: u32, text: &str) {
+    configmap_files(dir, generation, &[("leasehold.yaml", text)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,6 +112,36 @@ async fn configmap_symlink_swap_is_picked_up_without_a_signal() {
     configmap_write(&cm, 2, &config_yaml(&env, &secret_yaml(&env, "a", "a.txt", "v2 {{ username }}"), "info"));
     assert!(
         eventually(10, async || read(&env, "a.txt").is_some_and(|t| t.starts_with("v2 "))).await,
+        "{}",
+        agent.output()
+    );
+    assert_eq!(creds_calls(&env).await, 1);
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_template_file_in_the_configmap_is_picked_up() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let cm = env.dir.path().join("configmap");
+    std::fs::create_dir_all(&cm).unwrap();
+    let secret = format!(
+        "  - name: a\n    path: database/creds/app\n    files:\n      - path: {}/a.txt\n        template_file: {}/a.j2\n",
+        env.secrets().display(),
+        cm.display()
+    );
+    let config = config_yaml(&env, &secret, "info");
+    configmap_files(&cm, 1, &[("leasehold.yaml", &config), ("a.j2", "one {{ username }}")]);
+    let mut agent = env.spawn(&cm.join("leasehold.yaml")).await;
+    assert!(
+        eventually(20, async || read(&env, "a.txt").is_some_and(|t| t.starts_with("one "))).await,
+        "{}",
+        agent.output()
+    );
+    // Only the template changes; the config text stays the same.
+    configmap_files(&cm, 2, &[("leasehold.yaml", &config), ("a.j2", "two {{ username }}")]);
+    assert!(
+        eventually(10, async || read(&env, "a.txt").is_some_and(|t| t.starts_with("two "))).await,
         "{}",
         agent.output()
     );

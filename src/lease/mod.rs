@@ -264,6 +264,31 @@ impl Supervisor {
         result.map(|s| (s, token.token.accessor.clone()))
     }
 
+    /// Reads the secret and counts it; a failure is counted and logged as
+    /// `failed_event`.
+    async fn fetch(&mut self, failed_event: &'static str) -> Option<Held> {
+        let name = self.name();
+        match self.read().await {
+            Ok((secret, accessor)) => {
+                let at = now();
+                let fresh = Held {
+                    times: LeaseTimes::issued(at, secret.lease_duration, secret.renewable),
+                    secret,
+                    token_accessor: accessor,
+                    issued_at: at,
+                    sample: rand::random(),
+                };
+                self.telemetry.issued(&name, &fresh.secret.lease_id, fresh.times.ttl, fresh.times.renewable, at);
+                Some(fresh)
+            }
+            Err(e) => {
+                self.telemetry.failed(&name, "issue", &e.to_string());
+                tracing::warn!(event = failed_event, secret = %name, error = %e, "reading the secret from Vault failed");
+                None
+            }
+        }
+    }
+
     /// Obtains new credentials and renders them. A previous lease is retired
     /// (revoked later); if writing fails the new lease is revoked instead and
     /// the old credentials stay in place.
@@ -274,23 +299,8 @@ impl Supervisor {
     ) -> Result<(), Option<Duration>> {
         let cfg = self.cfg();
         let name = cfg.name.clone();
-        let (secret, accessor) = match self.read().await {
-            Ok(s) => s,
-            Err(e) => {
-                self.telemetry.failed(&name, "issue", &e.to_string());
-                tracing::warn!(event = "issue_failed", secret = %name, error = %e, "obtaining credentials failed");
-                return Err(None);
-            }
-        };
-        let at = now();
-        let fresh = Held {
-            times: LeaseTimes::issued(at, secret.lease_duration, secret.renewable),
-            secret,
-            token_accessor: accessor,
-            issued_at: at,
-            sample: rand::random(),
-        };
-        self.telemetry.issued(&name, &fresh.secret.lease_id, fresh.times.ttl, fresh.times.renewable, at);
+        let Some(fresh) = self.fetch("issue_failed").await else { return Err(None) };
+        let at = fresh.issued_at;
         tracing::info!(
             event = "issued",
             secret = %name,
@@ -321,23 +331,7 @@ impl Supervisor {
 
     /// Secrets without a lease (KV): re-read and re-render when changed.
     async fn refresh(&mut self, held: &mut Option<Held>) -> Result<(), Option<Duration>> {
-        let (secret, accessor) = match self.read().await {
-            Ok(s) => s,
-            Err(e) => {
-                self.telemetry.failed(&self.name(), "issue", &e.to_string());
-                tracing::warn!(event = "refresh_failed", secret = %self.name(), error = %e, "re-reading the secret failed");
-                return Err(None);
-            }
-        };
-        let at = now();
-        let fresh = Held {
-            times: LeaseTimes::issued(at, secret.lease_duration, secret.renewable),
-            secret,
-            token_accessor: accessor,
-            issued_at: at,
-            sample: rand::random(),
-        };
-        self.telemetry.issued(&self.name(), &fresh.secret.lease_id, fresh.times.ttl, fresh.times.renewable, at);
+        let Some(fresh) = self.fetch("refresh_failed").await else { return Err(None) };
         if !self.render(&fresh).await {
             return Err(None);
         }
