@@ -32,3 +32,23 @@ async fn demo_shows_renewal_reissue_and_revocation() {
     assert!(out.contains("every lease revoked"), "{out}");
     assert!(out.contains("database users left in devvault after shutdown: 0"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_with_a_real_postgresql() {
+    let pg = devvault::testing::shared_cluster();
+    let admin = "demo_admin";
+    pg.create_admin_role(admin, "demo-admin-pw").await;
+    let url = pg.url(admin, "demo-admin-pw", "postgres");
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("leasehold-demo");
+    let args = ["demo", "--dir", &demo_dir.display().to_string(), "--database-url", &url];
+    let mut demo = Agent::spawn(&args, dir.path()).await;
+    let json = demo_dir.join("secrets/db.json");
+    assert!(eventually(20, async || json.exists()).await, "{}", demo.output());
+    let creds: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let user = creds["username"].as_str().unwrap();
+    pg.connect(user, creds["password"].as_str().unwrap()).await.expect("a real PostgreSQL user");
+    demo.signal(Signal::SIGINT);
+    assert_eq!(demo.wait(Duration::from_secs(15)).await, 0, "{}", demo.output());
+    assert!(!pg.role_exists(user).await, "dropped at Ctrl-C");
+}
