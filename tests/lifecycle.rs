@@ -156,3 +156,30 @@ async fn second_signal_exits_130_and_sighup_rerenders() {
     agent.signal(Signal::SIGINT);
     assert_eq!(agent.wait(Duration::from_secs(5)).await, 130, "{}", agent.output());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_secret_is_reread_and_rewritten_only_when_it_changed() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    env.api.ok("POST", "sys/mounts/kv", Some(serde_json::json!({"type": "kv", "options": {"version": "2"}}))).await;
+    env.api.ok("POST", "kv/data/app", Some(serde_json::json!({"data": {"api_key": "one"}}))).await;
+    let kv = format!(
+        "  - name: kv\n    path: kv/data/app\n    refresh_interval: 1s\n    files:\n      - path: {}/kv.env\n        template: \"API_KEY={{{{ data.data.api_key }}}}\"",
+        env.secrets().display()
+    );
+    let mut agent = env.spawn(&env.config(&kv, "")).await;
+    let read = |env: &Env| std::fs::read_to_string(env.secrets().join("kv.env")).unwrap_or_default();
+    assert!(eventually(20, async || read(&env) == "API_KEY=one").await, "{}", agent.output());
+    let reads = async || env.requests().await.iter().filter(|r| r.path == "kv/data/app").count();
+    assert!(eventually(10, async || reads().await >= 3).await, "re-read every refresh_interval");
+    env.api.ok("POST", "kv/data/app", Some(serde_json::json!({"data": {"api_key": "two"}}))).await;
+    assert!(eventually(10, async || read(&env) == "API_KEY=two").await, "{}", agent.output());
+    let kv_renders: Vec<serde_json::Value> =
+        agent.events("rendered").into_iter().filter(|e| e["secret"] == "kv").collect();
+    let changed = kv_renders.iter().filter(|e| e["changed"] == 1).count();
+    assert_eq!(changed, 2, "written at start and after the change only: {kv_renders:?}");
+    assert!(kv_renders.len() >= 3);
+    // Nothing to renew or revoke for it.
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    assert_eq!(env.requests().await.iter().filter(|r| r.path == "sys/leases/revoke").count(), 1, "only the db lease");
+}

@@ -12,6 +12,7 @@ use crate::api::{Failure, Outcome, Reply};
 use crate::database::DbMount;
 use crate::fields::Fields;
 use crate::kubernetes::KubeMount;
+use crate::kv::KvMount;
 use crate::policy::{Acl, Capability, DEFAULT_POLICY, Policy};
 use crate::testext::{Faults, RequestLog};
 
@@ -107,6 +108,7 @@ pub struct State {
     pub policies: BTreeMap<String, Policy>,
     pub auth_mounts: BTreeMap<String, KubeMount>,
     pub secret_mounts: BTreeMap<String, DbMount>,
+    pub kv_mounts: BTreeMap<String, KvMount>,
 }
 
 pub struct Core {
@@ -226,6 +228,11 @@ impl Core {
         if let Some(mount) = mount {
             let sub = path[mount.len()..].trim_start_matches('/').to_string();
             return crate::database::handle(self, &req, &mount, &sub, token).await;
+        }
+        let mount = self.state().kv_mounts.keys().find(|m| under(&path, m)).cloned();
+        if let Some(mount) = mount {
+            let sub = path[mount.len()..].trim_start_matches('/').to_string();
+            return crate::kv::handle(self, &req, &mount, &sub);
         }
         Err(Failure::no_route(&path))
     }

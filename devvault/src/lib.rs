@@ -27,6 +27,7 @@ mod glob;
 mod ids;
 pub mod jwt;
 mod kubernetes;
+mod kv;
 mod pem;
 mod policy;
 mod server;

@@ -10,6 +10,7 @@ use crate::core::{Core, Op, Request, TokenEntry};
 use crate::database::DbMount;
 use crate::expiration;
 use crate::kubernetes::KubeMount;
+use crate::kv::KvMount;
 use crate::policy::Policy;
 use crate::testext::Fault;
 
@@ -78,6 +79,9 @@ fn list_mounts(core: &Arc<Core>, req: &Request, auth: bool) -> Outcome {
         for m in state.secret_mounts.keys() {
             data.insert(format!("{m}/"), json!({"type": "database", "description": ""}));
         }
+        for m in state.kv_mounts.keys() {
+            data.insert(format!("{m}/"), json!({"type": "kv", "description": "", "options": {"version": "2"}}));
+        }
     }
     Ok(Reply::Envelope(Envelope::data("system", Value::Object(data))))
 }
@@ -97,6 +101,7 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
             } else {
                 ["sys", "auth", "cubbyhole", "identity"].contains(&path.as_str())
                     || state.secret_mounts.contains_key(&path)
+                    || state.kv_mounts.contains_key(&path)
             };
             if taken {
                 let prefix = if auth { "auth/" } else { "" };
@@ -108,6 +113,19 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
                 }
                 (false, "database") => {
                     state.secret_mounts.insert(path, DbMount::default());
+                }
+                (false, "kv-v2") => {
+                    state.kv_mounts.insert(path, KvMount::default());
+                }
+                (false, "kv") => {
+                    let version = f
+                        .raw("options")
+                        .and_then(|o| o.get("version"))
+                        .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+                    if version.as_deref() != Some("2") {
+                        return Err(Failure::resp(400, "devvault serves KV version 2 only: set options.version to 2"));
+                    }
+                    state.kv_mounts.insert(path, KvMount::default());
                 }
                 (_, "") => return Err(Failure::resp(400, "plugin not found in the catalog: ")),
                 (_, other) => {
@@ -122,6 +140,7 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
                 if auth {
                     state.auth_mounts.remove(&path).is_some()
                 } else {
+                    state.kv_mounts.remove(&path);
                     state.secret_mounts.remove(&path).is_some()
                 }
             };

@@ -220,3 +220,31 @@ async fn ignored_parameters_warning() {
     let (s, b) = api.call("POST", "sys/auth/kubernetes", Some(json!({"type": "kubernetes"}))).await;
     assert_eq!((s, b), (400, json!({"errors": ["path is already in use at auth/kubernetes/"]})));
 }
+
+#[tokio::test]
+async fn kv_v2_versions_without_leases() {
+    let (_v, api) = vault().await;
+    let (s, b) = api.call("POST", "sys/mounts/kv", Some(json!({"type": "kv"}))).await;
+    assert_eq!(s, 400, "{b}");
+    api.ok("POST", "sys/mounts/kv", Some(json!({"type": "kv", "options": {"version": "2"}}))).await;
+    let w = api.ok("POST", "kv/data/app", Some(json!({"data": {"api_key": "one"}}))).await;
+    assert_eq!(w["data"]["version"], 1);
+    api.ok("POST", "kv/data/app", Some(json!({"data": {"api_key": "two"}}))).await;
+    let r = api.ok("GET", "kv/data/app", None).await;
+    assert_eq!(r["data"]["data"]["api_key"], "two");
+    assert_eq!(r["data"]["metadata"]["version"], 2);
+    assert_eq!(r["lease_id"], "");
+    assert_eq!(r["lease_duration"], 0);
+    assert_eq!(r["mount_type"], "kv");
+    let old = api.ok("GET", "kv/data/app?version=1", None).await;
+    assert_eq!(old["data"]["data"]["api_key"], "one");
+    let (s, b) = api.call("POST", "kv/data/app", Some(json!({"api_key": "flat"}))).await;
+    assert_eq!((s, b), (400, json!({"errors": ["no data provided"]})));
+    let keys = api.ok("LIST", "kv/metadata", None).await;
+    assert_eq!(keys["data"]["keys"], json!(["app"]));
+    api.ok("DELETE", "kv/data/app", None).await;
+    let (s, b) = api.call("GET", "kv/data/app", None).await;
+    assert_eq!((s, b), (404, json!({"errors": []})));
+    let (s, _) = api.call("GET", "kv/data/nothing", None).await;
+    assert_eq!(s, 404);
+}

@@ -15,6 +15,7 @@ use serde_json::Value;
 pub const POLICY: &str = r#"
 path "database/creds/app" { capabilities = ["read"] }
 path "sys/leases/revoke" { capabilities = ["update"] }
+path "kv/data/*" { capabilities = ["read"] }
 "#;
 
 pub struct Env {
