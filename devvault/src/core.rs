@@ -251,6 +251,25 @@ impl Core {
     }
 }
 
+/// A LIST answer: the entries directly below `prefix` among `paths` (sorted),
+/// deeper ones as `dir/`; 404 when there is none, as in Vault.
+pub fn list_children<'a>(paths: impl IntoIterator<Item = &'a str>, prefix: &str, mount_type: &str) -> Outcome {
+    let mut keys: Vec<String> = paths
+        .into_iter()
+        .filter_map(|p| p.strip_prefix(prefix))
+        .map(|rest| match rest.find('/') {
+            Some(i) => rest[..=i].to_string(),
+            None => rest.to_string(),
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    if keys.is_empty() {
+        return Err(Failure::not_found());
+    }
+    Ok(Reply::Envelope(crate::api::Envelope::data(mount_type, serde_json::json!({ "keys": keys }))))
+}
+
 /// `path` is `mount` or lies below it.
 pub fn under(path: &str, mount: &str) -> bool {
     path == mount || path.starts_with(&format!("{mount}/"))

@@ -80,20 +80,7 @@ pub fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str) -> Outcom
         }
         ("metadata", Op::List) => {
             let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
-            let mut keys: Vec<String> = kv
-                .secrets
-                .keys()
-                .filter_map(|k| k.strip_prefix(&prefix))
-                .map(|rest| match rest.find('/') {
-                    Some(i) => rest[..=i].to_string(),
-                    None => rest.to_string(),
-                })
-                .collect();
-            keys.dedup();
-            if keys.is_empty() {
-                return Err(Failure::not_found());
-            }
-            Ok(Reply::Envelope(Envelope::data("kv", json!({ "keys": keys }))))
+            crate::core::list_children(kv.secrets.keys().map(String::as_str), &prefix, "kv")
         }
         ("data" | "metadata", _) => Err(Failure::unsupported_operation()),
         _ => Err(Failure::unsupported_path()),

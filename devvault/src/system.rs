@@ -240,22 +240,8 @@ async fn leases(core: &Arc<Core>, req: &Request, path: &str) -> Outcome {
         }
         ("lookup", Op::Update) => expiration::lookup(core, &lease_id),
         ("lookup", Op::List) => {
-            let prefix = suffix.to_string();
-            let mut keys: Vec<String> = expiration::ids_with_prefix(core, &prefix)
-                .into_iter()
-                .map(|id| {
-                    let rest = &id[prefix.len()..];
-                    match rest.find('/') {
-                        Some(i) => rest[..=i].to_string(),
-                        None => rest.to_string(),
-                    }
-                })
-                .collect();
-            keys.dedup();
-            if keys.is_empty() {
-                return Err(Failure::not_found());
-            }
-            Ok(Reply::Envelope(Envelope::data("system", json!({ "keys": keys }))))
+            let ids = expiration::ids_with_prefix(core, suffix);
+            crate::core::list_children(ids.iter().map(String::as_str), suffix, "system")
         }
         ("renew" | "revoke" | "revoke-prefix" | "revoke-force" | "lookup", _) => Err(Failure::unsupported_operation()),
         _ => Err(Failure::unsupported_path()),
