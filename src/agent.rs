@@ -129,17 +129,17 @@ impl Agent {
     /// in hand, new secrets are issued, removed ones revoked. An invalid
     /// config is logged and the running one kept. `force` re-renders even
     /// when the file is unchanged (SIGHUP).
-    async fn reload(&mut self, force: bool) -> HashSet<String> {
-        let mut added = HashSet::new();
+    async fn reload(&mut self, force: bool) {
+        let mut added = 0usize;
         let text = match std::fs::read_to_string(&self.config_path) {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(event = "config_rejected", error = %e, "cannot read the config; keeping the running one");
-                return added;
+                return;
             }
         };
         if !force && fingerprint(&text, &self.config) == self.fingerprint {
-            return added;
+            return;
         }
         let new = match Config::parse(&text, &self.config_path, self.env)
             .and_then(|c| Renderer::compile(&c, &self.config_path).map(|r| (c, Arc::new(r))))
@@ -148,7 +148,7 @@ impl Agent {
             Err(e) => {
                 self.telemetry.reloaded(false);
                 tracing::error!(event = "config_rejected", error = %e, "the new config is invalid; keeping the running one");
-                return added;
+                return;
             }
         };
         let (config, renderer) = new;
@@ -178,20 +178,14 @@ impl Agent {
                     let _ = r.spec.send(Arc::new(SecretSpec { index, cfg: cfg.clone(), renderer: renderer.clone() }));
                 }
                 None => {
-                    added.insert(cfg.name.clone());
+                    added += 1;
                     self.start(index, cfg.clone(), renderer.clone(), None);
                 }
             }
         }
-        tracing::info!(
-            event = "config_reloaded",
-            secrets = config.secrets.len(),
-            added = added.len(),
-            "configuration reloaded"
-        );
+        tracing::info!(event = "config_reloaded", secrets = config.secrets.len(), added, "configuration reloaded");
         self.fingerprint = fingerprint(&text, &config);
         self.config = config;
-        added
     }
 }
 
