@@ -224,7 +224,7 @@ impl VaultClient {
             let errors = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.errors).unwrap_or_default();
             return Err(VaultError::Status { op, status: status.as_u16(), errors });
         }
-        serde_json::from_slice(&bytes).map_err(|e| VaultError::Decode { op, reason: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| VaultError::Decode { op, reason: decode_reason(&e) })
     }
 
     pub async fn login_kubernetes(&self, mount: &str, role: &str, jwt: &SecretString) -> Result<Token, VaultError> {
@@ -324,6 +324,12 @@ impl VaultClient {
     }
 }
 
+/// serde_json's message quotes the offending value, which could be a token
+/// in a malformed answer: keep only the kind of error and where it is.
+fn decode_reason(e: &serde_json::Error) -> String {
+    format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column())
+}
+
 fn secs(s: i64) -> Duration {
     Duration::from_secs(s.max(0) as u64)
 }
@@ -350,4 +356,15 @@ fn transport_reason(e: &reqwest::Error) -> String {
 /// Wall-clock now; one place so schedules are computed from one reading.
 pub fn now() -> SystemTime {
     SystemTime::now()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn decode_errors_do_not_quote_the_response() {
+        let e = serde_json::from_str::<super::types::Envelope>(r#"{"lease_duration": "hvs.SECRET"}"#).unwrap_err();
+        let reason = super::decode_reason(&e);
+        assert!(!reason.contains("hvs.SECRET"), "{reason}");
+        assert!(reason.starts_with("Data error at line 1"), "{reason}");
+    }
 }
