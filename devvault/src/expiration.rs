@@ -246,6 +246,7 @@ async fn revoke_expired(core: Arc<Core>, lease_id: String) {
             if let Some(lease) = state.leases.get_mut(&lease_id) {
                 lease.revoking = false;
                 lease.attempts += 1;
+                tracing::warn!(lease = %short(&lease_id), attempt = lease.attempts, error = %e, "failed to revoke lease");
                 if lease.attempts >= MAX_REVOKE_ATTEMPTS {
                     tracing::warn!(lease = %short(&lease_id), error = %e, "lease is now irrevocable");
                     lease.irrevocable = Some(e);

@@ -5,7 +5,7 @@
 //! test, never skip it.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -134,8 +134,15 @@ impl PgCluster {
             .map_err(|e| format!("starting postgres: {e}"))?;
         let stdin = child.stdin.take().ok_or("no stdin for the postgres watchdog")?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        // An open port is not enough: PostgreSQL accepts TCP connections while
+        // it still answers "the database system is starting up".
+        let ready = || {
+            Command::new(bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-t", "1", "-p", &port.to_string()])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        while !ready() {
             if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
                 let log_text = std::fs::read_to_string(&log).unwrap_or_default();
                 return Err(format!("PostgreSQL did not start on port {port}: {log_text}"));
@@ -169,7 +176,10 @@ impl PgCluster {
     pub async fn admin(&self) -> tokio_postgres::Client {
         match self.connect(ADMIN_USER, &self.password).await {
             Ok(c) => c,
-            Err(e) => panic!("cannot connect to the test PostgreSQL as {ADMIN_USER}: {e}"),
+            Err(e) => {
+                let detail = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+                panic!("cannot connect to the test PostgreSQL as {ADMIN_USER}: {e} {detail}")
+            }
         }
     }
 
@@ -315,6 +325,10 @@ impl Setup<'_> {
 
 /// Enables `database/` and configures connection `db` on `cluster` through a
 /// fresh superuser, with role `role` of the given TTLs.
+///
+/// The role's statements touch only rows of their own role: a `GRANT … ON
+/// DATABASE` rewrites the database's shared ACL row, and tests running in
+/// parallel then fail with "tuple concurrently updated".
 pub async fn setup_postgres(api: &Api, cluster: &PgCluster, role: &str, default_ttl: &str, max_ttl: &str) {
     let (status, _) = api.call("POST", "sys/mounts/database", Some(json!({"type": "database"}))).await;
     assert!(status == 204 || status == 400, "mounting database: {status}");
@@ -340,10 +354,10 @@ pub async fn setup_postgres(api: &Api, cluster: &PgCluster, role: &str, default_
             "db_name": "db",
             "creation_statements": [
                 "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
-                "GRANT CONNECT ON DATABASE postgres TO \"{{name}}\";"
+                "GRANT pg_read_all_data TO \"{{name}}\";"
             ],
             "revocation_statements": [
-                "REVOKE ALL ON DATABASE postgres FROM \"{{name}}\";",
+                "REVOKE pg_read_all_data FROM \"{{name}}\";",
                 "DROP ROLE IF EXISTS \"{{name}}\";"
             ],
             "default_ttl": default_ttl,
