@@ -212,11 +212,15 @@ impl Supervisor {
     }
 
     fn persist(&self, held: &Option<Held>, retired: &[Retired]) {
+        self.persist_leases(held.as_ref(), retired.iter().map(|r| &r.held));
+    }
+
+    fn persist_leases<'a>(&self, current: Option<&Held>, retired: impl Iterator<Item = &'a Held>) {
         let Some(store) = &self.store else { return };
         let cfg = self.cfg();
         let record = SecretRecord {
-            current: held.as_ref().filter(|h| h.has_lease()).map(|h| h.record(&cfg.path)),
-            retired: retired.iter().map(|r| r.held.record(&cfg.path)).collect(),
+            current: current.filter(|h| h.has_lease()).map(|h| h.record(&cfg.path)),
+            retired: retired.filter(|h| h.has_lease()).map(|h| h.record(&cfg.path)).collect(),
         };
         if let Err(e) = store.set_secret(&cfg.name, record) {
             tracing::error!(event = "state_write_failed", secret = %cfg.name, error = %e, "recording state failed");
@@ -312,6 +316,10 @@ impl Supervisor {
             warnings = ?fresh.secret.warnings,
             "obtained credentials"
         );
+        // Write-ahead: the new lease is on disk before any file names it, so
+        // a kill -9 from here on leaves a lease the next start adopts, not an
+        // orphan. The old one is recorded as retired until then.
+        self.persist_leases(Some(&fresh), retired.iter().map(|r| &r.held).chain(held.as_ref()));
         if !self.render(&fresh).await {
             tracing::error!(event = "render_failed", secret = %name, "revoking the new lease and keeping the old files");
             if fresh.has_lease() {
