@@ -15,6 +15,7 @@
 //! - `ttl`, `fields`, `policy`, `api`: Vault's rules for TTLs, request
 //!   fields, ACLs and responses.
 //! - `jwt`: ServiceAccount JWT minting for tests and the demo.
+//! - `tls`: `-dev-tls`: a throwaway CA and server certificate.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ mod policy;
 mod server;
 mod system;
 mod testext;
+pub mod tls;
 mod token;
 mod ttl;
 
@@ -47,6 +49,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use jwt::{ServiceAccountIssuer, SigningAlg};
+pub use tls::DevTls;
 
 /// The Vault version devvault reports in `sys/health`.
 pub const VAULT_VERSION: &str = "1.17.0+devvault";
@@ -58,29 +61,46 @@ pub struct DevVault {
     core: Arc<core::Core>,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    tls: bool,
 }
 
 impl DevVault {
     /// Binds `listen` (port 0 picks a free port) and serves until dropped.
     pub async fn start(listen: SocketAddr, root_token: &str) -> std::io::Result<DevVault> {
+        Self::serve(listen, root_token, None).await
+    }
+
+    /// As `start`, serving HTTPS with `tls`'s server certificate.
+    pub async fn start_tls(listen: SocketAddr, root_token: &str, tls: &DevTls) -> std::io::Result<DevVault> {
+        let acceptor = tls.acceptor().map_err(std::io::Error::other)?;
+        Self::serve(listen, root_token, Some(acceptor)).await
+    }
+
+    async fn serve(
+        listen: SocketAddr,
+        root_token: &str,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<DevVault> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let core = core::Core::new(root_token);
         let cancel = CancellationToken::new();
+        let tls = acceptor.is_some();
         let tasks = vec![
-            tokio::spawn(server::serve(listener, core.clone(), cancel.clone())),
+            tokio::spawn(server::serve(listener, acceptor, core.clone(), cancel.clone())),
             tokio::spawn(expiration::run(core.clone())),
         ];
-        Ok(DevVault { addr, core, cancel, tasks })
+        Ok(DevVault { addr, core, cancel, tasks, tls })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// `http://<addr>`, the value for `VAULT_ADDR`.
+    /// `http://<addr>` (`https://` with TLS), the value for `VAULT_ADDR`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn root_token(&self) -> &str {

@@ -12,6 +12,7 @@ use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Failure, Reply};
@@ -20,7 +21,7 @@ use crate::core::{Core, Op, Request};
 /// Vault's default `max_request_size`.
 const MAX_BODY: usize = 32 << 20;
 
-pub async fn serve(listener: TcpListener, core: Arc<Core>, cancel: CancellationToken) {
+pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, core: Arc<Core>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -29,22 +30,39 @@ pub async fn serve(listener: TcpListener, core: Arc<Core>, cancel: CancellationT
         let Ok((stream, _)) = accepted else { continue };
         let core = core.clone();
         let cancel = cancel.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            // Cancelled by a `drop` fault: the connection is closed unanswered.
-            let dropper = CancellationToken::new();
-            let svc_dropper = dropper.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                let core = core.clone();
-                let dropper = svc_dropper.clone();
-                async move { Ok::<_, Infallible>(handle(core, dropper, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = conn => {}
-                _ = dropper.cancelled() => {}
-                _ = cancel.cancelled() => {}
+            match tls {
+                // A failed handshake (e.g. a client that does not trust the
+                // CA) just closes the connection, as Vault's listener does.
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        connection(stream, core, cancel).await;
+                    }
+                }
+                None => connection(stream, core, cancel).await,
             }
         });
+    }
+}
+
+async fn connection<IO>(io: IO, core: Arc<Core>, cancel: CancellationToken)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Cancelled by a `drop` fault: the connection is closed unanswered.
+    let dropper = CancellationToken::new();
+    let svc_dropper = dropper.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let core = core.clone();
+        let dropper = svc_dropper.clone();
+        async move { Ok::<_, Infallible>(handle(core, dropper, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    tokio::select! {
+        _ = conn => {}
+        _ = dropper.cancelled() => {}
+        _ = cancel.cancelled() => {}
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use devvault::testing::{Api, PgCluster, Setup, setup_postgres, shared_cluster};
-use devvault::{DevVault, ServiceAccountIssuer, SigningAlg};
+use devvault::{DevTls, DevVault, ServiceAccountIssuer, SigningAlg};
 use serde_json::Value;
 
 pub const POLICY: &str = r#"
@@ -24,6 +24,8 @@ pub struct Env {
     pub pg: &'static PgCluster,
     pub issuer: ServiceAccountIssuer,
     pub dir: tempfile::TempDir,
+    /// Set when devvault serves HTTPS; configs then carry `vault.ca_cert`.
+    pub tls: Option<DevTls>,
 }
 
 pub struct Ttls<'a> {
@@ -35,9 +37,29 @@ pub struct Ttls<'a> {
 
 impl Env {
     pub async fn new(ttls: Ttls<'_>) -> Env {
+        Self::start(ttls, None).await
+    }
+
+    /// devvault over HTTPS with a throwaway CA.
+    pub async fn new_tls(ttls: Ttls<'_>) -> Env {
+        Self::start(ttls, Some(DevTls::generate().unwrap())).await
+    }
+
+    async fn start(ttls: Ttls<'_>, tls: Option<DevTls>) -> Env {
         let pg = shared_cluster();
-        let vault = DevVault::start("127.0.0.1:0".parse().unwrap(), "root").await.expect("devvault starts");
-        let api = Api::new(&vault.url(), Some("root"));
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let (vault, api) = match &tls {
+            Some(tls) => {
+                let vault = DevVault::start_tls(listen, "root", tls).await.expect("devvault starts");
+                let api = Api::with_ca(&vault.url(), Some("root"), &tls.ca_pem);
+                (vault, api)
+            }
+            None => {
+                let vault = DevVault::start(listen, "root").await.expect("devvault starts");
+                let api = Api::new(&vault.url(), Some("root"));
+                (vault, api)
+            }
+        };
         let issuer = ServiceAccountIssuer::generate(SigningAlg::Es256).unwrap();
         setup_postgres(&api, pg, "app", ttls.db_ttl, ttls.db_max).await;
         Setup {
@@ -51,13 +73,21 @@ impl Env {
         .await;
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-        let env = Env { vault, api, pg, issuer, dir };
+        let env = Env { vault, api, pg, issuer, dir, tls };
         std::fs::write(env.token_path(), env.issuer.mint("default", "app", 3600).unwrap()).unwrap();
+        if let Some(tls) = &env.tls {
+            std::fs::write(env.ca_path(), &tls.ca_pem).unwrap();
+        }
         env
     }
 
     pub fn token_path(&self) -> PathBuf {
         self.dir.path().join("sa-token")
+    }
+
+    /// The CA file of an HTTPS devvault.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("vault-ca.pem")
     }
 
     pub fn secrets(&self) -> PathBuf {
@@ -70,7 +100,7 @@ impl Env {
         let yaml = format!(
             r#"vault:
   address: {url}
-auth:
+{ca}auth:
   kubernetes:
     role: app
     token_path: {token}
@@ -89,6 +119,7 @@ telemetry:
   listen: 127.0.0.1:0
 {top_extra}"#,
             url = self.vault.url(),
+            ca = if self.tls.is_some() { format!("  ca_cert: {}\n", self.ca_path().display()) } else { String::new() },
             token = self.token_path().display(),
             secrets = self.secrets().display(),
         );

@@ -102,14 +102,20 @@ def postgres():
     pg.stop()
 
 
-def start_devvault():
-    """Starts the devvault binary on a free port; returns (process, url)."""
+def start_devvault(*extra):
+    """Starts the devvault binary on a free port; returns (process, url).
+    Lines printed before the "listening" line (the CA path of --dev-tls) are
+    on proc.preamble."""
     binary = os.environ.get("DEVVAULT_BIN", os.path.join(ROOT, "target", "debug", "devvault"))
     if not os.path.exists(binary):
         pytest.fail("devvault binary not found at %s; build it with cargo build -p devvault" % binary)
-    proc = subprocess.Popen([binary, "--listen", "127.0.0.1:0", "--root-token", "root"],
+    proc = subprocess.Popen([binary, "--listen", "127.0.0.1:0", "--root-token", "root", *extra],
                             stdout=subprocess.PIPE, text=True)
+    proc.preamble = []
     line = proc.stdout.readline().strip()
+    while line.startswith("devvault CA certificate: "):
+        proc.preamble.append(line)
+        line = proc.stdout.readline().strip()
     if not line.startswith("devvault listening on "):
         proc.kill()
         pytest.fail("devvault did not start: %r" % line)

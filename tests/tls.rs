@@ -1,0 +1,54 @@
+//! The agent against devvault over HTTPS (a throwaway CA, as `vault server
+//! -dev-tls`): trusted through `vault.ca_cert`, refused without it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, Ttls, eventually};
+use nix::sys::signal::Signal;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_ca_cert_runs_the_whole_lifecycle() {
+    let env = Env::new_tls(Ttls { db_ttl: "4s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
+    assert!(env.vault.url().starts_with("https://"));
+    let config = env.config("", "");
+    assert!(std::fs::read_to_string(&config).unwrap().contains("ca_cert:"));
+    let mut agent = env.spawn(&config).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let creds = env.read_json("db.json").unwrap();
+    let user = creds["username"].as_str().unwrap().to_string();
+    env.pg.connect(&user, creds["password"].as_str().unwrap()).await.expect("credentials fetched over TLS log in");
+    let renewed =
+        eventually(15, async || env.requests().await.iter().any(|r| r.path == "sys/leases/renew" && r.status == 200))
+            .await;
+    assert!(renewed, "renewal over TLS:\n{}", agent.output());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    assert!(!env.pg.role_exists(&user).await, "revoked over TLS");
+    let reqs = env.requests().await;
+    assert!(reqs.iter().any(|r| r.path == "auth/token/revoke-self" && r.status == 204), "token revoked over TLS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_without_the_ca_is_refused_and_names_the_certificate() {
+    let env = Env::new_tls(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let config = env.config("", "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without: String = text.lines().filter(|l| !l.contains("ca_cert:")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&config, without).unwrap();
+    let mut agent = env.spawn(&config).await;
+    assert!(eventually(10, async || !agent.events("login_failed").is_empty()).await, "{}", agent.output());
+    let failure = agent.events("login_failed")[0].to_string();
+    assert!(failure.contains("invalid peer certificate: UnknownIssuer"), "the error says why: {failure}");
+    // The handshake fails before any request reaches devvault.
+    assert!(env.requests().await.iter().all(|r| r.path != "auth/kubernetes/login"));
+    assert!(env.read_json("db.json").is_none());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(
+        agent.wait(Duration::from_secs(15)).await,
+        0,
+        "nothing was issued, so nothing is left: {}",
+        agent.output()
+    );
+}
