@@ -106,6 +106,7 @@ async fn renews_at_half_ttl_and_reissues_before_max_ttl() {
     let after = secs_between(creds[1].time, revoke.time);
     assert!((0.9..=1.8).contains(&after), "revoked {after:.2} s after re-issue");
     assert!(!agent.events("capped").is_empty(), "a capped renewal was logged");
+    assert!(agent.events("token_bounds_lease").is_empty(), "the max TTL ended the lease, not the token");
 
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());

@@ -22,7 +22,7 @@ use crate::secret::LeaseId;
 use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
 use crate::telemetry::Telemetry;
 use crate::vault::{Secret, VaultClient, VaultError, now};
-use schedule::{Action, LeaseTimes, Policy};
+use schedule::{Action, Bound, LeaseTimes, Policy};
 
 /// A lease the agent is responsible for, as reported when a supervisor stops.
 #[derive(Debug, Clone)]
@@ -116,7 +116,7 @@ enum Step {
     Issue,
     Refresh,
     Renew,
-    Reissue,
+    Reissue(Bound),
 }
 
 pub struct Supervisor {
@@ -164,6 +164,7 @@ impl Supervisor {
         let mut retry_at: Option<SystemTime> = None;
         let mut auth_open = true;
         let mut spec_open = true;
+        let mut warned_token_bound = false;
         loop {
             let (step, due) = self.next_step(held.as_ref(), retry_at);
             let revoke_due = retired.iter().map(|r| r.revoke_at).min();
@@ -190,8 +191,12 @@ impl Supervisor {
             if now() < due {
                 continue;
             }
+            if step == Step::Reissue(Bound::Token) && !warned_token_bound {
+                warned_token_bound = true;
+                self.warn_token_bound(held.as_ref());
+            }
             let outcome = match step {
-                Step::Issue | Step::Reissue => self.issue_and_render(&mut held, &mut retired).await,
+                Step::Issue | Step::Reissue(_) => self.issue_and_render(&mut held, &mut retired).await,
                 Step::Refresh => self.refresh(&mut held).await,
                 Step::Renew => self.renew(&mut held).await,
             };
@@ -227,6 +232,23 @@ impl Supervisor {
         }
     }
 
+    /// Once per run: credentials replaced early because their token ends
+    /// first is a Vault setup problem (the complaint about Vault Agent
+    /// re-issuing on every re-login), so say how to fix it.
+    fn warn_token_bound(&self, held: Option<&Held>) {
+        let Some(h) = held else { return };
+        let token_end = self.auth.borrow().token_end(&h.token_accessor);
+        tracing::warn!(
+            event = "token_bounds_lease",
+            secret = %self.name(),
+            lease = %h.secret.lease_id,
+            token_expires_at = ?token_end.map(crate::render::rfc3339),
+            lease_expires_at = %crate::render::rfc3339(h.times.expires_at()),
+            "the Vault token that created these credentials expires for good before they could; issuing new ones early. \
+             Set the auth role's token_max_ttl to at least the database role's max_ttl"
+        );
+    }
+
     fn next_step(&self, held: Option<&Held>, retry_at: Option<SystemTime>) -> (Step, SystemTime) {
         let later = |t: SystemTime| retry_at.map_or(t, |r| r.max(t));
         let Some(h) = held else { return (Step::Issue, retry_at.unwrap_or_else(now)) };
@@ -239,7 +261,7 @@ impl Supervisor {
         let next = schedule::next(&h.times, token_end, &policy, h.sample);
         let step = match next.action {
             Action::Renew => Step::Renew,
-            Action::Reissue => Step::Reissue,
+            Action::Reissue(bound) => Step::Reissue(bound),
         };
         (step, later(next.at))
     }

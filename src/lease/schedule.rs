@@ -52,7 +52,18 @@ impl LeaseTimes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Renew,
-    Reissue,
+    /// New credentials are needed before `Bound` ends the lease.
+    Reissue(Bound),
+}
+
+/// What ends a lease that cannot be extended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// Its own max TTL, or it is not renewable.
+    Lease,
+    /// The token that created it expires for good first (Vault revokes the
+    /// lease with it): the auth role's `token_max_ttl` is too short.
+    Token,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,15 +102,17 @@ pub fn next(lease: &LeaseTimes, token_end: Option<SystemTime>, policy: &Policy, 
     let overlap = part(lease.first_ttl, 1.0 - policy.renew_at) + part(lease.first_ttl, policy.jitter * sample);
     let reissue_before = |end: SystemTime| end.checked_sub(overlap).unwrap_or(SystemTime::UNIX_EPOCH);
     if !lease.renewable || lease.capped {
-        let end = token_end.map_or(lease.expires_at(), |t| t.min(lease.expires_at()));
-        return Next { action: Action::Reissue, at: reissue_before(end) };
+        return match token_end.filter(|t| *t < lease.expires_at()) {
+            Some(end) => Next { action: Action::Reissue(Bound::Token), at: reissue_before(end) },
+            None => Next { action: Action::Reissue(Bound::Lease), at: reissue_before(lease.expires_at()) },
+        };
     }
     let renew_at = renew_point(lease.granted_at, lease.ttl, policy, sample);
     // Renewals extend the lease, but not past the end of its token.
     if let Some(end) = token_end
         && reissue_before(end) <= renew_at
     {
-        return Next { action: Action::Reissue, at: reissue_before(end) };
+        return Next { action: Action::Reissue(Bound::Token), at: reissue_before(end) };
     }
     Next { action: Action::Renew, at: renew_at }
 }
@@ -157,7 +170,7 @@ mod tests {
         let lease = LeaseTimes::issued(t(0.0), s(4.0), true).renewed(t(8.0), s(3.0), true, &[]);
         assert!(lease.capped);
         let n = next(&lease, None, &POLICY, 0.0);
-        assert_eq!(n, Next { action: Action::Reissue, at: t(9.0) });
+        assert_eq!(n, Next { action: Action::Reissue(Bound::Lease), at: t(9.0) });
         // New credentials in place with (1 - 0.5) × 4 s = 2 s left on the old.
         assert_eq!(lease.expires_at().duration_since(n.at).unwrap(), s(2.0));
     }
@@ -174,21 +187,37 @@ mod tests {
     #[test]
     fn non_renewable_lease_is_reissued_before_it_ends() {
         let lease = LeaseTimes::issued(t(0.0), s(10.0), false);
-        assert_eq!(next(&lease, None, &POLICY, 0.0), Next { action: Action::Reissue, at: t(5.0) });
+        assert_eq!(next(&lease, None, &POLICY, 0.0), Next { action: Action::Reissue(Bound::Lease), at: t(5.0) });
     }
 
     #[test]
     fn token_expiry_bounds_the_lease() {
         // Lease for 60 s, but its token dies for good at t=10.
         let lease = LeaseTimes::issued(t(0.0), s(60.0), true);
-        assert_eq!(next(&lease, Some(t(10.0)), &POLICY, 0.0), Next { action: Action::Reissue, at: t(0.0) - s(20.0) });
+        assert_eq!(
+            next(&lease, Some(t(10.0)), &POLICY, 0.0),
+            Next { action: Action::Reissue(Bound::Token), at: t(0.0) - s(20.0) }
+        );
         let short = LeaseTimes::issued(t(0.0), s(4.0), true);
         assert_eq!(next(&short, Some(t(10.0)), &POLICY, 0.0), Next { action: Action::Renew, at: t(2.0) });
         // A token that outlives the lease changes nothing.
         assert_eq!(next(&short, Some(t(100.0)), &POLICY, 0.0), next(&short, None, &POLICY, 0.0));
         // Near the token's end the re-issue comes before the renewal.
         let late = short.renewed(t(7.0), s(4.0), true, &[]);
-        assert_eq!(next(&late, Some(t(10.0)), &POLICY, 0.0), Next { action: Action::Reissue, at: t(8.0) });
+        assert_eq!(
+            next(&late, Some(t(10.0)), &POLICY, 0.0),
+            Next { action: Action::Reissue(Bound::Token), at: t(8.0) }
+        );
+    }
+
+    #[test]
+    fn a_capped_lease_names_whichever_ends_first() {
+        // Capped: the lease ends at t=11.
+        let lease = LeaseTimes::issued(t(0.0), s(4.0), true).renewed(t(8.0), s(3.0), true, &[]);
+        let token_first = next(&lease, Some(t(10.0)), &POLICY, 0.0);
+        assert_eq!(token_first, Next { action: Action::Reissue(Bound::Token), at: t(8.0) });
+        let lease_first = next(&lease, Some(t(11.5)), &POLICY, 0.0);
+        assert_eq!(lease_first, Next { action: Action::Reissue(Bound::Lease), at: t(9.0) });
     }
 
     #[test]
