@@ -80,8 +80,11 @@ async fn handle(core: Arc<Core>, dropper: CancellationToken, req: hyper::Request
     let method = req.method().as_str().to_string();
     let uri_path = req.uri().path().to_string();
     let query: Vec<(String, String)> = req.uri().query().map(parse_query).unwrap_or_default();
+    // Namespaces (Vault Enterprise) are not emulated; the log keeps the
+    // header so tests can see that clients send it.
+    let ns = req.headers().get("x-vault-namespace").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let Some(path) = uri_path.strip_prefix("/v1/").map(percent_decode) else {
-        core.log.record(&method, &uri_path, 404, "");
+        core.log.record(&method, &uri_path, &ns, 404, "");
         return respond(404, Some(Failure::not_found().body()));
     };
     if !path.starts_with("sys/devvault/")
@@ -91,17 +94,17 @@ async fn handle(core: Arc<Core>, dropper: CancellationToken, req: hyper::Request
             tokio::time::sleep(std::time::Duration::from_millis(fault.delay_ms)).await;
         }
         if fault.drop {
-            core.log.record(&method, &path, 0, "");
+            core.log.record(&method, &path, &ns, 0, "");
             dropper.cancel();
             return std::future::pending().await;
         }
         if let Some(status) = fault.status {
-            core.log.record(&method, &path, status, "");
+            core.log.record(&method, &path, &ns, status, "");
             return respond(status, Some(json!({ "errors": fault.errors })));
         }
     }
     let (status, (body, accessor)) = run(&core, &method, path.clone(), query, req).await;
-    core.log.record(&method, &path, status, &accessor);
+    core.log.record(&method, &path, &ns, status, &accessor);
     if method == "HEAD" {
         return respond(status, None);
     }

@@ -85,6 +85,8 @@ pub struct LogEntry {
     /// 0 when the connection was dropped by a fault.
     pub status: u16,
     pub accessor: String,
+    /// The `X-Vault-Namespace` header, recorded only ("" when absent).
+    pub namespace: String,
 }
 
 #[derive(Default)]
@@ -93,13 +95,14 @@ pub struct RequestLog {
 }
 
 impl RequestLog {
-    pub fn record(&self, method: &str, path: &str, status: u16, accessor: &str) {
+    pub fn record(&self, method: &str, path: &str, namespace: &str, status: u16, accessor: &str) {
         let entry = LogEntry {
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             method: method.to_string(),
             path: path.to_string(),
             status,
             accessor: accessor.to_string(),
+            namespace: namespace.to_string(),
         };
         self.lock().push(entry);
     }

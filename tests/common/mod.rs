@@ -143,6 +143,7 @@ telemetry:
                 method: e["method"].as_str().unwrap().to_string(),
                 path: e["path"].as_str().unwrap().to_string(),
                 status: e["status"].as_u64().unwrap() as u16,
+                namespace: e["namespace"].as_str().unwrap().to_string(),
             })
             .collect()
     }
@@ -159,6 +160,8 @@ pub struct Req {
     pub method: String,
     pub path: String,
     pub status: u16,
+    /// The `X-Vault-Namespace` header sent ("" when none).
+    pub namespace: String,
 }
 
 pub fn secs_between(a: SystemTime, b: SystemTime) -> f64 {

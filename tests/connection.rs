@@ -1,5 +1,6 @@
-//! The agent against devvault over HTTPS (a throwaway CA, as `vault server
-//! -dev-tls`): trusted through `vault.ca_cert`, refused without it.
+//! How the agent reaches Vault: over HTTPS (a throwaway CA, as `vault server
+//! -dev-tls`), trusted through `vault.ca_cert` and refused without it; and
+//! `vault.namespace` sent on every request.
 
 mod common;
 
@@ -51,4 +52,33 @@ async fn https_without_the_ca_is_refused_and_names_the_certificate() {
         "nothing was issued, so nothing is left: {}",
         agent.output()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_is_sent_on_every_request() {
+    let env = Env::new(Ttls { db_ttl: "2s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
+    let config = env.config("", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("vault:\n", "vault:\n  namespace: team-a/apps\n");
+    std::fs::write(&config, text).unwrap();
+    let mut agent = env.spawn(&config).await;
+    let renewed = eventually(15, async || env.requests().await.iter().any(|r| r.path == "sys/leases/renew")).await;
+    assert!(renewed, "{}", agent.output());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    let reqs = env.requests().await;
+    // The harness's own requests (setup, this log) carry no namespace.
+    let agents: Vec<_> = reqs.iter().filter(|r| !r.namespace.is_empty()).collect();
+    for path in [
+        "auth/kubernetes/login",
+        "database/creds/app",
+        "sys/leases/renew",
+        "sys/leases/revoke",
+        "auth/token/revoke-self",
+    ] {
+        assert!(agents.iter().any(|r| r.path == path), "{path} sent with the namespace");
+    }
+    assert!(agents.iter().all(|r| r.namespace == "team-a/apps"), "{agents:?}");
+    let without: Vec<_> =
+        reqs.iter().filter(|r| r.namespace.is_empty() && !r.path.starts_with("sys/devvault/")).collect();
+    assert!(without.iter().all(|r| r.time < agents[0].time), "agent requests without the namespace: {without:?}");
 }
