@@ -34,15 +34,8 @@ fn lines(path: &std::path::Path) -> usize {
 
 fn config(env: &Env, template: &str, url: &str, exec_cmd: &str) -> std::path::PathBuf {
     let d = env.dir.path().display();
-    let yaml = format!(
-        r#"vault:
-  address: {vault}
-auth:
-  kubernetes:
-    role: app
-    token_path: {token}
-secrets:
-  - name: db
+    let secrets = format!(
+        r#"  - name: db
     path: database/creds/app
     files:
       - path: {secrets}/db.txt
@@ -51,18 +44,10 @@ secrets:
       signal: {{ pid_file: {d}/app.pid, signal: SIGUSR1 }}
       exec: ["/bin/sh", "-c", "{exec_cmd}"]
       http: {{ url: "{url}", method: POST }}
-log:
-  format: json
-telemetry:
-  listen: 127.0.0.1:0
 "#,
-        vault = env.vault.url(),
-        token = env.token_path().display(),
         secrets = env.secrets().display(),
     );
-    let path = env.dir.path().join("leasehold.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
+    env.config_with_secrets(&secrets)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,7 @@ use crate::database::DbMount;
 use crate::fields::Fields;
 use crate::kubernetes::KubeMount;
 use crate::kv::KvMount;
+use crate::pki::PkiMount;
 use crate::policy::{Acl, Capability, DEFAULT_POLICY, Policy};
 use crate::testext::{Faults, RequestLog};
 
@@ -81,6 +82,15 @@ impl TokenEntry {
     }
 }
 
+/// What revoking a lease undoes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseKind {
+    /// A database user (`db_name`, `username`, `revocation_statements`).
+    Database,
+    /// A certificate, marked revoked.
+    Pki { serial: String },
+}
+
 #[derive(Debug, Clone)]
 pub struct LeaseEntry {
     pub id: String,
@@ -89,6 +99,7 @@ pub struct LeaseEntry {
     pub db_name: String,
     pub username: String,
     pub revocation_statements: Vec<String>,
+    pub kind: LeaseKind,
     pub issue_time: DateTime<Utc>,
     pub expire_time: DateTime<Utc>,
     pub last_renewal: Option<DateTime<Utc>>,
@@ -109,6 +120,7 @@ pub struct State {
     pub auth_mounts: BTreeMap<String, KubeMount>,
     pub secret_mounts: BTreeMap<String, DbMount>,
     pub kv_mounts: BTreeMap<String, KvMount>,
+    pub pki_mounts: BTreeMap<String, PkiMount>,
 }
 
 pub struct Core {
@@ -234,6 +246,11 @@ impl Core {
             let sub = path[mount.len()..].trim_start_matches('/').to_string();
             return crate::kv::handle(self, &req, &mount, &sub);
         }
+        let mount = self.state().pki_mounts.keys().find(|m| under(&path, m)).cloned();
+        if let Some(mount) = mount {
+            let sub = path[mount.len()..].trim_start_matches('/').to_string();
+            return crate::pki::handle(self, &req, &mount, &sub, token);
+        }
         Err(Failure::no_route(&path))
     }
 
@@ -282,7 +299,8 @@ fn is_unauthenticated(state: &State, path: &str) -> bool {
     if let Some(rest) = path.strip_prefix("auth/") {
         return state.auth_mounts.keys().any(|m| rest == format!("{m}/login"));
     }
-    false
+    // PKI serves certificates without a token, as Vault does.
+    state.pki_mounts.keys().any(|m| path.strip_prefix(&format!("{m}/cert/")).is_some_and(|s| !s.is_empty()))
 }
 
 fn needs_sudo(path: &str) -> bool {
@@ -305,6 +323,11 @@ fn exists(state: &State, path: &str) -> Option<bool> {
             if let Some(name) = rest.strip_prefix("config/") {
                 return Some(db.connections.contains_key(name));
             }
+        }
+    }
+    for (mount, pki) in &state.pki_mounts {
+        if let Some(name) = path.strip_prefix(&format!("{mount}/roles/")) {
+            return Some(pki.has_role(name));
         }
     }
     for (mount, kube) in &state.auth_mounts {

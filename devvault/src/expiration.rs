@@ -9,7 +9,7 @@ use rand::Rng;
 use serde_json::json;
 
 use crate::api::{Envelope, Failure, Outcome, Reply};
-use crate::core::{Core, State};
+use crate::core::{Core, LeaseEntry, LeaseKind, State};
 use crate::database;
 
 /// Vault gives up after this many failed revocation attempts and marks the
@@ -111,10 +111,10 @@ pub async fn revoke_now(core: &Arc<Core>, lease_id: &str) -> Result<(), String> 
         let Some(lease) = state.leases.get(lease_id).cloned() else {
             return Ok(());
         };
-        database::plan_revoke(&state, &lease)
+        plan_revoke(&state, &lease)
     };
     let result = match plan {
-        Ok(plan) => plan.run().await,
+        Ok(plan) => plan.run(core).await,
         Err(e) => Err(e),
     };
     match result {
@@ -123,6 +123,32 @@ pub async fn revoke_now(core: &Arc<Core>, lease_id: &str) -> Result<(), String> 
             Ok(())
         }
         Err(e) => Err(format!("failed to revoke entry: resp: (*logical.Response)(nil) err: {e}")),
+    }
+}
+
+/// What revoking a lease will do, taken from the state before the lock is
+/// released (the database call runs without it).
+enum RevokePlan {
+    Database(database::RevokePlan),
+    Pki { mount: String, serial: String },
+}
+
+impl RevokePlan {
+    async fn run(self, core: &Core) -> Result<(), String> {
+        match self {
+            RevokePlan::Database(plan) => plan.run().await,
+            RevokePlan::Pki { mount, serial } => {
+                crate::pki::revoke(core, &mount, &serial);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn plan_revoke(state: &State, lease: &LeaseEntry) -> Result<RevokePlan, String> {
+    match &lease.kind {
+        LeaseKind::Database => database::plan_revoke(state, lease).map(RevokePlan::Database),
+        LeaseKind::Pki { serial } => Ok(RevokePlan::Pki { mount: lease.mount.clone(), serial: serial.clone() }),
     }
 }
 
@@ -231,10 +257,10 @@ async fn revoke_expired(core: Arc<Core>, lease_id: String) {
         let Some(lease) = state.leases.get(&lease_id).cloned() else {
             return;
         };
-        database::plan_revoke(&state, &lease)
+        plan_revoke(&state, &lease)
     };
     let result = match plan {
-        Ok(plan) => plan.run().await,
+        Ok(plan) => plan.run(&core).await,
         Err(e) => Err(e),
     };
     let mut state = core.state();

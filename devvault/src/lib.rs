@@ -10,7 +10,7 @@
 //! # Layout
 //! - `server`: HTTP decoding, faults, request log, Vault's headers.
 //! - `core`: state and the pipeline (token → ACL → route).
-//! - `system`, `token`, `kubernetes`, `database`: the mounts.
+//! - `system`, `token`, `kubernetes`, `database`, `kv`, `pki`: the mounts.
 //! - `expiration`: lease renew/revoke, expiry, token→lease coupling.
 //! - `ttl`, `fields`, `policy`, `api`: Vault's rules for TTLs, request
 //!   fields, ACLs and responses.
@@ -30,6 +30,7 @@ pub mod jwt;
 mod kubernetes;
 mod kv;
 mod pem;
+mod pki;
 mod policy;
 mod server;
 mod system;

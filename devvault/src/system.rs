@@ -11,6 +11,7 @@ use crate::database::DbMount;
 use crate::expiration;
 use crate::kubernetes::KubeMount;
 use crate::kv::KvMount;
+use crate::pki::PkiMount;
 use crate::policy::Policy;
 use crate::testext::Fault;
 
@@ -82,6 +83,9 @@ fn list_mounts(core: &Arc<Core>, req: &Request, auth: bool) -> Outcome {
         for m in state.kv_mounts.keys() {
             data.insert(format!("{m}/"), json!({"type": "kv", "description": "", "options": {"version": "2"}}));
         }
+        for m in state.pki_mounts.keys() {
+            data.insert(format!("{m}/"), json!({"type": "pki", "description": ""}));
+        }
     }
     Ok(Reply::Envelope(Envelope::data("system", Value::Object(data))))
 }
@@ -102,6 +106,7 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
                 ["sys", "auth", "cubbyhole", "identity"].contains(&path.as_str())
                     || state.secret_mounts.contains_key(&path)
                     || state.kv_mounts.contains_key(&path)
+                    || state.pki_mounts.contains_key(&path)
             };
             if taken {
                 let prefix = if auth { "auth/" } else { "" };
@@ -113,6 +118,9 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
                 }
                 (false, "database") => {
                     state.secret_mounts.insert(path, DbMount::default());
+                }
+                (false, "pki") => {
+                    state.pki_mounts.insert(path, PkiMount::default());
                 }
                 (false, "kv-v2") => {
                     state.kv_mounts.insert(path, KvMount::default());
@@ -140,8 +148,9 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
                 if auth {
                     state.auth_mounts.remove(&path).is_some()
                 } else {
-                    state.kv_mounts.remove(&path);
-                    state.secret_mounts.remove(&path).is_some()
+                    let kv = state.kv_mounts.remove(&path).is_some();
+                    let pki = state.pki_mounts.remove(&path).is_some();
+                    state.secret_mounts.remove(&path).is_some() || kv || pki
                 }
             };
             if removed && !auth {

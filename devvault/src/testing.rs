@@ -389,6 +389,22 @@ pub async fn setup_memory(api: &Api, allowed_roles: &str, default_ttl: &str, max
     api.ok("POST", "database/roles/app", Some(role)).await;
 }
 
+/// Enables `pki/` with an EC root CA (`ca_ttl`) and role `role` for
+/// `*.example.com` (EC keys, `max_ttl`), leased when `generate_lease`.
+pub async fn setup_pki(api: &Api, role: &str, ca_ttl: &str, max_ttl: &str, generate_lease: bool) {
+    api.ok("POST", "sys/mounts/pki", Some(json!({"type": "pki"}))).await;
+    let root = json!({"common_name": "devvault test CA", "key_type": "ec", "ttl": ca_ttl});
+    api.ok("POST", "pki/root/generate/internal", Some(root)).await;
+    let role_body = json!({
+        "allowed_domains": "example.com",
+        "allow_subdomains": true,
+        "key_type": "ec",
+        "max_ttl": max_ttl,
+        "generate_lease": generate_lease,
+    });
+    api.ok("POST", &format!("pki/roles/{role}"), Some(role_body)).await;
+}
+
 /// Writes a line to stderr; tests print timelines with it.
 pub fn note(msg: &str) {
     let _ = writeln!(std::io::stderr(), "{msg}");

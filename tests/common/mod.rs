@@ -16,6 +16,7 @@ pub const POLICY: &str = r#"
 path "database/creds/app" { capabilities = ["read"] }
 path "sys/leases/revoke" { capabilities = ["update"] }
 path "kv/data/*" { capabilities = ["read"] }
+path "pki/issue/web" { capabilities = ["update"] }
 "#;
 
 pub struct Env {
@@ -122,6 +123,21 @@ telemetry:
             ca = if self.tls.is_some() { format!("  ca_cert: {}\n", self.ca_path().display()) } else { String::new() },
             token = self.token_path().display(),
             secrets = self.secrets().display(),
+        );
+        let path = self.dir.path().join("leasehold.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    /// A config around the given `secrets:` list items (YAML), with this
+    /// Env's Vault, token and JSON logs.
+    pub fn config_with_secrets(&self, secrets: &str) -> PathBuf {
+        let yaml = format!(
+            "vault:\n  address: {url}\n{ca}auth:\n  kubernetes:\n    role: app\n    token_path: {token}\n\
+             secrets:\n{secrets}log:\n  format: json\ntelemetry:\n  listen: 127.0.0.1:0\n",
+            url = self.vault.url(),
+            ca = if self.tls.is_some() { format!("  ca_cert: {}\n", self.ca_path().display()) } else { String::new() },
+            token = self.token_path().display(),
         );
         let path = self.dir.path().join("leasehold.yaml");
         std::fs::write(&path, yaml).unwrap();

@@ -13,7 +13,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 
 use crate::api::{Envelope, Failure, Outcome, Reply};
-use crate::core::{Core, LeaseEntry, Op, Request, State, TokenEntry};
+use crate::core::{Core, LeaseEntry, LeaseKind, Op, Request, State, TokenEntry};
 use crate::ttl::{self, TtlInput, TtlResult};
 pub use memory::MemPlugin;
 use postgres::PgPlugin;
@@ -385,6 +385,7 @@ async fn creds(core: &Arc<Core>, mount: &str, role_name: &str, token: Option<Tok
                 db_name: role.db_name.clone(),
                 username: user.clone(),
                 revocation_statements: role.revocation_statements.clone(),
+                kind: LeaseKind::Database,
                 issue_time: now,
                 expire_time: if token_alive { now + Duration::seconds(ttl.ttl) } else { now },
                 last_renewal: None,
