@@ -82,6 +82,13 @@ impl SecretData {
     pub fn str(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(Value::as_str)
     }
+
+    /// `expiration` (Unix seconds), which PKI certificates carry whether or
+    /// not Vault leased them.
+    pub fn expiration(&self) -> Option<std::time::SystemTime> {
+        let secs = self.0.get("expiration").and_then(Value::as_i64).filter(|s| *s > 0)?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64))
+    }
 }
 
 impl fmt::Debug for SecretData {

@@ -7,11 +7,11 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::{Env, Ttls, eventually};
+use common::{Env, Ttls, eventually, secs_between};
 use devvault::testing::setup_pki;
 use nix::sys::signal::Signal;
 
-fn config(env: &Env) -> std::path::PathBuf {
+fn config(env: &Env, extra: &str) -> std::path::PathBuf {
     let secrets = format!(
         r#"  - name: tls
     path: pki/issue/web
@@ -29,7 +29,7 @@ fn config(env: &Env) -> std::path::PathBuf {
         mode: "0400"
       - path: {dir}/serial
         template: "{{{{ data.serial_number }}}}"
-"#,
+{extra}"#,
         dir = env.secrets().display(),
     );
     env.config_with_secrets(&secrets)
@@ -48,7 +48,7 @@ async fn revoked(env: &Env, serial: &str) -> bool {
 async fn certificates_by_post_are_reissued_before_they_end_and_revoked_at_sigterm() {
     let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
     setup_pki(&env.api, "web", "1h", "1h", true).await;
-    let mut agent = env.spawn(&config(&env)).await;
+    let mut agent = env.spawn(&config(&env, "")).await;
     assert!(eventually(20, async || read(&env, "serial").is_some()).await, "{}", agent.output());
     let first = read(&env, "serial").unwrap();
     // The files hold the certificate Vault issued under that serial, with the configured modes.
@@ -71,4 +71,25 @@ async fn certificates_by_post_are_reissued_before_they_end_and_revoked_at_sigter
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
     let last = read(&env, "serial").unwrap();
     assert!(revoked(&env, &last).await, "the certificate in use is revoked at shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unleased_certificates_are_reissued_at_half_their_validity_not_polled() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    setup_pki(&env.api, "web", "1h", "1h", false).await;
+    // A one-hour poll would leave the 4 s certificate expired; a one-second
+    // poll would mint four certificates a second time round.
+    let mut agent = env.spawn(&config(&env, "    refresh_interval: 1h\n")).await;
+    assert!(eventually(20, async || read(&env, "serial").is_some()).await, "{}", agent.output());
+    let first = read(&env, "serial").unwrap();
+    assert!(eventually(10, async || read(&env, "serial").is_some_and(|s| s != first)).await, "{}", agent.output());
+    let reqs = env.requests().await;
+    let issues: Vec<_> = reqs.iter().filter(|r| r.path == "pki/issue/web").collect();
+    assert_eq!(issues.len(), 2, "{issues:?}");
+    let gap = secs_between(issues[0].time, issues[1].time);
+    // `expiration` is whole seconds, so the validity seen is 3–4 s: half of
+    // it, less up to 5 % jitter, plus a scheduling tolerance.
+    assert!((1.3..=2.3).contains(&gap), "re-read {gap:.2} s into a 4 s certificate");
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }

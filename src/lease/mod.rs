@@ -253,11 +253,18 @@ impl Supervisor {
         let later = |t: SystemTime| retry_at.map_or(t, |r| r.max(t));
         let Some(h) = held else { return (Step::Issue, retry_at.unwrap_or_else(now)) };
         let cfg = self.cfg();
+        let policy = Policy { renew_at: cfg.renew_at, jitter: cfg.jitter };
         if !h.has_lease() {
-            return (Step::Refresh, later(h.times.granted_at + cfg.refresh_interval));
+            let at = schedule::refresh_at(
+                h.times.granted_at,
+                h.secret.data.expiration(),
+                cfg.refresh_interval,
+                &policy,
+                h.sample,
+            );
+            return (Step::Refresh, later(at));
         }
         let token_end = self.auth.borrow().token_end(&h.token_accessor);
-        let policy = Policy { renew_at: cfg.renew_at, jitter: cfg.jitter };
         let next = schedule::next(&h.times, token_end, &policy, h.sample);
         let step = match next.action {
             Action::Renew => Step::Renew,

@@ -117,6 +117,23 @@ pub fn next(lease: &LeaseTimes, token_end: Option<SystemTime>, policy: &Policy, 
     Next { action: Action::Renew, at: renew_at }
 }
 
+/// When to re-read a secret without a lease. One that says when it ends
+/// (`data.expiration`, e.g. an unleased PKI certificate) is re-read at
+/// `renew_at` of its validity, never sooner: every read of `pki/issue` mints
+/// a certificate. Others (KV) are polled every `refresh_interval`.
+pub fn refresh_at(
+    fetched_at: SystemTime,
+    expiration: Option<SystemTime>,
+    refresh_interval: Duration,
+    policy: &Policy,
+    sample: f64,
+) -> SystemTime {
+    match expiration.and_then(|end| end.duration_since(fetched_at).ok()) {
+        Some(validity) => renew_point(fetched_at, validity, policy, sample),
+        None => fetched_at + refresh_interval,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +235,20 @@ mod tests {
         assert_eq!(token_first, Next { action: Action::Reissue(Bound::Token), at: t(8.0) });
         let lease_first = next(&lease, Some(t(11.5)), &POLICY, 0.0);
         assert_eq!(lease_first, Next { action: Action::Reissue(Bound::Lease), at: t(9.0) });
+    }
+
+    #[test]
+    fn unleased_secrets_with_an_expiration_are_reread_at_renew_at_of_their_validity() {
+        let five_min = s(300.0);
+        // A certificate valid for 100 s: re-read at 50 s, not after 5 minutes.
+        assert_eq!(refresh_at(t(0.0), Some(t(100.0)), five_min, &POLICY, 0.0), t(50.0));
+        // Nor before, even if refresh_interval is shorter.
+        assert_eq!(refresh_at(t(0.0), Some(t(100.0)), s(10.0), &POLICY, 0.0), t(50.0));
+        let jittered = refresh_at(t(0.0), Some(t(100.0)), five_min, &POLICY, 0.99);
+        assert!(jittered < t(50.0) && jittered >= t(45.0));
+        // KV (no expiration) and an expiration already passed: the interval.
+        assert_eq!(refresh_at(t(0.0), None, five_min, &POLICY, 0.0), t(300.0));
+        assert_eq!(refresh_at(t(10.0), Some(t(5.0)), five_min, &POLICY, 0.0), t(310.0));
     }
 
     #[test]
