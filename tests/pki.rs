@@ -29,6 +29,8 @@ fn config(env: &Env, extra: &str) -> std::path::PathBuf {
         mode: "0400"
       - path: {dir}/serial
         template: "{{{{ data.serial_number }}}}"
+      - path: {dir}/expires
+        template: "{{{{ expires_at }}}}"
 {extra}"#,
         dir = env.secrets().display(),
     );
@@ -82,6 +84,10 @@ async fn unleased_certificates_are_reissued_at_half_their_validity_not_polled() 
     let mut agent = env.spawn(&config(&env, "    refresh_interval: 1h\n")).await;
     assert!(eventually(20, async || read(&env, "serial").is_some()).await, "{}", agent.output());
     let first = read(&env, "serial").unwrap();
+    // No lease, but the certificate's end is known to templates.
+    let expires = humantime::parse_rfc3339(&read(&env, "expires").unwrap()).expect("expires_at from `expiration`");
+    let left = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    assert!(left <= Duration::from_secs(4), "{left:?}");
     assert!(eventually(10, async || read(&env, "serial").is_some_and(|s| s != first)).await, "{}", agent.output());
     let reqs = env.requests().await;
     let issues: Vec<_> = reqs.iter().filter(|r| r.path == "pki/issue/web").collect();

@@ -63,6 +63,12 @@ impl Held {
         !self.secret.lease_id.is_empty() && !self.times.first_ttl.is_zero()
     }
 
+    /// The lease's end, or for a secret without one the `expiration` its
+    /// data may carry (PKI certificates).
+    fn expires_at(&self) -> Option<SystemTime> {
+        if self.has_lease() { Some(self.times.expires_at()) } else { self.secret.data.expiration() }
+    }
+
     fn live(&self, name: &str) -> LiveLease {
         LiveLease {
             secret: name.to_string(),
@@ -311,7 +317,8 @@ impl Supervisor {
                     issued_at: at,
                     sample: rand::random(),
                 };
-                self.telemetry.issued(&name, &fresh.secret.lease_id, fresh.times.ttl, fresh.times.renewable, at);
+                let t = &fresh.times;
+                self.telemetry.issued(&name, &fresh.secret.lease_id, t.ttl, t.renewable, at, fresh.expires_at());
                 Some(fresh)
             }
             Err(e) => {
@@ -461,7 +468,7 @@ impl Supervisor {
             lease_id: &h.secret.lease_id,
             lease_duration: h.times.ttl,
             issued_at: h.issued_at,
-            expires_at: h.has_lease().then(|| h.times.expires_at()),
+            expires_at: h.expires_at(),
         };
         // Everything is rendered in memory first: a failing template writes nothing.
         let written = spec.renderer.render(spec.index, &ctx).and_then(|files| {

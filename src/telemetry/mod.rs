@@ -128,9 +128,17 @@ impl Telemetry {
         gauge.set(expires.map(crate::state::unix).unwrap_or(0.0));
     }
 
-    pub fn issued(&self, name: &str, lease: &LeaseId, ttl: Duration, renewable: bool, at: SystemTime) {
+    /// New credentials; `expires` is when they end (none for a KV secret).
+    pub fn issued(
+        &self,
+        name: &str,
+        lease: &LeaseId,
+        ttl: Duration,
+        renewable: bool,
+        at: SystemTime,
+        expires: Option<SystemTime>,
+    ) {
         self.metrics.issued.get_or_create(&secret_result(name, true)).inc();
-        let expires = (!lease.is_empty() && !ttl.is_zero()).then(|| at + ttl);
         self.set_expiry(name, expires);
         self.metrics.consecutive_failures.get_or_create(&secret(name)).set(0);
         self.update(name, |s| {
@@ -340,7 +348,7 @@ mod tests {
         assert_eq!(reasons, vec!["db: not rendered yet"]);
         let lease = LeaseId::new("database/creds/app/AbCdEfGhIjKlMnOpQrStUvWx".into());
         let past = SystemTime::now() - Duration::from_secs(120);
-        t.issued("db", &lease, Duration::from_secs(60), true, past);
+        t.issued("db", &lease, Duration::from_secs(60), true, past, Some(past + Duration::from_secs(60)));
         t.rendered("db", &[(PathBuf::from("/x/db.json"), true)], past);
         let (ready, reasons) = t.readiness();
         assert!(!ready && reasons[0].starts_with("db: credentials expired at"), "{reasons:?}");
