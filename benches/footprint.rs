@@ -78,7 +78,8 @@ async fn main() {
         (Some(a), Some(b)) => b.duration_since(a).unwrap_or_default(),
         _ => Duration::ZERO,
     };
-    println!("agent ({binary}):");
+    let size = std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0);
+    println!("agent ({binary}, {:.1} MB):", size as f64 / 1e6);
     println!("agent: start to first file {:.1} ms (includes process start and login)", to_file.as_secs_f64() * 1e3);
     println!(
         "agent: credentials received to files written {:.2} ms (goal: a few ms)",
