@@ -6,6 +6,7 @@ import os
 import subprocess
 import tempfile
 
+import cloudcoil.models.prometheus_operator.v1 as monitoring
 import helm_python as helm
 import kubernetes_validate
 import pytest
@@ -40,6 +41,15 @@ def by_kind(docs, kind):
     return [d for d in docs if d["kind"] == kind]
 
 
+def validate_monitoring(doc):
+    """Checks a prometheus-operator object against its CRD schema (types,
+    patterns, required fields); the round trip also catches unknown fields,
+    which the models would otherwise drop silently."""
+    model = {"ServiceMonitor": monitoring.ServiceMonitor, "PrometheusRule": monitoring.PrometheusRule}[doc["kind"]]
+    parsed = model.model_validate(doc)
+    assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == doc, "fields the CRD does not know"
+
+
 def leasehold_bin():
     path = os.environ.get("LEASEHOLD_BIN", os.path.join(ROOT, "target", "debug", "leasehold"))
     if not os.path.exists(path):
@@ -65,6 +75,7 @@ def test_renders_lints_and_validates(values_file):
     assert {"ConfigMap", "Deployment", "ServiceAccount"} <= kinds
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            validate_monitoring(doc)
             continue
         for version in KUBE_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -154,6 +165,21 @@ def test_metrics_objects_have_their_required_fields():
     assert all(r["expr"] and r["labels"]["severity"] for r in rules)
     # The alerts' label references survive Helm's templating.
     assert "{{ $labels.pod }}" in rules[0]["annotations"]["summary"]
+
+
+def test_monitoring_validation_catches_what_the_crds_reject():
+    docs = render(load_values(os.path.join(CHART, "ci", "metrics-values.yaml")))
+    monitor = by_kind(docs, "ServiceMonitor")[0]
+    typo = {**monitor, "spec": {**monitor["spec"], "endpoint": monitor["spec"]["endpoints"]}}
+    with pytest.raises(AssertionError, match="fields the CRD does not know"):
+        validate_monitoring(typo)
+    bad_interval = {**monitor, "spec": {**monitor["spec"], "endpoints": [{"port": "telemetry", "interval": "30x"}]}}
+    with pytest.raises(ValueError, match="interval"):
+        validate_monitoring(bad_interval)
+    rule = by_kind(docs, "PrometheusRule")[0]
+    no_expr = {**rule, "spec": {"groups": [{"name": "g", "rules": [{"alert": "A"}]}]}}
+    with pytest.raises(ValueError, match="expr"):
+        validate_monitoring(no_expr)
 
 
 def test_custom_ca_and_rollout_checksum():
