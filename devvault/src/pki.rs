@@ -117,7 +117,9 @@ fn serial_text(bytes: &[u8]) -> String {
 
 fn new_serial() -> (SerialNumber, String) {
     let mut bytes: [u8; 20] = rand::random();
-    bytes[0] &= 0x7f; // positive, as X.509 requires
+    // Positive (X.509) and without a leading zero byte, so the text is the
+    // same as Vault's, which prints the integer's minimal bytes.
+    bytes[0] = (bytes[0] & 0x7f).max(1);
     (SerialNumber::from_slice(&bytes), serial_text(&bytes))
 }
 
