@@ -66,3 +66,27 @@ async fn token_renewal_alone_causes_no_reissue() {
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_service_account_token_is_read_again_at_each_login() {
+    // Vault tokens of at most 3 s force a login every few seconds.
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "2s", token_max: "3s" }).await;
+    // The first JWT dies 4 s from now, as a projected token the kubelet rotates.
+    std::fs::write(env.token_path(), env.issuer.mint("default", "app", 4).unwrap()).unwrap();
+    let mut agent = env.spawn(&env.config("", "")).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let logins =
+        async || env.requests().await.into_iter().filter(|r| r.path == "auth/kubernetes/login").collect::<Vec<_>>();
+    let first = logins().await[0].time;
+    // The kubelet writes the next token (by rename, as it does).
+    let next = env.dir.path().join("sa-token.next");
+    std::fs::write(&next, env.issuer.mint("default", "app", 3600).unwrap()).unwrap();
+    std::fs::rename(&next, env.token_path()).unwrap();
+    let late_login =
+        eventually(15, async || logins().await.iter().any(|r| r.status == 200 && secs_between(first, r.time) > 5.0))
+            .await;
+    assert!(late_login, "logged in with the new JWT after the first one expired:\n{}", agent.output());
+    assert!(logins().await.iter().all(|r| r.status == 200), "no login used the expired JWT");
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}

@@ -129,6 +129,7 @@ pub struct Core {
     pub expiry_wake: Notify,
     pub log: RequestLog,
     pub faults: Faults,
+    pub lease_locks: crate::expiration::LeaseLocks,
 }
 
 impl Core {
@@ -167,6 +168,7 @@ impl Core {
             expiry_wake: Notify::new(),
             log: RequestLog::default(),
             faults: Faults::default(),
+            lease_locks: Default::default(),
         })
     }
 

@@ -2,6 +2,7 @@
 //! with Vault's retry schedule, and the token→lease coupling (a token's
 //! revocation or expiry revokes every lease it created).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
@@ -97,9 +98,33 @@ pub fn lookup(core: &Arc<Core>, lease_id: &str) -> Outcome {
     )))
 }
 
+/// Per-lease locks, as Vault's expiration manager holds them: a revocation
+/// requested while the expiry job is revoking the same lease waits for it,
+/// then finds the lease gone and succeeds, instead of running the
+/// revocation statements a second time against a dropped user.
+#[derive(Default)]
+pub struct LeaseLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl LeaseLocks {
+    pub async fn lock(&self, lease_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.map().entry(lease_id.to_string()).or_default().clone();
+        lock.lock_owned().await
+    }
+
+    /// Forgets the lock of a lease that no longer exists.
+    pub fn forget(&self, lease_id: &str) {
+        self.map().remove(lease_id);
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Synchronous revocation (`sync=true`, Vault's default): the backend drops
 /// the credentials before the lease is deleted. Unknown ids succeed.
 pub async fn revoke_now(core: &Arc<Core>, lease_id: &str) -> Result<(), String> {
+    let _guard = core.lease_locks.lock(lease_id).await;
     let plan = {
         let mut state = core.state();
         if let Some(token_id) = state.tokens.values().find(|t| t.lease_id == lease_id).map(|t| t.id.clone()) {
@@ -120,6 +145,7 @@ pub async fn revoke_now(core: &Arc<Core>, lease_id: &str) -> Result<(), String> 
     match result {
         Ok(()) => {
             core.state().leases.remove(lease_id);
+            core.lease_locks.forget(lease_id);
             Ok(())
         }
         Err(e) => Err(format!("failed to revoke entry: resp: (*logical.Response)(nil) err: {e}")),
@@ -252,6 +278,7 @@ fn tick(core: &Arc<Core>) -> Option<DateTime<Utc>> {
 }
 
 async fn revoke_expired(core: Arc<Core>, lease_id: String) {
+    let _guard = core.lease_locks.lock(&lease_id).await;
     let plan = {
         let state = core.state();
         let Some(lease) = state.leases.get(&lease_id).cloned() else {
@@ -267,6 +294,7 @@ async fn revoke_expired(core: Arc<Core>, lease_id: String) {
     match result {
         Ok(()) => {
             state.leases.remove(&lease_id);
+            core.lease_locks.forget(&lease_id);
         }
         Err(e) => {
             if let Some(lease) = state.leases.get_mut(&lease_id) {

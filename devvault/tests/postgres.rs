@@ -7,14 +7,19 @@ use common::{eventually, issuer, login, vault, with_kubernetes};
 use devvault::testing::{setup_postgres, shared_cluster};
 use serde_json::json;
 
+/// Role `app` (1h/24h) on the shared cluster and a token of SA `default/app`.
+async fn app_on_postgres(api: &devvault::testing::Api, pg: &devvault::testing::PgCluster) -> devvault::testing::Api {
+    setup_postgres(api, pg, "app", "1h", "24h").await;
+    let iss = issuer();
+    with_kubernetes(api, &iss, "1h", "2h").await;
+    login(api, &iss).await.0
+}
+
 #[tokio::test]
 async fn creds_create_a_role_that_can_log_in() {
     let pg = shared_cluster();
     let (_v, api) = vault().await;
-    setup_postgres(&api, pg, "app", "1h", "24h").await;
-    let iss = issuer();
-    with_kubernetes(&api, &iss, "1h", "2h").await;
-    let (me, _) = login(&api, &iss).await;
+    let me = app_on_postgres(&api, pg).await;
     let creds = me.ok("GET", "database/creds/app", None).await;
     let user = creds["data"]["username"].as_str().unwrap();
     let password = creds["data"]["password"].as_str().unwrap();
@@ -67,10 +72,7 @@ async fn lease_expiry_drops_the_role() {
 async fn revoke_self_drops_the_roles_of_the_tokens_leases() {
     let pg = shared_cluster();
     let (_v, api) = vault().await;
-    setup_postgres(&api, pg, "app", "1h", "24h").await;
-    let iss = issuer();
-    with_kubernetes(&api, &iss, "1h", "2h").await;
-    let (me, _) = login(&api, &iss).await;
+    let me = app_on_postgres(&api, pg).await;
     let mut users = Vec::new();
     for _ in 0..2 {
         let creds = me.ok("GET", "database/creds/app", None).await;
@@ -137,4 +139,29 @@ async fn bad_connection_is_reported_without_the_password() {
     let (s, b) =
         api.call("POST", "database/config/x", Some(json!({"plugin_name": "postgresql-database-plugin"}))).await;
     assert_eq!((s, b), (400, json!({"errors": ["error creating database object: connection_url cannot be empty"]})));
+}
+
+#[tokio::test]
+async fn concurrent_revocations_of_one_lease_all_succeed() {
+    // Vault serialises work on a lease: whoever comes second finds it gone
+    // and succeeds, rather than revoking an already dropped user.
+    let pg = shared_cluster();
+    let (_v, api) = vault().await;
+    let me = app_on_postgres(&api, pg).await;
+    let creds = me.ok("GET", "database/creds/app", None).await;
+    let user = creds["data"]["username"].as_str().unwrap().to_string();
+    let body = json!({"lease_id": creds["lease_id"]});
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let (api, body) = (api.clone(), body.clone());
+        calls.push(tokio::spawn(async move { api.call("PUT", "sys/leases/revoke", Some(body)).await }));
+    }
+    // And the token's end revokes it from the expiry job at the same time.
+    let (s, _) = me.call("PUT", "auth/token/revoke-self", None).await;
+    assert_eq!(s, 204);
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 204, "{body}");
+    }
+    assert!(eventually(5, async || !pg.role_exists(&user).await).await);
 }

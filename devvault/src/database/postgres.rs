@@ -30,6 +30,15 @@ impl PgPlugin {
         Ok(PgPlugin { conn_str, root_password: password.to_string(), client: Mutex::new(None) })
     }
 
+    /// PostgreSQL's own message, as Vault's lib/pq prints it (`pq: …`);
+    /// tokio-postgres's `Display` says only "db error".
+    fn pg_text(e: &tokio_postgres::Error) -> String {
+        match e.as_db_error() {
+            Some(db) => format!("pq: {}", db.message()),
+            None => e.to_string(),
+        }
+    }
+
     /// Error texts never carry the root password (Vault replaces it too).
     fn sanitize(&self, e: impl std::fmt::Display) -> String {
         let text = e.to_string();
@@ -46,7 +55,7 @@ impl PgPlugin {
             let (client, connection) = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
                 .await
                 .map_err(|_| "timeout connecting to the database".to_string())?
-                .map_err(|e| self.sanitize(e))?;
+                .map_err(|e| self.sanitize(Self::pg_text(&e)))?;
             tokio::spawn(connection);
             *guard = Some(client);
         }
@@ -57,7 +66,7 @@ impl PgPlugin {
         if client.is_closed() {
             *guard = None;
         }
-        result.map_err(|e| self.sanitize(e))
+        result.map_err(|e| self.sanitize(Self::pg_text(&e)))
     }
 
     pub async fn verify(&self) -> Result<(), String> {
@@ -139,7 +148,7 @@ impl PgPlugin {
             let mut failures = Vec::new();
             for query in &queries {
                 if let Err(e) = c.batch_execute(query).await {
-                    failures.push(e.to_string());
+                    failures.push(Self::pg_text(&e));
                 }
             }
             if !failures.is_empty() {
