@@ -111,9 +111,12 @@ impl LeaseLocks {
         lock.lock_owned().await
     }
 
-    /// Forgets the lock of a lease that no longer exists.
-    pub fn forget(&self, lease_id: &str) {
-        self.map().remove(lease_id);
+    /// Forgets the lock once the lease is gone (revoked, or never known:
+    /// revoking an unknown id succeeds), so the map does not grow.
+    fn forget_if_gone(&self, core: &Core, lease_id: &str) {
+        if !core.state().leases.contains_key(lease_id) {
+            self.map().remove(lease_id);
+        }
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
@@ -125,6 +128,12 @@ impl LeaseLocks {
 /// the credentials before the lease is deleted. Unknown ids succeed.
 pub async fn revoke_now(core: &Arc<Core>, lease_id: &str) -> Result<(), String> {
     let _guard = core.lease_locks.lock(lease_id).await;
+    let result = revoke_locked(core, lease_id).await;
+    core.lease_locks.forget_if_gone(core, lease_id);
+    result
+}
+
+async fn revoke_locked(core: &Arc<Core>, lease_id: &str) -> Result<(), String> {
     let plan = {
         let mut state = core.state();
         if let Some(token_id) = state.tokens.values().find(|t| t.lease_id == lease_id).map(|t| t.id.clone()) {
@@ -145,7 +154,6 @@ pub async fn revoke_now(core: &Arc<Core>, lease_id: &str) -> Result<(), String> 
     match result {
         Ok(()) => {
             core.state().leases.remove(lease_id);
-            core.lease_locks.forget(lease_id);
             Ok(())
         }
         Err(e) => Err(format!("failed to revoke entry: resp: (*logical.Response)(nil) err: {e}")),
@@ -279,30 +287,34 @@ fn tick(core: &Arc<Core>) -> Option<DateTime<Utc>> {
 
 async fn revoke_expired(core: Arc<Core>, lease_id: String) {
     let _guard = core.lease_locks.lock(&lease_id).await;
+    revoke_expired_locked(&core, &lease_id).await;
+    core.lease_locks.forget_if_gone(&core, &lease_id);
+}
+
+async fn revoke_expired_locked(core: &Arc<Core>, lease_id: &str) {
     let plan = {
         let state = core.state();
-        let Some(lease) = state.leases.get(&lease_id).cloned() else {
+        let Some(lease) = state.leases.get(lease_id).cloned() else {
             return;
         };
         plan_revoke(&state, &lease)
     };
     let result = match plan {
-        Ok(plan) => plan.run(&core).await,
+        Ok(plan) => plan.run(core).await,
         Err(e) => Err(e),
     };
     let mut state = core.state();
     match result {
         Ok(()) => {
-            state.leases.remove(&lease_id);
-            core.lease_locks.forget(&lease_id);
+            state.leases.remove(lease_id);
         }
         Err(e) => {
-            if let Some(lease) = state.leases.get_mut(&lease_id) {
+            if let Some(lease) = state.leases.get_mut(lease_id) {
                 lease.revoking = false;
                 lease.attempts += 1;
-                tracing::warn!(lease = %short(&lease_id), attempt = lease.attempts, error = %e, "failed to revoke lease");
+                tracing::warn!(lease = %short(lease_id), attempt = lease.attempts, error = %e, "failed to revoke lease");
                 if lease.attempts >= MAX_REVOKE_ATTEMPTS {
-                    tracing::warn!(lease = %short(&lease_id), error = %e, "lease is now irrevocable");
+                    tracing::warn!(lease = %short(lease_id), error = %e, "lease is now irrevocable");
                     lease.irrevocable = Some(e);
                 } else {
                     lease.next_attempt = Some(Utc::now() + retry_delay(lease.attempts));

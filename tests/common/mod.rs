@@ -98,6 +98,27 @@ impl Env {
     /// A config with one secret `db` (database/creds/app) rendered to
     /// `db.json` (0640) plus `extra` YAML appended under the secret.
     pub fn config(&self, secret_extra: &str, top_extra: &str) -> PathBuf {
+        let secrets = format!(
+            r#"  - name: db
+    path: database/creds/app
+    files:
+      - path: {}/db.json
+        format: json
+        mode: "0640"
+{secret_extra}
+"#,
+            self.secrets().display()
+        );
+        self.write_config(&secrets, "  level: debug\n", top_extra)
+    }
+
+    /// A config around the given `secrets:` list items (YAML), with this
+    /// Env's Vault, token and JSON logs.
+    pub fn config_with_secrets(&self, secrets: &str) -> PathBuf {
+        self.write_config(secrets, "", "")
+    }
+
+    fn write_config(&self, secrets: &str, log_extra: &str, top_extra: &str) -> PathBuf {
         let yaml = format!(
             r#"vault:
   address: {url}
@@ -106,35 +127,11 @@ impl Env {
     role: app
     token_path: {token}
 secrets:
-  - name: db
-    path: database/creds/app
-    files:
-      - path: {secrets}/db.json
-        format: json
-        mode: "0640"
-{secret_extra}
-log:
+{secrets}log:
   format: json
-  level: debug
-telemetry:
+{log_extra}telemetry:
   listen: 127.0.0.1:0
 {top_extra}"#,
-            url = self.vault.url(),
-            ca = if self.tls.is_some() { format!("  ca_cert: {}\n", self.ca_path().display()) } else { String::new() },
-            token = self.token_path().display(),
-            secrets = self.secrets().display(),
-        );
-        let path = self.dir.path().join("leasehold.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        path
-    }
-
-    /// A config around the given `secrets:` list items (YAML), with this
-    /// Env's Vault, token and JSON logs.
-    pub fn config_with_secrets(&self, secrets: &str) -> PathBuf {
-        let yaml = format!(
-            "vault:\n  address: {url}\n{ca}auth:\n  kubernetes:\n    role: app\n    token_path: {token}\n\
-             secrets:\n{secrets}log:\n  format: json\ntelemetry:\n  listen: 127.0.0.1:0\n",
             url = self.vault.url(),
             ca = if self.tls.is_some() { format!("  ca_cert: {}\n", self.ca_path().display()) } else { String::new() },
             token = self.token_path().display(),
