@@ -249,12 +249,13 @@ async fn run_agent(
     // Children of the signal token, so `--once` can stop them itself.
     let stop = signals.shutdown.child_token();
 
-    let k8s = &config.auth.kubernetes;
+    let login = config.auth.login();
     let auth = AuthLoop {
         client: client.clone(),
-        mount: k8s.mount.clone(),
-        role: k8s.role.clone(),
-        token_path: k8s.token_path.clone(),
+        kind: login.kind,
+        mount: login.mount,
+        role: login.role,
+        token_path: login.token_path,
         state: auth_tx,
         relogin: relogin.clone(),
         store: store.clone(),

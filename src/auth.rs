@@ -1,4 +1,4 @@
-//! The auth loop: Kubernetes login (reading the JWT at every login, since
+//! The auth loop: Kubernetes or JWT login (reading the JWT at every login, since
 //! projected tokens rotate), renew-self at half the token's TTL, and a new
 //! login when the token can no longer be renewed (capped at its max TTL,
 //! not renewable, refused with 403). Tokens are published on a `watch`
@@ -13,6 +13,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::config::AuthKind;
 use crate::lease::schedule::{Policy, renew_point, renewal_capped};
 use crate::secret::{ExposeSecret, SecretString};
 use crate::state::{StateStore, TokenRecord, unix};
@@ -82,6 +83,7 @@ pub enum AuthError {
 
 pub struct AuthLoop {
     pub client: VaultClient,
+    pub kind: AuthKind,
     pub mount: String,
     pub role: String,
     pub token_path: PathBuf,
@@ -105,7 +107,7 @@ impl AuthLoop {
 
     pub async fn login(&self) -> Result<HeldToken, AuthError> {
         let jwt = Self::read_jwt(&self.token_path)?;
-        let token = self.client.login_kubernetes(&self.mount, &self.role, &jwt).await?;
+        let token = self.client.login(self.kind, &self.mount, &self.role, &jwt).await?;
         let renewable = token.renewable && !token.ttl.is_zero();
         Ok(HeldToken { granted_at: now(), ttl: token.ttl, final_expiry: !renewable, token })
     }

@@ -51,10 +51,14 @@ pub struct VaultConfig {
     pub tls_skip_verify: bool,
 }
 
+/// Exactly one login method (checked by `validate`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    pub kubernetes: KubernetesAuth,
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesAuth>,
+    #[serde(default)]
+    pub jwt: Option<JwtAuth>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +69,68 @@ pub struct KubernetesAuth {
     pub mount: String,
     #[serde(default = "d_token_path")]
     pub token_path: PathBuf,
+}
+
+/// JWT auth (`auth/<mount>/login` with `role` and `jwt`): Vault verifies the
+/// ServiceAccount token itself (OIDC discovery or `jwt_validation_pubkeys`),
+/// no TokenReview.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtAuth {
+    pub role: String,
+    #[serde(default = "d_jwt_mount")]
+    pub mount: String,
+    #[serde(default = "d_token_path")]
+    pub token_path: PathBuf,
+}
+
+/// Which auth method logs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    Kubernetes,
+    Jwt,
+}
+
+impl AuthKind {
+    /// The config key, also the operation's name in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthKind::Kubernetes => "kubernetes",
+            AuthKind::Jwt => "jwt",
+        }
+    }
+}
+
+/// The chosen method's settings: both methods log in the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    pub kind: AuthKind,
+    pub role: String,
+    pub mount: String,
+    pub token_path: PathBuf,
+}
+
+impl AuthConfig {
+    /// The one configured method (`validate` guarantees there is one).
+    pub fn login(&self) -> Login {
+        match (&self.kubernetes, &self.jwt) {
+            (_, Some(j)) => Login {
+                kind: AuthKind::Jwt,
+                role: j.role.clone(),
+                mount: j.mount.clone(),
+                token_path: j.token_path.clone(),
+            },
+            (Some(k), None) => Login {
+                kind: AuthKind::Kubernetes,
+                role: k.role.clone(),
+                mount: k.mount.clone(),
+                token_path: k.token_path.clone(),
+            },
+            (None, None) => {
+                Login { kind: AuthKind::Kubernetes, role: String::new(), mount: d_mount(), token_path: d_token_path() }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -209,6 +275,9 @@ fn d_request_timeout() -> Duration {
 fn d_mount() -> String {
     "kubernetes".into()
 }
+fn d_jwt_mount() -> String {
+    "jwt".into()
+}
 fn d_token_path() -> PathBuf {
     PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
 }
@@ -325,12 +394,18 @@ impl Config {
         if self.vault.request_timeout.is_zero() {
             return fail("vault.request_timeout", "must be greater than 0");
         }
-        let k8s = &self.auth.kubernetes;
-        if k8s.role.trim().is_empty() {
-            return fail("auth.kubernetes.role", "must not be empty");
+        match (&self.auth.kubernetes, &self.auth.jwt) {
+            (Some(_), Some(_)) => return fail("auth", "set exactly one method: kubernetes or jwt, not both"),
+            (None, None) => return fail("auth", "set exactly one method: kubernetes or jwt"),
+            _ => {}
         }
-        if k8s.mount.trim_matches('/').is_empty() {
-            return fail("auth.kubernetes.mount", "must not be empty");
+        let login = self.auth.login();
+        let key = |k: &str| format!("auth.{}.{k}", login.kind.name());
+        if login.role.trim().is_empty() {
+            return Err((key("role"), "must not be empty".into()));
+        }
+        if login.mount.trim_matches('/').is_empty() {
+            return Err((key("mount"), "must not be empty".into()));
         }
         if self.secrets.is_empty() {
             return fail("secrets", "at least one secret is required");
@@ -477,7 +552,8 @@ secrets:
         assert_eq!(s.renew_at, 0.5);
         assert_eq!(s.method, Method::Get);
         assert_eq!(s.files[0].mode, 0o440);
-        assert_eq!(c.auth.kubernetes.mount, "kubernetes");
+        let login = c.auth.login();
+        assert_eq!((login.kind, login.mount.as_str()), (AuthKind::Kubernetes, "kubernetes"));
         assert_eq!(c.shutdown.timeout, Duration::from_secs(10));
         assert!(c.shutdown.revoke);
         assert_eq!(c.telemetry.listen, "0.0.0.0:9102");
@@ -513,6 +589,35 @@ secrets:
         assert_eq!(e.key, "secrets[1].name");
         assert!(e.message.contains("duplicate"));
         assert_eq!(e.file, "leasehold.yaml");
+    }
+
+    #[test]
+    fn exactly_one_auth_method() {
+        let jwt = MINIMAL.replace("kubernetes:", "jwt:");
+        let login = parse(&jwt).unwrap().auth.login();
+        assert_eq!((login.kind, login.mount.as_str(), login.role.as_str()), (AuthKind::Jwt, "jwt", "app"));
+        assert_eq!(login.token_path, d_token_path());
+        let both = MINIMAL.replace(
+            "    role: app
+",
+            "    role: app
+  jwt:
+    role: app
+",
+        );
+        let e = parse(&both).unwrap_err();
+        assert_eq!((e.key.as_str(), e.message.contains("not both")), ("auth", true), "{}", e.message);
+        assert_eq!(
+            error_key(&MINIMAL.replace(
+                "  kubernetes:
+    role: app
+",
+                "  {}
+"
+            )),
+            "auth"
+        );
+        assert_eq!(error_key(&jwt.replace("role: app", "role: \"\"")), "auth.jwt.role");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_ca_cert_runs_the_whole_lifecycle() {
     let env = Env::new_tls(Ttls { db_ttl: "4s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
-    assert!(env.vault.url().starts_with("https://"));
+    assert!(env.url().starts_with("https://"));
     let config = env.config("", "");
     assert!(std::fs::read_to_string(&config).unwrap().contains("ca_cert:"));
     let mut agent = env.spawn(&config).await;
@@ -56,17 +56,21 @@ async fn https_without_the_ca_is_refused_and_names_the_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_is_sent_on_every_request() {
-    let env = Env::new(Ttls { db_ttl: "2s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
+    let ttls = Ttls { db_ttl: "2s", db_max: "1h", token_ttl: "1h", token_max: "2h" };
+    let env = Env::new(Ttls { ..ttls }).await;
+    // On OpenBao the namespace must exist, with its own auth and engine.
+    env.namespace("team-a/apps", &ttls).await;
     let config = env.config("", "");
     let text = std::fs::read_to_string(&config).unwrap().replace("vault:\n", "vault:\n  namespace: team-a/apps\n");
     std::fs::write(&config, text).unwrap();
+    let before = env.requests().await.len();
     let mut agent = env.spawn(&config).await;
     let renewed = eventually(15, async || env.requests().await.iter().any(|r| r.path == "sys/leases/renew")).await;
     assert!(renewed, "{}", agent.output());
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
-    let reqs = env.requests().await;
-    // The harness's own requests (setup, this log) carry no namespace.
+    let reqs = env.requests().await.split_off(before);
+    // The harness's own requests (this log) carry no namespace.
     let agents: Vec<_> = reqs.iter().filter(|r| !r.namespace.is_empty()).collect();
     for path in [
         "auth/kubernetes/login",

@@ -87,14 +87,14 @@ async fn standby(active: String) -> String {
 }
 
 fn with_address(env: &Env, config: &std::path::Path, address: &str) {
-    let text = std::fs::read_to_string(config).unwrap().replace(&env.vault.url(), address);
+    let text = std::fs::read_to_string(config).unwrap().replace(&env.url(), address);
     std::fs::write(config, text).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_redirect_is_followed_once_not_twice() {
     let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
-    let one_hop = standby(env.vault.url()).await;
+    let one_hop = standby(env.url()).await;
     let config = env.config("", "");
     with_address(&env, &config, &one_hop);
     let mut agent = env.spawn(&config).await;

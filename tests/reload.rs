@@ -18,7 +18,7 @@ fn secret_yaml(env: &Env, name: &str, file: &str, template: &str) -> String {
 fn config_yaml(env: &Env, secrets: &str, log_level: &str) -> String {
     format!(
         "vault:\n  address: {}\nauth:\n  kubernetes:\n    role: app\n    token_path: {}\nsecrets:\n{secrets}log:\n  format: json\n  level: {log_level}\ntelemetry:\n  listen: 127.0.0.1:0\n",
-        env.vault.url(),
+        env.url(),
         env.token_path().display()
     )
 }

@@ -130,10 +130,12 @@ pub struct Core {
     pub log: RequestLog,
     pub faults: Faults,
     pub lease_locks: crate::expiration::LeaseLocks,
+    /// Proxy mode: requests outside `sys/devvault/` go to this server.
+    pub upstream: Option<crate::proxy::Upstream>,
 }
 
 impl Core {
-    pub fn new(root_token: &str) -> Arc<Core> {
+    pub fn new(root_token: &str, upstream: Option<crate::proxy::Upstream>) -> Arc<Core> {
         let mut state = State::default();
         if let Ok(p) = Policy::parse("default", DEFAULT_POLICY) {
             state.policies.insert("default".into(), p);
@@ -169,6 +171,7 @@ impl Core {
             log: RequestLog::default(),
             faults: Faults::default(),
             lease_locks: Default::default(),
+            upstream,
         })
     }
 

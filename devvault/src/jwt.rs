@@ -3,7 +3,7 @@
 //! `auth/kubernetes/config` `pem_keys`.
 
 use chrono::Utc;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Value, json};
 
 pub const DEFAULT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -14,6 +14,8 @@ pub enum JwtError {
     KeyGen(String),
     #[error("signing a token failed: {0}")]
     Sign(String),
+    #[error("token rejected: {0}")]
+    Invalid(String),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +27,7 @@ pub enum SigningAlg {
 pub struct ServiceAccountIssuer {
     alg: Algorithm,
     key: EncodingKey,
+    verify_key: DecodingKey,
     public_pem: String,
     certificate_pem: String,
 }
@@ -42,10 +45,16 @@ impl ServiceAccountIssuer {
             SigningAlg::Rs256 => EncodingKey::from_rsa_pem(private_pem.as_bytes()),
         }
         .map_err(|e| JwtError::KeyGen(e.to_string()))?;
+        let public_pem = pair.public_key_pem();
+        let verify_key = match alg {
+            SigningAlg::Es256 => DecodingKey::from_ec_pem(public_pem.as_bytes()),
+            SigningAlg::Rs256 => DecodingKey::from_rsa_pem(public_pem.as_bytes()),
+        }
+        .map_err(|e| JwtError::KeyGen(e.to_string()))?;
         let params = rcgen::CertificateParams::new(vec!["kubernetes.default.svc".to_string()])
             .map_err(|e| JwtError::KeyGen(e.to_string()))?;
         let cert = params.self_signed(&pair).map_err(|e| JwtError::KeyGen(e.to_string()))?;
-        Ok(ServiceAccountIssuer { alg: jwt_alg, key, public_pem: pair.public_key_pem(), certificate_pem: cert.pem() })
+        Ok(ServiceAccountIssuer { alg: jwt_alg, key, verify_key, public_pem, certificate_pem: cert.pem() })
     }
 
     /// The PEM public key for `pem_keys`.
@@ -84,5 +93,18 @@ impl ServiceAccountIssuer {
     pub fn sign(&self, claims: &Value) -> Result<String, JwtError> {
         let header = Header::new(self.alg);
         jsonwebtoken::encode(&header, claims, &self.key).map_err(|e| JwtError::Sign(e.to_string()))
+    }
+
+    /// The claims of `jwt` if this issuer signed it and it has not expired,
+    /// as the API server's ServiceAccount authenticator checks (the
+    /// audience is the caller's concern).
+    pub fn verify(&self, jwt: &str) -> Result<Value, JwtError> {
+        let mut validation = Validation::new(self.alg);
+        validation.validate_aud = false;
+        validation.leeway = 0;
+        validation.set_issuer(&[DEFAULT_ISSUER]);
+        jsonwebtoken::decode::<Value>(jwt, &self.verify_key, &validation)
+            .map(|d| d.claims)
+            .map_err(|e| JwtError::Invalid(e.to_string()))
     }
 }

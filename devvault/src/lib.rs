@@ -16,6 +16,7 @@
 //!   fields, ACLs and responses.
 //! - `jwt`: ServiceAccount JWT minting for tests and the demo.
 //! - `tls`: `-dev-tls`: a throwaway CA and server certificate.
+//! - `proxy`: `--upstream`: forwarding to a real server behind the faults.
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,7 @@ mod kv;
 mod pem;
 mod pki;
 mod policy;
+pub mod proxy;
 mod server;
 mod system;
 mod testext;
@@ -68,23 +70,34 @@ pub struct DevVault {
 impl DevVault {
     /// Binds `listen` (port 0 picks a free port) and serves until dropped.
     pub async fn start(listen: SocketAddr, root_token: &str) -> std::io::Result<DevVault> {
-        Self::serve(listen, root_token, None).await
+        Self::serve(listen, root_token, None, None).await
+    }
+
+    /// Proxy mode: forwards every request outside `sys/devvault/` to
+    /// `upstream` (a real Vault/OpenBao at `http://host:port`), applying
+    /// injected faults and logging each request. `root_token` guards
+    /// `sys/devvault/`; give the upstream's root token so one client
+    /// configures both.
+    pub async fn start_proxy(listen: SocketAddr, root_token: &str, upstream: &str) -> std::io::Result<DevVault> {
+        let upstream = proxy::Upstream::parse(upstream).map_err(std::io::Error::other)?;
+        Self::serve(listen, root_token, None, Some(upstream)).await
     }
 
     /// As `start`, serving HTTPS with `tls`'s server certificate.
     pub async fn start_tls(listen: SocketAddr, root_token: &str, tls: &DevTls) -> std::io::Result<DevVault> {
         let acceptor = tls.acceptor().map_err(std::io::Error::other)?;
-        Self::serve(listen, root_token, Some(acceptor)).await
+        Self::serve(listen, root_token, Some(acceptor), None).await
     }
 
     async fn serve(
         listen: SocketAddr,
         root_token: &str,
         acceptor: Option<tokio_rustls::TlsAcceptor>,
+        upstream: Option<proxy::Upstream>,
     ) -> std::io::Result<DevVault> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let core = core::Core::new(root_token);
+        let core = core::Core::new(root_token, upstream);
         let cancel = CancellationToken::new();
         let tls = acceptor.is_some();
         let tasks = vec![

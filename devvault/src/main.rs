@@ -25,6 +25,11 @@ struct Args {
     /// vault-key.pem (default: a new temporary directory).
     #[arg(long, requires = "dev_tls")]
     dev_tls_cert_dir: Option<PathBuf>,
+    /// Proxy mode: forward every request outside `sys/devvault/` to this
+    /// real Vault/OpenBao (`http://host:port`), with faults and the request
+    /// log applied. `--root-token` should be the upstream's root token.
+    #[arg(long, conflicts_with = "dev_tls")]
+    upstream: Option<String>,
 }
 
 /// Generates the certificates, writes them as Vault does, and returns them
@@ -71,9 +76,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let started = match &tls {
-        Some((tls, _)) => devvault::DevVault::start_tls(args.listen, &args.root_token, tls).await,
-        None => devvault::DevVault::start(args.listen, &args.root_token).await,
+    if let Some(Err(e)) = args.upstream.as_deref().map(devvault::proxy::Upstream::parse) {
+        eprintln!("devvault: --upstream: {e}");
+        return ExitCode::from(2);
+    }
+    let started = match (&tls, &args.upstream) {
+        (Some((tls, _)), _) => devvault::DevVault::start_tls(args.listen, &args.root_token, tls).await,
+        (None, Some(up)) => devvault::DevVault::start_proxy(args.listen, &args.root_token, up).await,
+        (None, None) => devvault::DevVault::start(args.listen, &args.root_token).await,
     };
     let vault = match started {
         Ok(v) => v,

@@ -15,6 +15,7 @@ use backon::{ExponentialBuilder, Retryable};
 use reqwest::{Method, StatusCode, header};
 use serde_json::{Value, json};
 
+use crate::config::AuthKind;
 use crate::secret::{ExposeSecret, LeaseId, SecretData, SecretString};
 use types::{Envelope, ErrorBody, data_object};
 
@@ -227,8 +228,19 @@ impl VaultClient {
         serde_json::from_slice(&bytes).map_err(|e| VaultError::Decode { op, reason: decode_reason(&e) })
     }
 
-    pub async fn login_kubernetes(&self, mount: &str, role: &str, jwt: &SecretString) -> Result<Token, VaultError> {
-        let op = "kubernetes login";
+    /// `auth/<mount>/login` with `role` and `jwt`: the Kubernetes and the
+    /// JWT auth methods take the same request.
+    pub async fn login(
+        &self,
+        kind: AuthKind,
+        mount: &str,
+        role: &str,
+        jwt: &SecretString,
+    ) -> Result<Token, VaultError> {
+        let op = match kind {
+            AuthKind::Kubernetes => "kubernetes login",
+            AuthKind::Jwt => "jwt login",
+        };
         let body = json!({ "role": role, "jwt": jwt.expose_secret() });
         let env =
             self.call(op, Method::POST, &format!("auth/{}/login", mount.trim_matches('/')), None, Some(&body)).await?;

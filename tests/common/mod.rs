@@ -1,14 +1,17 @@
-//! Harness for the agent's integration tests: devvault in-process, the
-//! shared PostgreSQL cluster, a minted ServiceAccount token, and the real
-//! `leasehold` binary started with real signals.
+//! Harness for the agent's integration tests: the real OpenBao (`bao server
+//! -dev`, with devvault's proxy in front for faults and the request log) or
+//! devvault alone (`LEASEHOLD_TEST_SERVER=devvault`), the shared PostgreSQL
+//! cluster, a minted ServiceAccount token, and the real `leasehold` binary
+//! started with real signals.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use devvault::testing::{Api, PgCluster, Setup, setup_postgres, shared_cluster};
+use devvault::testing::{Api, AuditEntry, OpenBao, PgCluster, Setup, TokenReviewer, setup_postgres, shared_cluster};
 use devvault::{DevTls, DevVault, ServiceAccountIssuer, SigningAlg};
 use serde_json::Value;
 
@@ -19,14 +22,36 @@ path "kv/data/*" { capabilities = ["read"] }
 path "pki/issue/web" { capabilities = ["update"] }
 "#;
 
+/// Which server the tests run against: OpenBao unless
+/// `LEASEHOLD_TEST_SERVER=devvault`.
+pub fn on_devvault() -> bool {
+    match std::env::var("LEASEHOLD_TEST_SERVER").as_deref() {
+        Ok("devvault") => true,
+        Ok("openbao") | Err(_) => false,
+        Ok(other) => panic!("LEASEHOLD_TEST_SERVER={other}: expected openbao or devvault"),
+    }
+}
+
+/// The server under test.
+pub enum Server {
+    /// Real OpenBao; `proxy` (devvault `--upstream`) sits in front unless
+    /// the server speaks HTTPS, whose tests talk to it directly.
+    OpenBao {
+        bao: OpenBao,
+        proxy: Option<DevVault>,
+        reviewer: TokenReviewer,
+    },
+    DevVault(DevVault),
+}
+
 pub struct Env {
-    pub vault: DevVault,
+    pub server: Server,
     pub api: Api,
     pub pg: &'static PgCluster,
-    pub issuer: ServiceAccountIssuer,
+    pub issuer: Arc<ServiceAccountIssuer>,
     pub dir: tempfile::TempDir,
-    /// Set when devvault serves HTTPS; configs then carry `vault.ca_cert`.
-    pub tls: Option<DevTls>,
+    /// The CA PEM when the server speaks HTTPS; configs then carry `vault.ca_cert`.
+    pub tls: Option<String>,
 }
 
 pub struct Ttls<'a> {
@@ -38,48 +63,93 @@ pub struct Ttls<'a> {
 
 impl Env {
     pub async fn new(ttls: Ttls<'_>) -> Env {
-        Self::start(ttls, None).await
+        Self::start(ttls, false).await
     }
 
-    /// devvault over HTTPS with a throwaway CA.
+    /// The server over HTTPS with a throwaway CA.
     pub async fn new_tls(ttls: Ttls<'_>) -> Env {
-        Self::start(ttls, Some(DevTls::generate().unwrap())).await
+        Self::start(ttls, true).await
     }
 
-    async fn start(ttls: Ttls<'_>, tls: Option<DevTls>) -> Env {
+    /// Always the real OpenBao, whatever `LEASEHOLD_TEST_SERVER` says: for
+    /// what devvault does not implement (JWT auth).
+    pub async fn openbao_only(ttls: Ttls<'_>) -> Env {
+        Self::start_on(ttls, false, false).await
+    }
+
+    async fn start(ttls: Ttls<'_>, tls: bool) -> Env {
+        Self::start_on(ttls, tls, on_devvault()).await
+    }
+
+    async fn start_on(ttls: Ttls<'_>, tls: bool, devvault: bool) -> Env {
         let pg = shared_cluster();
-        let listen = "127.0.0.1:0".parse().unwrap();
-        let (vault, api) = match &tls {
-            Some(tls) => {
-                let vault = DevVault::start_tls(listen, "root", tls).await.expect("devvault starts");
-                let api = Api::with_ca(&vault.url(), Some("root"), &tls.ca_pem);
-                (vault, api)
-            }
-            None => {
-                let vault = DevVault::start(listen, "root").await.expect("devvault starts");
-                let api = Api::new(&vault.url(), Some("root"));
-                (vault, api)
-            }
-        };
-        let issuer = ServiceAccountIssuer::generate(SigningAlg::Es256).unwrap();
-        setup_postgres(&api, pg, "app", ttls.db_ttl, ttls.db_max).await;
-        Setup {
-            api: &api,
+        let issuer = Arc::new(ServiceAccountIssuer::generate(SigningAlg::Es256).unwrap());
+        let (server, api, ca) = if devvault { devvault_server(tls).await } else { openbao_server(tls, &issuer).await };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+        let env = Env { server, api, pg, issuer, dir, tls: ca };
+        env.configure(&env.api, &ttls).await;
+        std::fs::write(env.token_path(), env.issuer.mint("default", "app", 3600).unwrap()).unwrap();
+        if let Some(ca) = &env.tls {
+            std::fs::write(env.ca_path(), ca).unwrap();
+        }
+        env
+    }
+
+    /// The seed article's setup through `api`: database role `app` on the
+    /// shared cluster, Kubernetes auth role `app` with [`POLICY`].
+    pub async fn configure(&self, api: &Api, ttls: &Ttls<'_>) {
+        setup_postgres(api, self.pg, "app", ttls.db_ttl, ttls.db_max).await;
+        let setup = Setup {
+            api,
             k8s_role: "app",
             policy: POLICY.into(),
             token_ttl: ttls.token_ttl,
             token_max_ttl: ttls.token_max,
+        };
+        match &self.server {
+            Server::OpenBao { reviewer, .. } => {
+                setup.kubernetes_tokenreview(&reviewer.url(), self.issuer.certificate_pem()).await
+            }
+            Server::DevVault(_) => setup.kubernetes(&self.issuer).await,
         }
-        .kubernetes(&issuer)
-        .await;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-        let env = Env { vault, api, pg, issuer, dir, tls };
-        std::fs::write(env.token_path(), env.issuer.mint("default", "app", 3600).unwrap()).unwrap();
-        if let Some(tls) = &env.tls {
-            std::fs::write(env.ca_path(), &tls.ca_pem).unwrap();
+    }
+
+    /// Creates namespace `path` (nested, `a/b`) on OpenBao and configures it
+    /// as the root one is. devvault does not emulate namespaces: nothing to do.
+    pub async fn namespace(&self, path: &str, ttls: &Ttls<'_>) {
+        if self.openbao().is_none() {
+            return;
         }
-        env
+        let mut parent = String::new();
+        for part in path.split('/') {
+            let api = if parent.is_empty() { self.api.clone() } else { self.api.in_namespace(&parent) };
+            api.ok("POST", &format!("sys/namespaces/{part}"), None).await;
+            parent = if parent.is_empty() { part.to_string() } else { format!("{parent}/{part}") };
+        }
+        self.configure(&self.api.in_namespace(path), ttls).await;
+    }
+
+    /// The address the agent is given.
+    pub fn url(&self) -> String {
+        match &self.server {
+            Server::OpenBao { proxy: Some(p), .. } => p.url(),
+            Server::OpenBao { bao, proxy: None, .. } => bao.url(),
+            Server::DevVault(v) => v.url(),
+        }
+    }
+
+    /// The real server, when the tests run against it.
+    pub fn openbao(&self) -> Option<&OpenBao> {
+        match &self.server {
+            Server::OpenBao { bao, .. } => Some(bao),
+            Server::DevVault(_) => None,
+        }
+    }
+
+    /// OpenBao's audit log (empty on devvault).
+    pub fn audit(&self) -> Vec<AuditEntry> {
+        self.openbao().map(OpenBao::audit).unwrap_or_default()
     }
 
     pub fn token_path(&self) -> PathBuf {
@@ -112,6 +182,13 @@ impl Env {
         self.write_config(&secrets, "  level: debug\n", top_extra)
     }
 
+    /// Replaces the config's `auth:` block with JWT auth at the default
+    /// mount, same role and token file.
+    pub fn use_jwt_auth(&self, config: &Path) {
+        let text = std::fs::read_to_string(config).unwrap();
+        std::fs::write(config, text.replace("auth:\n  kubernetes:\n", "auth:\n  jwt:\n")).unwrap();
+    }
+
     /// A config around the given `secrets:` list items (YAML), with this
     /// Env's Vault, token and JSON logs.
     pub fn config_with_secrets(&self, secrets: &str) -> PathBuf {
@@ -132,7 +209,7 @@ secrets:
 {log_extra}telemetry:
   listen: 127.0.0.1:0
 {top_extra}"#,
-            url = self.vault.url(),
+            url = self.url(),
             ca = if self.tls.is_some() { format!("  ca_cert: {}\n", self.ca_path().display()) } else { String::new() },
             token = self.token_path().display(),
         );
@@ -145,8 +222,15 @@ secrets:
         Agent::spawn(&["agent", "-c", &config.display().to_string()], self.dir.path()).await
     }
 
-    /// devvault's request log as (time, method, path, status).
+    /// Every request the server answered, as (time, method, path, status):
+    /// devvault's request log (devvault alone, or as OpenBao's proxy), or
+    /// for OpenBao over HTTPS its audit log, where the status is inferred
+    /// (403 for a denial, 400 for another error, 200 with a body, else 204)
+    /// and the method from the operation.
     pub async fn requests(&self) -> Vec<Req> {
+        if let Server::OpenBao { bao, proxy: None, .. } = &self.server {
+            return bao.audit().iter().filter(|e| e.kind == "response").map(Req::from_audit).collect();
+        }
         self.api
             .requests()
             .await
@@ -159,6 +243,15 @@ secrets:
                 namespace: e["namespace"].as_str().unwrap().to_string(),
             })
             .collect()
+    }
+
+    /// Adds a devvault fault (devvault alone or as OpenBao's proxy).
+    pub async fn fault(&self, fault: Value) {
+        self.api.ok("POST", "sys/devvault/faults", Some(fault)).await;
+    }
+
+    pub async fn clear_faults(&self) {
+        self.api.ok("DELETE", "sys/devvault/faults", None).await;
     }
 
     pub fn read_json(&self, file: &str) -> Option<Value> {
@@ -175,6 +268,68 @@ pub struct Req {
     pub status: u16,
     /// The `X-Vault-Namespace` header sent ("" when none).
     pub namespace: String,
+}
+
+impl Req {
+    fn from_audit(e: &AuditEntry) -> Req {
+        let method = match e.operation.as_str() {
+            "read" => "GET",
+            "list" => "LIST",
+            "delete" => "DELETE",
+            _ => "PUT",
+        };
+        let status = if e.error.contains("permission denied") {
+            403
+        } else if !e.error.is_empty() {
+            400
+        } else if e.has_body {
+            200
+        } else {
+            204
+        };
+        let time = humantime::parse_rfc3339_weak(&e.time[..19]).unwrap_or(SystemTime::UNIX_EPOCH);
+        let nanos: String = e.time[20..].chars().take_while(char::is_ascii_digit).collect();
+        let frac = format!("0.{nanos}").parse::<f64>().unwrap_or(0.0);
+        Req {
+            time: time + Duration::from_secs_f64(frac),
+            method: method.into(),
+            path: e.path.clone(),
+            status,
+            namespace: String::new(),
+        }
+    }
+}
+
+async fn devvault_server(tls: bool) -> (Server, Api, Option<String>) {
+    let listen = "127.0.0.1:0".parse().unwrap();
+    if tls {
+        let tls = DevTls::generate().unwrap();
+        let vault = DevVault::start_tls(listen, "root", &tls).await.expect("devvault starts");
+        let api = Api::with_ca(&vault.url(), Some("root"), &tls.ca_pem);
+        (Server::DevVault(vault), api, Some(tls.ca_pem.clone()))
+    } else {
+        let vault = DevVault::start(listen, "root").await.expect("devvault starts");
+        let api = Api::new(&vault.url(), Some("root"));
+        (Server::DevVault(vault), api, None)
+    }
+}
+
+async fn openbao_server(tls: bool, issuer: &Arc<ServiceAccountIssuer>) -> (Server, Api, Option<String>) {
+    let bao = match tokio::task::spawn_blocking(move || OpenBao::start_with(tls)).await.unwrap() {
+        Ok(b) => b,
+        Err(e) => panic!("OpenBao could not start: {e}"),
+    };
+    let reviewer = TokenReviewer::start(issuer.clone()).await.expect("TokenReview stand-in starts");
+    if tls {
+        let ca = std::fs::read_to_string(bao.ca_path()).expect("bao -dev-tls wrote its CA");
+        let api = Api::with_ca(&bao.url(), Some(&bao.root_token), &ca);
+        return (Server::OpenBao { bao, proxy: None, reviewer }, api, Some(ca));
+    }
+    let proxy = DevVault::start_proxy("127.0.0.1:0".parse().unwrap(), &bao.root_token, &bao.url())
+        .await
+        .expect("devvault proxy starts");
+    let api = Api::new(&proxy.url(), Some(&bao.root_token));
+    (Server::OpenBao { bao, proxy: Some(proxy), reviewer }, api, None)
 }
 
 pub fn secs_between(a: SystemTime, b: SystemTime) -> f64 {

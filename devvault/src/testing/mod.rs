@@ -14,6 +14,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod openbao;
+mod tokenreview;
+
+pub use openbao::{AuditEntry, OpenBao, bao_bin};
+pub use tokenreview::TokenReviewer;
+
 /// A PostgreSQL cluster in a temporary directory, listening on 127.0.0.1.
 /// It lives as long as the process holding it: a watchdog shell stops the
 /// server and removes the directory when our end of its stdin closes.
@@ -75,7 +81,7 @@ fn command(as_postgres: bool, program: &Path) -> Command {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
     l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
 }
@@ -234,6 +240,8 @@ pub fn shared_cluster() -> &'static PgCluster {
 pub struct Api {
     pub base: String,
     pub token: Option<String>,
+    /// Sent as `X-Vault-Namespace` when set.
+    pub namespace: Option<String>,
     http: reqwest::Client,
 }
 
@@ -242,6 +250,7 @@ impl Api {
         Api {
             base: base.trim_end_matches('/').to_string(),
             token: token.map(str::to_string),
+            namespace: None,
             http: reqwest::Client::new(),
         }
     }
@@ -251,6 +260,11 @@ impl Api {
         let certs = reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).expect("a PEM CA");
         let http = reqwest::Client::builder().tls_certs_only(certs).build().expect("an HTTPS client");
         Api { http, ..Api::new(base, token) }
+    }
+
+    /// The same client, in namespace `ns` (OpenBao and Vault Enterprise).
+    pub fn in_namespace(&self, ns: &str) -> Api {
+        Api { namespace: Some(ns.to_string()), ..self.clone() }
     }
 
     pub fn with_token(&self, token: &str) -> Api {
@@ -266,6 +280,9 @@ impl Api {
         let mut req = self.http.request(method, format!("{}/v1/{}", self.base, path));
         if let Some(t) = &self.token {
             req = req.header("X-Vault-Token", t);
+        }
+        if let Some(ns) = &self.namespace {
+            req = req.header("X-Vault-Namespace", ns);
         }
         if let Some(b) = body {
             req = req.body(b);
@@ -304,15 +321,34 @@ pub struct Setup<'a> {
 }
 
 impl Setup<'_> {
+    /// Kubernetes auth verifying JWTs locally with `issuer`'s key
+    /// (`pem_keys`), as devvault does.
     pub async fn kubernetes(&self, issuer: &crate::ServiceAccountIssuer) {
+        self.kubernetes_with(json!({
+            "kubernetes_host": "https://kubernetes.default.svc",
+            "kubernetes_ca_cert": issuer.certificate_pem(),
+            "disable_local_ca_jwt": true,
+            "pem_keys": [issuer.public_pem()],
+        }))
+        .await;
+    }
+
+    /// Kubernetes auth through the TokenReview API at `host` (the harness's
+    /// [`TokenReviewer`]), as a real server outside the cluster is set up:
+    /// no local CA or reviewer JWT, a CA certificate given.
+    pub async fn kubernetes_tokenreview(&self, host: &str, ca_pem: &str) {
+        self.kubernetes_with(json!({
+            "kubernetes_host": host,
+            "kubernetes_ca_cert": ca_pem,
+            "disable_local_ca_jwt": true,
+        }))
+        .await;
+    }
+
+    async fn kubernetes_with(&self, config: Value) {
         let api = self.api;
         api.ok("POST", "sys/auth/kubernetes", Some(json!({"type": "kubernetes"}))).await;
-        api.ok(
-            "POST",
-            "auth/kubernetes/config",
-            Some(json!({"kubernetes_host": "https://kubernetes.default.svc", "pem_keys": [issuer.public_pem()]})),
-        )
-        .await;
+        api.ok("POST", "auth/kubernetes/config", Some(config)).await;
         api.ok("PUT", "sys/policies/acl/app", Some(json!({"policy": self.policy}))).await;
         api.ok(
             "POST",
@@ -324,6 +360,32 @@ impl Setup<'_> {
                 "token_ttl": self.token_ttl,
                 "token_max_ttl": self.token_max_ttl,
                 "audience": "https://kubernetes.default.svc.cluster.local",
+            })),
+        )
+        .await;
+    }
+
+    /// JWT auth at `jwt/` verifying ServiceAccount tokens with `issuer`'s
+    /// key (`jwt_validation_pubkeys`): no TokenReview, as in clusters that
+    /// publish their issuer. OpenBao only: devvault has no JWT auth method.
+    pub async fn jwt(&self, issuer: &crate::ServiceAccountIssuer) {
+        let api = self.api;
+        api.ok("POST", "sys/auth/jwt", Some(json!({"type": "jwt"}))).await;
+        let config =
+            json!({"jwt_validation_pubkeys": [issuer.public_pem()], "bound_issuer": crate::jwt::DEFAULT_ISSUER});
+        api.ok("POST", "auth/jwt/config", Some(config)).await;
+        api.ok("PUT", "sys/policies/acl/app", Some(json!({"policy": self.policy}))).await;
+        api.ok(
+            "POST",
+            &format!("auth/jwt/role/{}", self.k8s_role),
+            Some(json!({
+                "role_type": "jwt",
+                "user_claim": "sub",
+                "bound_subject": "system:serviceaccount:default:app",
+                "bound_audiences": ["https://kubernetes.default.svc.cluster.local"],
+                "token_policies": ["app"],
+                "token_ttl": self.token_ttl,
+                "token_max_ttl": self.token_max_ttl,
             })),
         )
         .await;

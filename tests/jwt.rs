@@ -1,0 +1,58 @@
+//! `auth.jwt`: logging in through OpenBao's JWT auth method, which verifies
+//! the ServiceAccount token with `jwt_validation_pubkeys` (no TokenReview,
+//! no stand-in): a whole lifecycle on the real server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, Server, Ttls, eventually};
+use devvault::testing::Setup;
+use nix::sys::signal::Signal;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_auth_runs_the_whole_lifecycle_on_openbao() {
+    let ttls = Ttls { db_ttl: "3s", db_max: "7s", token_ttl: "2s", token_max: "1h" };
+    let env = Env::openbao_only(Ttls { ..ttls }).await;
+    let setup = Setup {
+        api: &env.api,
+        k8s_role: "app",
+        policy: common::POLICY.into(),
+        token_ttl: ttls.token_ttl,
+        token_max_ttl: ttls.token_max,
+    };
+    setup.jwt(&env.issuer).await;
+    let config = env.config("    revoke_replaced_after: 1s", "");
+    env.use_jwt_auth(&config);
+    let mut agent = env.spawn(&config).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let first = env.read_json("db.json").unwrap()["username"].as_str().unwrap().to_string();
+    let rotated = eventually(20, async || {
+        env.read_json("db.json").and_then(|v| v["username"].as_str().map(|u| u != first)).unwrap_or(false)
+    })
+    .await;
+    assert!(rotated, "re-issued before the max TTL:\n{}", agent.output());
+    let creds = env.read_json("db.json").unwrap();
+    let user = creds["username"].as_str().unwrap().to_string();
+    env.pg.connect(&user, creds["password"].as_str().unwrap()).await.expect("the new credentials log in");
+
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    assert!(!env.pg.role_exists(&first).await && !env.pg.role_exists(&user).await, "roles dropped");
+
+    let reqs = env.requests().await;
+    let logins: Vec<_> = reqs.iter().filter(|r| r.path == "auth/jwt/login").collect();
+    assert!(!logins.is_empty() && logins.iter().all(|r| r.status == 200), "{logins:?}");
+    assert!(reqs.iter().all(|r| r.path != "auth/kubernetes/login"));
+    assert!(reqs.iter().any(|r| r.path == "auth/token/renew-self" && r.status == 200), "the JWT token is renewed");
+    // The server's own record: the last lease was revoked by id.
+    let lease = creds["lease_id"].as_str().unwrap();
+    let revoked = env.audit().iter().any(|e| {
+        e.kind == "response" && e.path == "sys/leases/revoke" && e.error.is_empty() && e.data["lease_id"] == lease
+    });
+    assert!(revoked, "the audit log shows the revocation of {}…", &lease[..24]);
+    match &env.server {
+        Server::OpenBao { reviewer, .. } => assert_eq!(reviewer.reviews(), 0, "JWT auth needs no TokenReview"),
+        Server::DevVault(_) => unreachable!("openbao_only"),
+    }
+}
