@@ -55,10 +55,16 @@ pub struct VaultConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub kubernetes: Option<KubernetesAuth>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub jwt: Option<JwtAuth>,
+}
+
+/// A method that is named must be complete: `kubernetes:` with nothing
+/// under it is an error at `auth.kubernetes`, not "no method".
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -107,7 +107,12 @@ async fn configure(vault: &DevVault, issuer: &ServiceAccountIssuer, database_url
         ("sys/auth/kubernetes", json!({"type": "kubernetes"})),
         (
             "auth/kubernetes/config",
-            json!({"kubernetes_host": "https://kubernetes.default.svc", "pem_keys": [issuer.public_pem()]}),
+            json!({
+                "kubernetes_host": "https://kubernetes.default.svc",
+                "kubernetes_ca_cert": issuer.certificate_pem(),
+                "disable_local_ca_jwt": true,
+                "pem_keys": [issuer.public_pem()],
+            }),
         ),
         (
             "auth/kubernetes/role/app-role",

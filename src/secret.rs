@@ -84,8 +84,14 @@ impl SecretData {
     }
 
     /// `expiration` (Unix seconds), which PKI certificates carry whether or
-    /// not Vault leased them.
+    /// not Vault leased them. Only certificate-shaped data counts (a
+    /// `certificate` and a `serial_number` beside it): a KV secret may well
+    /// have a field of that name that means nothing to us.
     pub fn expiration(&self) -> Option<std::time::SystemTime> {
+        let is_cert = ["certificate", "serial_number"].iter().all(|k| self.0.get(*k).is_some_and(Value::is_string));
+        if !is_cert {
+            return None;
+        }
         let secs = self.0.get("expiration").and_then(Value::as_i64).filter(|s| *s > 0)?;
         Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64))
     }
@@ -127,5 +133,15 @@ mod tests {
         assert!(dbg.contains("password") && !dbg.contains("hunter2"));
         let token = SecretString::from("hvs.secret".to_string());
         assert!(!format!("{token:?}").contains("hvs.secret"));
+    }
+
+    #[test]
+    fn only_certificates_have_an_expiration() {
+        let data = |v: serde_json::Value| SecretData::new(v.as_object().unwrap().clone());
+        let cert = data(json!({"certificate": "-----BEGIN…", "serial_number": "1a:2b", "expiration": 1_900_000_000}));
+        assert_eq!(cert.expiration(), Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000)));
+        // A KV secret with a field of that name is polled, not scheduled by it.
+        let kv = data(json!({"api_key": "k", "expiration": 1_900_000_000}));
+        assert_eq!(kv.expiration(), None);
     }
 }

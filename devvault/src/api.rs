@@ -79,12 +79,11 @@ pub struct Envelope {
     pub data: Option<Value>,
     pub warnings: Vec<String>,
     pub auth: Option<Value>,
-    pub mount_type: String,
 }
 
 impl Envelope {
-    pub fn data(mount_type: &str, data: Value) -> Self {
-        Envelope { data: Some(data), mount_type: mount_type.to_string(), ..Default::default() }
+    pub fn data(data: Value) -> Self {
+        Envelope { data: Some(data), ..Default::default() }
     }
 
     pub fn to_json(&self) -> Value {
@@ -97,18 +96,17 @@ impl Envelope {
         m.insert("wrap_info".into(), Value::Null);
         m.insert("warnings".into(), if self.warnings.is_empty() { Value::Null } else { json!(self.warnings) });
         m.insert("auth".into(), self.auth.clone().unwrap_or(Value::Null));
-        m.insert("mount_type".into(), json!(self.mount_type));
         Value::Object(m)
     }
 }
 
 impl Reply {
     /// A reply that only carries warnings is still a 200 envelope in Vault.
-    pub fn warnings(mount_type: &str, warnings: Vec<String>) -> Reply {
+    pub fn warnings(warnings: Vec<String>) -> Reply {
         if warnings.is_empty() {
             return Reply::Empty;
         }
-        Reply::Envelope(Envelope { warnings, mount_type: mount_type.into(), ..Default::default() })
+        Reply::Envelope(Envelope { warnings, ..Default::default() })
     }
 }
 

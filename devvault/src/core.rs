@@ -275,7 +275,7 @@ impl Core {
 
 /// A LIST answer: the entries directly below `prefix` among `paths` (sorted),
 /// deeper ones as `dir/`; 404 when there is none, as in Vault.
-pub fn list_children<'a>(paths: impl IntoIterator<Item = &'a str>, prefix: &str, mount_type: &str) -> Outcome {
+pub fn list_children<'a>(paths: impl IntoIterator<Item = &'a str>, prefix: &str) -> Outcome {
     let mut keys: Vec<String> = paths
         .into_iter()
         .filter_map(|p| p.strip_prefix(prefix))
@@ -289,7 +289,7 @@ pub fn list_children<'a>(paths: impl IntoIterator<Item = &'a str>, prefix: &str,
     if keys.is_empty() {
         return Err(Failure::not_found());
     }
-    Ok(Reply::Envelope(crate::api::Envelope::data(mount_type, serde_json::json!({ "keys": keys }))))
+    Ok(Reply::Envelope(crate::api::Envelope::data(serde_json::json!({ "keys": keys }))))
 }
 
 /// `path` is `mount` or lies below it.

@@ -67,7 +67,6 @@ pub async fn renew(core: &Arc<Core>, lease_id: &str, increment: i64) -> Outcome 
         renewable: true,
         lease_duration: plan.ttl.ttl,
         warnings: plan.ttl.warnings,
-        mount_type: "system".into(),
         ..Default::default()
     }))
 }
@@ -85,17 +84,15 @@ pub fn lookup(core: &Arc<Core>, lease_id: &str) -> Outcome {
         return Err(Failure::resp(400, "invalid lease"));
     };
     let ttl = (lease.expire_time - Utc::now()).num_seconds().max(0);
-    Ok(Reply::Envelope(Envelope::data(
-        "system",
-        json!({
-            "id": lease.id,
-            "issue_time": rfc3339(lease.issue_time),
-            "expire_time": rfc3339(lease.expire_time),
-            "last_renewal": lease.last_renewal.map(rfc3339),
-            "renewable": lease.renewable && lease.irrevocable.is_none(),
-            "ttl": ttl,
-        }),
-    )))
+    Ok(Reply::Envelope(Envelope::data(json!({
+        "id": lease.id,
+        "path": lease.id.rsplit_once('/').map_or("", |(p, _)| p),
+        "issue_time": rfc3339(lease.issue_time),
+        "expire_time": rfc3339(lease.expire_time),
+        "last_renewal": lease.last_renewal.map(rfc3339),
+        "renewable": lease.renewable && lease.irrevocable.is_none(),
+        "ttl": ttl,
+    }))))
 }
 
 /// Per-lease locks, as Vault's expiration manager holds them: a revocation

@@ -113,12 +113,8 @@ impl Fields {
     }
 }
 
-fn invalid(key: &str, value: &Value, why: &str) -> Failure {
-    let shown = match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    Failure::resp(400, format!("Field validation failed: error converting input {shown} for field \"{key}\": {why}"))
+fn invalid(key: &str, _value: &Value, why: &str) -> Failure {
+    Failure::resp(400, format!("Field validation failed: error converting input for field \"{key}\": {why}"))
 }
 
 /// `ParseDurationSecond`: integer seconds, numeric string, `<n>d`, or a Go
@@ -127,7 +123,11 @@ pub fn parse_duration(v: &Value) -> Result<i64, String> {
     match v {
         Value::Null => Ok(0),
         Value::Number(n) => {
-            n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)).ok_or_else(|| "invalid duration".to_string())
+            let secs = n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)).ok_or("invalid duration")?;
+            if secs < 0 {
+                return Err(format!("cannot provide negative value '{n}'"));
+            }
+            Ok(secs)
         }
         Value::String(s) => parse_duration_str(s),
         _ => Err("invalid duration".to_string()),

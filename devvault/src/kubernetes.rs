@@ -66,7 +66,7 @@ pub async fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str) -> 
             if keys.is_empty() {
                 return Err(Failure::not_found());
             }
-            Ok(Reply::Envelope(Envelope::data("kubernetes", json!({ "keys": keys }))))
+            Ok(Reply::Envelope(Envelope::data(json!({ "keys": keys }))))
         }
         (s, op) if s.starts_with("role/") && s.len() > 5 => {
             let name = s["role/".len()..].trim_end_matches('/');
@@ -122,6 +122,16 @@ fn write_config(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
             .map_err(|_| invalid())?;
         keys.push(key);
     }
+    let disable_local_ca_jwt = f.bool_or("disable_local_ca_jwt", false)?;
+    // Outside a pod there is no local CA file to fall back on.
+    if ca.is_empty() {
+        let msg = if disable_local_ca_jwt {
+            "kubernetes_ca_cert must be given when disable_local_ca_jwt is true"
+        } else {
+            "open /var/run/secrets/kubernetes.io/serviceaccount/ca.crt: no such file or directory"
+        };
+        return Err(Failure::resp(400, msg));
+    }
     let config = KubeConfig {
         kubernetes_host: host,
         kubernetes_ca_cert: ca,
@@ -129,7 +139,7 @@ fn write_config(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
         keys,
         issuer: f.str("issuer")?,
         disable_iss_validation: f.bool_or("disable_iss_validation", true)?,
-        disable_local_ca_jwt: f.bool_or("disable_local_ca_jwt", false)?,
+        disable_local_ca_jwt,
     };
     if let Some(m) = core.state().auth_mounts.get_mut(mount) {
         m.config = Some(config);
@@ -147,19 +157,15 @@ fn read_config(core: &Arc<Core>, mount: &str) -> Outcome {
     let Some(c) = state.auth_mounts.get(mount).and_then(|m| m.config.clone()) else {
         return Err(Failure::not_found());
     };
-    Ok(Reply::Envelope(Envelope::data(
-        "kubernetes",
-        json!({
-            "kubernetes_host": c.kubernetes_host,
-            "kubernetes_ca_cert": c.kubernetes_ca_cert,
-            "pem_keys": c.pem_keys,
-            "issuer": c.issuer,
-            "disable_iss_validation": c.disable_iss_validation,
-            "disable_local_ca_jwt": c.disable_local_ca_jwt,
-            "token_reviewer_jwt_set": false,
-            "use_annotations_as_alias_metadata": false,
-        }),
-    )))
+    Ok(Reply::Envelope(Envelope::data(json!({
+        "kubernetes_host": c.kubernetes_host,
+        "kubernetes_ca_cert": c.kubernetes_ca_cert,
+        "pem_keys": c.pem_keys,
+        "issuer": c.issuer,
+        "disable_iss_validation": c.disable_iss_validation,
+        "disable_local_ca_jwt": c.disable_local_ca_jwt,
+        "token_reviewer_jwt_set": false,
+    }))))
 }
 
 const ROLE_FIELDS: &[&str] = &[
@@ -251,29 +257,30 @@ fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outco
     if let Some(m) = core.state().auth_mounts.get_mut(mount) {
         m.roles.insert(name.to_string(), role);
     }
-    Ok(Core::with_ignored(Reply::warnings("kubernetes", warnings), &f, ROLE_FIELDS))
+    Ok(Core::with_ignored(Reply::warnings(warnings), &f, ROLE_FIELDS))
 }
 
 fn read_role(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
     let Some(r) = core.state().auth_mounts.get(mount).and_then(|m| m.roles.get(name).cloned()) else {
         return Err(Failure::not_found());
     };
-    Ok(Reply::Envelope(Envelope::data(
-        "kubernetes",
-        json!({
-            "bound_service_account_names": r.bound_names,
-            "bound_service_account_namespaces": r.bound_namespaces,
-            "audience": r.audience,
-            "alias_name_source": if r.alias_name_source.is_empty() { "serviceaccount_uid" } else { &r.alias_name_source },
-            "token_ttl": r.token_ttl,
-            "token_max_ttl": r.token_max_ttl,
-            "token_period": r.token_period,
-            "token_explicit_max_ttl": r.token_explicit_max_ttl,
-            "token_policies": r.token_policies,
-            "token_no_default_policy": r.token_no_default_policy,
-            "token_type": "default-service",
-        }),
-    )))
+    Ok(Reply::Envelope(Envelope::data(json!({
+        "bound_service_account_names": r.bound_names,
+        "bound_service_account_namespaces": r.bound_namespaces,
+        "audience": r.audience,
+        "alias_name_source": if r.alias_name_source.is_empty() { "serviceaccount_uid" } else { &r.alias_name_source },
+        "token_ttl": r.token_ttl,
+        "token_max_ttl": r.token_max_ttl,
+        "token_period": r.token_period,
+        "token_explicit_max_ttl": r.token_explicit_max_ttl,
+        "token_policies": r.token_policies,
+        "token_no_default_policy": r.token_no_default_policy,
+        "token_type": "default-service",
+        "token_bound_cidrs": [],
+        "token_num_uses": 0,
+        "token_strictly_bind_ip": false,
+        "bound_service_account_namespace_selector": "",
+    }))))
 }
 
 /// The service account a JWT speaks for.
@@ -344,12 +351,7 @@ fn login(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
             no_expiry: false,
         },
     )?;
-    Ok(Reply::Envelope(Envelope {
-        auth: Some(auth_json(&token, token.creation_ttl)),
-        warnings,
-        mount_type: "kubernetes".into(),
-        ..Default::default()
-    }))
+    Ok(Reply::Envelope(Envelope { auth: Some(auth_json(&token, token.creation_ttl)), warnings, ..Default::default() }))
 }
 
 const ALLOWED_ALGS: &[Algorithm] = &[

@@ -55,7 +55,7 @@ pub fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str) -> Outcom
                 return Err(Failure::not_found());
             }
             let data = json!({ "data": version.data, "metadata": metadata(version, number) });
-            Ok(Reply::Envelope(Envelope::data("kv", data)))
+            Ok(Reply::Envelope(Envelope::data(data)))
         }
         ("data", Op::Update) if !path.is_empty() => {
             let data = match req.data.get("data") {
@@ -66,7 +66,7 @@ pub fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str) -> Outcom
             versions.push(Version { data: Some(data), created: Utc::now(), deleted: None });
             let number = versions.len();
             let meta = versions.last().map(|v| metadata(v, number)).unwrap_or(Value::Null);
-            Ok(Reply::Envelope(Envelope::data("kv", meta)))
+            Ok(Reply::Envelope(Envelope::data(meta)))
         }
         ("data", Op::Delete) if !path.is_empty() => {
             if let Some(latest) = kv.secrets.get_mut(path).and_then(|v| v.last_mut()) {
@@ -80,7 +80,7 @@ pub fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str) -> Outcom
         }
         ("metadata", Op::List) => {
             let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
-            crate::core::list_children(kv.secrets.keys().map(String::as_str), &prefix, "kv")
+            crate::core::list_children(kv.secrets.keys().map(String::as_str), &prefix)
         }
         ("data" | "metadata", _) => Err(Failure::unsupported_operation()),
         _ => Err(Failure::unsupported_path()),

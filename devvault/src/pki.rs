@@ -45,6 +45,7 @@ struct Role {
 struct Issued {
     pem: String,
     revoked: Option<DateTime<Utc>>,
+    not_after: DateTime<Utc>,
 }
 
 #[derive(Default)]
@@ -61,10 +62,14 @@ impl PkiMount {
 }
 
 /// Revocation of a leased certificate (at expiry, by lease, with its
-/// token). A certificate no longer known counts as revoked, as in Vault.
+/// token). A certificate no longer known counts as revoked, as in Vault;
+/// one that ends within 2 s is left as it is (Vault's "wiggle room" for
+/// second-granular leases: the lease goes, the certificate stays unrevoked).
 pub fn revoke(core: &Core, mount: &str, serial: &str) {
     let mut state = core.state();
-    if let Some(cert) = state.pki_mounts.get_mut(mount).and_then(|m| m.certs.get_mut(serial)) {
+    if let Some(cert) = state.pki_mounts.get_mut(mount).and_then(|m| m.certs.get_mut(serial))
+        && cert.not_after >= Utc::now() + Duration::seconds(2)
+    {
         cert.revoked.get_or_insert_with(Utc::now);
     }
 }
@@ -81,7 +86,7 @@ pub fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str, token: Op
         ("roles", "", Op::List) => {
             let state = core.state();
             let m = state.pki_mounts.get(mount).ok_or_else(Failure::unsupported_path)?;
-            crate::core::list_children(m.roles.keys().map(String::as_str), "", "pki")
+            crate::core::list_children(m.roles.keys().map(String::as_str), "")
         }
         ("roles", n, Op::Update) if !n.is_empty() => write_role(core, req, mount, n),
         ("roles", n, Op::Read) if !n.is_empty() => read_role(core, mount, n),
@@ -130,6 +135,10 @@ fn key_pair(key_type: &str) -> Result<(KeyPair, &'static str), Failure> {
         other => return Err(bad(format!("unknown key_type value: {other}"))),
     };
     KeyPair::generate_for(alg).map(|k| (k, name)).map_err(rcgen_failed)
+}
+
+fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
 }
 
 fn validity(params: &mut CertificateParams, now: DateTime<Utc>, not_after: DateTime<Utc>) -> Result<(), Failure> {
@@ -183,7 +192,7 @@ fn generate_root(core: &Arc<Core>, req: &Request, mount: &str, exported: bool) -
     {
         let mut state = core.state();
         let m = state.pki_mounts.get_mut(mount).ok_or_else(Failure::unsupported_path)?;
-        m.certs.insert(serial_number.clone(), Issued { pem: pem.clone(), revoked: None });
+        m.certs.insert(serial_number.clone(), Issued { pem: pem.clone(), revoked: None, not_after });
         m.ca = Some(Ca { issuer, not_after });
     }
     let mut data = json!({
@@ -195,13 +204,16 @@ fn generate_root(core: &Arc<Core>, req: &Request, mount: &str, exported: bool) -
         "issuer_name": "",
         "key_id": uuid::Uuid::new_v4().to_string(),
         "key_name": "",
-        "key_type": key_name,
     });
     if exported {
         data["private_key"] = json!(private_key);
         data["private_key_type"] = json!(key_name);
     }
-    Ok(Reply::Envelope(Envelope::data("pki", data)))
+    // OpenBao's warning for a CA without AIA URLs (devvault has no config/urls).
+    let aia = "This mount hasn't configured any authority information access (AIA) fields; this may make it harder \
+               for systems to find missing certificates in the chain or to validate revocation status of \
+               certificates. Consider updating /config/urls or the newly generated issuer with this information.";
+    Ok(Reply::Envelope(Envelope { data: Some(data), warnings: vec![aia.to_string()], ..Default::default() }))
 }
 
 const ROLE_FIELDS: &[&str] = &[
@@ -255,32 +267,40 @@ fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outco
     }
     let mut state = core.state();
     let m = state.pki_mounts.get_mut(mount).ok_or_else(Failure::unsupported_path)?;
+    let generate_lease = role.generate_lease;
     m.roles.insert(name.to_string(), role);
-    Ok(Core::with_ignored(Reply::Empty, &f, ROLE_FIELDS))
+    drop(state);
+    // OpenBao answers a role write with the role, as a read would.
+    let mut reply = read_role(core, mount, name)?;
+    if generate_lease && let Reply::Envelope(env) = &mut reply {
+        env.warnings.push(
+            "it is encouraged to disable generate_lease and rely on PKI's native capabilities when possible; this \
+             option can cause instance-wide issues with large numbers of issued certificates"
+                .to_string(),
+        );
+    }
+    Ok(Core::with_ignored(reply, &f, ROLE_FIELDS))
 }
 
 fn read_role(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
     let state = core.state();
     let m = state.pki_mounts.get(mount).ok_or_else(Failure::unsupported_path)?;
     let r = m.roles.get(name).ok_or_else(Failure::not_found)?;
-    Ok(Reply::Envelope(Envelope::data(
-        "pki",
-        json!({
-            "allowed_domains": r.allowed_domains,
-            "allow_bare_domains": r.allow_bare_domains,
-            "allow_subdomains": r.allow_subdomains,
-            "allow_glob_domains": r.allow_glob_domains,
-            "allow_any_name": r.allow_any_name,
-            "allow_localhost": r.allow_localhost,
-            "allow_ip_sans": r.allow_ip_sans,
-            "key_type": r.key_type,
-            "key_bits": r.key_bits,
-            "ttl": r.ttl,
-            "max_ttl": r.max_ttl,
-            "generate_lease": r.generate_lease,
-            "no_store": r.no_store,
-        }),
-    )))
+    Ok(Reply::Envelope(Envelope::data(json!({
+        "allowed_domains": r.allowed_domains,
+        "allow_bare_domains": r.allow_bare_domains,
+        "allow_subdomains": r.allow_subdomains,
+        "allow_glob_domains": r.allow_glob_domains,
+        "allow_any_name": r.allow_any_name,
+        "allow_localhost": r.allow_localhost,
+        "allow_ip_sans": r.allow_ip_sans,
+        "key_type": r.key_type,
+        "key_bits": r.key_bits,
+        "ttl": r.ttl,
+        "max_ttl": r.max_ttl,
+        "generate_lease": r.generate_lease,
+        "no_store": r.no_store,
+    }))))
 }
 
 /// The role's name rules (`allowed_domains` with bare, subdomain and glob
@@ -377,7 +397,10 @@ fn issue(core: &Arc<Core>, req: &Request, mount: &str, role_name: &str, token: O
     let cert = params.signed_by(&key, &ca.issuer).map_err(rcgen_failed)?;
     let issuing_ca = ca.issuer.pem();
     if !role.no_store {
-        m.certs.insert(serial_number.clone(), Issued { pem: cert.pem(), revoked: None });
+        m.certs.insert(
+            serial_number.clone(),
+            Issued { pem: cert.pem(), revoked: None, not_after: whole_seconds(not_after) },
+        );
     }
     let data = json!({
         "certificate": cert.pem(),
@@ -387,12 +410,14 @@ fn issue(core: &Arc<Core>, req: &Request, mount: &str, role_name: &str, token: O
         "private_key_type": key_type,
         "serial_number": serial_number,
         "expiration": not_after.timestamp(),
+        "not_before": (now - Duration::seconds(30)).timestamp(),
     });
-    let mut env = Envelope { data: Some(data), warnings, mount_type: "pki".into(), ..Default::default() };
+    let mut env = Envelope { data: Some(data), warnings, ..Default::default() };
     if role.generate_lease {
         let lease_id = format!("{mount}/issue/{role_name}/{}", crate::ids::base62(24));
         let creator = token.filter(|t| !t.is_root()).map(|t| t.id);
-        let ttl = (not_after - now).num_seconds();
+        // The certificate's notAfter has whole seconds: so has its lease.
+        let ttl = (whole_seconds(not_after) - now).num_seconds();
         state.leases.insert(
             lease_id.clone(),
             LeaseEntry {
@@ -430,7 +455,6 @@ fn read_cert(core: &Arc<Core>, mount: &str, serial: &str) -> Outcome {
     let revoked = cert.revoked.map(|t| t.timestamp()).unwrap_or(0);
     let revoked_rfc = cert.revoked.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)).unwrap_or_default();
     Ok(Reply::Envelope(Envelope::data(
-        "pki",
         json!({ "certificate": cert.pem, "revocation_time": revoked, "revocation_time_rfc3339": revoked_rfc }),
     )))
 }

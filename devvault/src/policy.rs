@@ -42,6 +42,10 @@ pub struct Policy {
     pub name: String,
     pub text: String,
     pub rules: Vec<Rule>,
+    /// Bumped by every write, as Vault's policy store does.
+    pub version: u64,
+    /// RFC 3339 time of the last write.
+    pub modified: String,
 }
 
 /// Vault's built-in `default` policy, reduced to what this server serves
@@ -58,7 +62,8 @@ path "sys/leases/lookup" { capabilities = ["update"] }
 impl Policy {
     pub fn parse(name: &str, text: &str) -> Result<Policy, String> {
         let rules = parse_hcl(text)?;
-        Ok(Policy { name: name.to_string(), text: text.to_string(), rules })
+        let modified = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        Ok(Policy { name: name.to_string(), text: text.to_string(), rules, version: 1, modified })
     }
 }
 

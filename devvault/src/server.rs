@@ -80,8 +80,9 @@ async fn handle(core: Arc<Core>, dropper: CancellationToken, req: hyper::Request
     let method = req.method().as_str().to_string();
     let uri_path = req.uri().path().to_string();
     let query: Vec<(String, String)> = req.uri().query().map(parse_query).unwrap_or_default();
-    // Namespaces (Vault Enterprise) are not emulated; the log keeps the
-    // header so tests can see that clients send it.
+    // devvault has no namespaces (OpenBao 2.3+, Vault Enterprise): a request
+    // in one is refused as OpenBao refuses one in a namespace that does not
+    // exist. The log keeps the header so tests can see that clients send it.
     let ns = req.headers().get("x-vault-namespace").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let Some(path) = uri_path.strip_prefix("/v1/").map(percent_decode) else {
         core.log.record(&method, &uri_path, &ns, 404, "");
@@ -103,7 +104,17 @@ async fn handle(core: Arc<Core>, dropper: CancellationToken, req: hyper::Request
             return respond(status, Some(json!({ "errors": fault.errors })));
         }
     }
-    if let Some(upstream) = core.upstream.as_ref().filter(|_| !path.starts_with("sys/devvault/")) {
+    let local = path.starts_with("sys/devvault/");
+    if !ns.is_empty() && ns != "root" && core.upstream.is_none() && !local {
+        let failure = if path == "sys/health" {
+            Failure::resp(400, "operation unavailable in namespaces")
+        } else {
+            Failure::resp(404, "namespace not found")
+        };
+        core.log.record(&method, &path, &ns, failure.status, "");
+        return respond(failure.status, Some(failure.body()));
+    }
+    if let Some(upstream) = core.upstream.as_ref().filter(|_| !local) {
         // The accessor is the upstream's secret to know: logged empty.
         let resp = upstream.forward(req, MAX_BODY).await;
         core.log.record(&method, &path, &ns, resp.status().as_u16(), "");
@@ -135,6 +146,10 @@ async fn run(
         "POST" | "PUT" => Op::Update,
         "DELETE" => Op::Delete,
         "HEAD" => Op::Head,
+        // Vault's PATCH needs a merge-patch body; the media type is checked first.
+        "PATCH" if !req.headers().contains_key(hyper::header::CONTENT_TYPE) => {
+            return fail(Failure::resp(400, "mime: no media type"));
+        }
         "PATCH" => return fail(Failure::unsupported_operation()),
         _ => {
             return fail(Failure { status: 405, errors: vec![] });
@@ -192,7 +207,20 @@ fn parse_body(bytes: &[u8]) -> Result<Map<String, Value>, Failure> {
     }
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(Failure::resp(400, "error parsing JSON")),
+        // `bao write -force` sends `null`: no fields.
+        Ok(Value::Null) => Ok(Map::new()),
+        Ok(other) => {
+            let kind = match other {
+                Value::Array(_) => "array",
+                Value::String(_) => "string",
+                Value::Number(_) => "number",
+                _ => "bool",
+            };
+            let go = format!("json: cannot unmarshal {kind} into Go value of type map[string]interface {{}}");
+            Err(Failure::resp(400, format!("failed to decode JSON input: {go}")))
+        }
+        // Go's decoder words its errors differently; the prefix is Vault's.
+        Err(e) => Err(Failure::resp(400, format!("failed to decode JSON input: {e}"))),
     }
 }
 

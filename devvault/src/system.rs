@@ -50,7 +50,6 @@ fn health(req: &Request) -> Outcome {
             "initialized": true,
             "sealed": false,
             "standby": false,
-            "performance_standby": false,
             "replication_performance_mode": "disabled",
             "replication_dr_mode": "disabled",
             "server_time_utc": now,
@@ -87,7 +86,7 @@ fn list_mounts(core: &Arc<Core>, req: &Request, auth: bool) -> Outcome {
             data.insert(format!("{m}/"), json!({"type": "pki", "description": ""}));
         }
     }
-    Ok(Reply::Envelope(Envelope::data("system", Value::Object(data))))
+    Ok(Reply::Envelope(Envelope::data(Value::Object(data))))
 }
 
 fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
@@ -169,7 +168,7 @@ fn list_policies(core: &Arc<Core>, req: &Request) -> Outcome {
     let mut keys: Vec<String> = core.state().policies.keys().cloned().collect();
     keys.push("root".into());
     keys.sort();
-    Ok(Reply::Envelope(Envelope::data("system", json!({ "keys": keys, "policies": keys }))))
+    Ok(Reply::Envelope(Envelope::data(json!({ "keys": keys, "policies": keys }))))
 }
 
 fn policy(core: &Arc<Core>, req: &Request, name: &str, text_key: &str) -> Outcome {
@@ -180,7 +179,24 @@ fn policy(core: &Arc<Core>, req: &Request, name: &str, text_key: &str) -> Outcom
             let Some(p) = state.policies.get(&name) else {
                 return Err(Failure::not_found());
             };
-            Ok(Reply::Envelope(Envelope::data("system", json!({"name": p.name, text_key: p.text}))))
+            let data = json!({
+                "name": p.name,
+                text_key: p.text,
+                "version": p.version,
+                "modified": p.modified,
+                "cas_required": false,
+                "allow_wildcards_in_identity_templates": false,
+                "allow_slashes_in_identity_templates": false,
+            });
+            if text_key == "rules" {
+                // The legacy endpoint repeats `data` at the top level.
+                let mut body = Envelope::data(data.clone()).to_json();
+                if let (Some(top), Value::Object(d)) = (body.as_object_mut(), data) {
+                    top.extend(d);
+                }
+                return Ok(Reply::Raw(200, body));
+            }
+            Ok(Reply::Envelope(Envelope::data(data)))
         }
         Op::Update => {
             if name == "root" {
@@ -188,9 +204,14 @@ fn policy(core: &Arc<Core>, req: &Request, name: &str, text_key: &str) -> Outcom
             }
             let f = req.fields();
             let text = if f.has("policy") { f.str("policy")? } else { f.str("rules")? };
-            let parsed =
+            if text.trim().is_empty() {
+                return Err(Failure::resp(400, "'policy' parameter not supplied or empty"));
+            }
+            let mut parsed =
                 Policy::parse(&name, &text).map_err(|e| Failure::resp(400, format!("failed to parse policy: {e}")))?;
-            core.state().policies.insert(name, parsed);
+            let mut state = core.state();
+            parsed.version = state.policies.get(&name).map_or(1, |old| old.version + 1);
+            state.policies.insert(name, parsed);
             Ok(Reply::Empty)
         }
         Op::Delete => {
@@ -232,8 +253,11 @@ async fn leases(core: &Arc<Core>, req: &Request, path: &str) -> Outcome {
                 Ok(Reply::Accepted)
             }
         }
+        // Only the path form exists: without a prefix there is no route (a
+        // `prefix` in the body is ignored), so `{}` never revokes everything.
+        ("revoke-prefix" | "revoke-force", Op::Update) if suffix.is_empty() => Err(Failure::unsupported_path()),
         ("revoke-prefix" | "revoke-force", Op::Update) => {
-            let prefix = if suffix.is_empty() { f.str("prefix")? } else { suffix.to_string() };
+            let prefix = suffix.to_string();
             let force = action == "revoke-force";
             for id in expiration::ids_with_prefix(core, &prefix) {
                 if let Err(e) = expiration::revoke_now(core, &id).await
@@ -250,7 +274,7 @@ async fn leases(core: &Arc<Core>, req: &Request, path: &str) -> Outcome {
         ("lookup", Op::Update) => expiration::lookup(core, &lease_id),
         ("lookup", Op::List) => {
             let ids = expiration::ids_with_prefix(core, suffix);
-            crate::core::list_children(ids.iter().map(String::as_str), suffix, "system")
+            crate::core::list_children(ids.iter().map(String::as_str), suffix)
         }
         ("renew" | "revoke" | "revoke-prefix" | "revoke-force" | "lookup", _) => Err(Failure::unsupported_operation()),
         _ => Err(Failure::unsupported_path()),
@@ -268,14 +292,12 @@ fn devvault(core: &Arc<Core>, req: &Request, path: &str) -> Outcome {
             core.faults.add(fault);
             Ok(Reply::Empty)
         }
-        ("faults", Op::Read) => Ok(Reply::Envelope(Envelope::data("system", json!({ "faults": core.faults.list() })))),
+        ("faults", Op::Read) => Ok(Reply::Envelope(Envelope::data(json!({ "faults": core.faults.list() })))),
         ("faults", Op::Delete) => {
             core.faults.clear();
             Ok(Reply::Empty)
         }
-        ("requests", Op::Read) => {
-            Ok(Reply::Envelope(Envelope::data("system", json!({ "requests": core.log.entries() }))))
-        }
+        ("requests", Op::Read) => Ok(Reply::Envelope(Envelope::data(json!({ "requests": core.log.entries() })))),
         ("requests", Op::Delete) => {
             core.log.clear();
             Ok(Reply::Empty)

@@ -146,10 +146,7 @@ fn lookup(t: &TokenEntry) -> Reply {
     if t.period > 0 {
         data["period"] = json!(t.period);
     }
-    if let TokenSource::Kubernetes { role, .. } = &t.source {
-        data["role"] = json!(role);
-    }
-    Reply::Envelope(Envelope::data("token", data))
+    Reply::Envelope(Envelope::data(data))
 }
 
 fn renew(core: &Arc<Core>, t: &TokenEntry, increment: i64) -> Outcome {
@@ -190,12 +187,7 @@ fn renew(core: &Arc<Core>, t: &TokenEntry, increment: i64) -> Outcome {
         entry.clone()
     };
     core.expiry_wake.notify_one();
-    Ok(Reply::Envelope(Envelope {
-        auth: Some(auth_json(&updated, r.ttl)),
-        warnings: r.warnings,
-        mount_type: "token".into(),
-        ..Default::default()
-    }))
+    Ok(Reply::Envelope(Envelope { auth: Some(auth_json(&updated, r.ttl)), warnings: r.warnings, ..Default::default() }))
 }
 
 const CREATE_FIELDS: &[&str] = &[
@@ -257,12 +249,8 @@ fn create(core: &Arc<Core>, req: &Request, parent: &TokenEntry, orphan: bool) ->
             no_expiry,
         },
     )?;
-    let reply = Reply::Envelope(Envelope {
-        auth: Some(auth_json(&entry, entry.creation_ttl)),
-        warnings,
-        mount_type: "token".into(),
-        ..Default::default()
-    });
+    let reply =
+        Reply::Envelope(Envelope { auth: Some(auth_json(&entry, entry.creation_ttl)), warnings, ..Default::default() });
     Ok(Core::with_ignored(reply, &f, CREATE_FIELDS))
 }
 

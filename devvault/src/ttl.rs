@@ -32,7 +32,6 @@ pub fn calculate(input: TtlInput, start: DateTime<Utc>, now: DateTime<Utc>) -> R
     if input.explicit_max > 0 && input.explicit_max < max_ttl {
         max_ttl = input.explicit_max;
     }
-    let start = truncate(start);
     let (mut ttl, limit) = if input.period > 0 {
         let mut period = input.period;
         if period > max_ttl {
@@ -60,7 +59,9 @@ pub fn calculate(input: TtlInput, start: DateTime<Utc>, now: DateTime<Utc>) -> R
         if remaining_ms <= 0 {
             return Err("past the max TTL, cannot renew".to_string());
         }
-        let remaining = remaining_ms / 1000;
+        // Whole seconds, rounded: a renewal a few ms after issue still has
+        // the full max TTL left, as OpenBao reports it.
+        let remaining = (remaining_ms + 500) / 1000;
         if ttl > remaining {
             warnings.push(format!(
                 "TTL of \"{}\" exceeded the effective max_ttl of \"{}\"; TTL value is capped accordingly",
@@ -71,10 +72,6 @@ pub fn calculate(input: TtlInput, start: DateTime<Utc>, now: DateTime<Utc>) -> R
         }
     }
     Ok(TtlResult { ttl, warnings })
-}
-
-fn truncate(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
 }
 
 /// Go's `time.Duration.String()` for whole seconds, with Vault's trimming of

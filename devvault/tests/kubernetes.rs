@@ -50,7 +50,7 @@ async fn rs256_keys_verify_too() {
     let (s, _) = login_with(&api, "app", &rsa.mint("default", "app", 600).unwrap()).await;
     assert_eq!(s, 200);
     // Certificates are accepted in pem_keys as well.
-    let cfg = json!({"kubernetes_host": "h", "pem_keys": [rsa.certificate_pem()]});
+    let cfg = json!({"kubernetes_host": "h", "kubernetes_ca_cert": rsa.certificate_pem(), "pem_keys": [rsa.certificate_pem()]});
     api.ok("POST", "auth/kubernetes/config", Some(cfg)).await;
     let (s, _) = login_with(&api, "app", &rsa.mint("default", "app", 600).unwrap()).await;
     assert_eq!(s, 200);
@@ -113,7 +113,7 @@ async fn each_login_failure_has_vaults_status_and_text() {
     api.ok(
         "POST",
         "auth/kubernetes/config",
-        Some(json!({"kubernetes_host": "https://k", "pem_keys": [iss.public_pem()], "issuer": "https://other", "disable_iss_validation": false})),
+        Some(json!({"kubernetes_host": "https://k", "kubernetes_ca_cert": iss.certificate_pem(), "pem_keys": [iss.public_pem()], "issuer": "https://other", "disable_iss_validation": false})),
     )
     .await;
     let (s, b) = login_with(&api, "app", &good).await;
@@ -136,8 +136,24 @@ async fn config_and_role_validation() {
     assert_eq!((s, b), (500, json!({"errors": ["could not load backend configuration"]})));
     let (s, b) = api.call("POST", "auth/kubernetes/config", Some(json!({}))).await;
     assert_eq!((s, b), (400, json!({"errors": ["no host provided"]})));
+    // Outside a pod there is no local CA to fall back on, as on OpenBao.
+    let (s, b) = api.call("POST", "auth/kubernetes/config", Some(json!({"kubernetes_host": "h"}))).await;
+    let no_ca = "open /var/run/secrets/kubernetes.io/serviceaccount/ca.crt: no such file or directory";
+    assert_eq!((s, b), (400, json!({"errors": [no_ca]})));
     let (s, b) = api
-        .call("POST", "auth/kubernetes/config", Some(json!({"kubernetes_host": "h", "pem_keys": ["garbage"]})))
+        .call("POST", "auth/kubernetes/config", Some(json!({"kubernetes_host": "h", "disable_local_ca_jwt": true})))
+        .await;
+    assert_eq!(
+        (s, b),
+        (400, json!({"errors": ["kubernetes_ca_cert must be given when disable_local_ca_jwt is true"]}))
+    );
+    let ca = ServiceAccountIssuer::generate(SigningAlg::Es256).unwrap().certificate_pem().to_string();
+    let (s, b) = api
+        .call(
+            "POST",
+            "auth/kubernetes/config",
+            Some(json!({"kubernetes_host": "h", "kubernetes_ca_cert": ca, "pem_keys": ["garbage"]})),
+        )
         .await;
     assert_eq!((s, b), (400, json!({"errors": ["data does not contain any valid RSA or ECDSA public keys"]})));
     let (s, b) =

@@ -37,6 +37,14 @@ impl LeaseTimes {
         self.granted_at + self.ttl
     }
 
+    /// The latest the lease may really end. Vault reports TTLs in whole
+    /// seconds, rounded (OpenBao grants 7200 for 7199.6 s left), and the
+    /// grant is timed when its answer arrives: the end may come up to a
+    /// second before `expires_at`. Re-issuing counts from this one.
+    pub fn safe_end(&self) -> SystemTime {
+        self.expires_at() - ROUNDING.min(self.ttl / 2)
+    }
+
     /// The lease after a successful renewal.
     pub fn renewed(&self, now: SystemTime, granted: Duration, renewable: bool, warnings: &[String]) -> Self {
         LeaseTimes {
@@ -72,6 +80,9 @@ pub struct Next {
     pub at: SystemTime,
 }
 
+/// How much earlier than reported a lease may end (see `LeaseTimes::safe_end`).
+pub const ROUNDING: Duration = Duration::from_secs(1);
+
 /// `fraction` of `d`, for `Duration`s of any length.
 fn part(d: Duration, fraction: f64) -> Duration {
     Duration::from_secs_f64(d.as_secs_f64() * fraction.clamp(0.0, 1.0))
@@ -96,15 +107,15 @@ pub fn renew_point(granted_at: SystemTime, ttl: Duration, policy: &Policy, sampl
 ///
 /// A lease that cannot be extended (capped, not renewable, or outlived by its
 /// bound) is re-issued so that the new credentials exist while the old lease
-/// still has `(1 - renew_at) × first TTL` left; otherwise it is renewed at
-/// `renew_at` of its current TTL.
+/// still has `(1 - renew_at) × first TTL` left (counted from its safe end);
+/// otherwise it is renewed at `renew_at` of its current TTL.
 pub fn next(lease: &LeaseTimes, token_end: Option<SystemTime>, policy: &Policy, sample: f64) -> Next {
     let overlap = part(lease.first_ttl, 1.0 - policy.renew_at) + part(lease.first_ttl, policy.jitter * sample);
     let reissue_before = |end: SystemTime| end.checked_sub(overlap).unwrap_or(SystemTime::UNIX_EPOCH);
     if !lease.renewable || lease.capped {
-        return match token_end.filter(|t| *t < lease.expires_at()) {
+        return match token_end.filter(|t| *t <= lease.safe_end()) {
             Some(end) => Next { action: Action::Reissue(Bound::Token), at: reissue_before(end) },
-            None => Next { action: Action::Reissue(Bound::Lease), at: reissue_before(lease.expires_at()) },
+            None => Next { action: Action::Reissue(Bound::Lease), at: reissue_before(lease.safe_end()) },
         };
     }
     let renew_at = renew_point(lease.granted_at, lease.ttl, policy, sample);
@@ -183,13 +194,16 @@ mod tests {
 
     #[test]
     fn capped_renewal_schedules_reissue_with_overlap() {
-        // TTL 4 s, max 12 s: the renewal at t=8 is capped to 3 s (ends at 11).
+        // TTL 4 s, max 12 s: the renewal at t=8 is capped to 3 s (ends at 11,
+        // or up to a second sooner: Vault rounds TTLs to whole seconds).
         let lease = LeaseTimes::issued(t(0.0), s(4.0), true).renewed(t(8.0), s(3.0), true, &[]);
         assert!(lease.capped);
         let n = next(&lease, None, &POLICY, 0.0);
-        assert_eq!(n, Next { action: Action::Reissue(Bound::Lease), at: t(9.0) });
-        // New credentials in place with (1 - 0.5) × 4 s = 2 s left on the old.
-        assert_eq!(lease.expires_at().duration_since(n.at).unwrap(), s(2.0));
+        assert_eq!(n, Next { action: Action::Reissue(Bound::Lease), at: t(8.0) });
+        // New credentials in place with (1 - 0.5) × 4 s = 2 s left on the
+        // old, counted from its safe end.
+        assert_eq!(lease.safe_end().duration_since(n.at).unwrap(), s(2.0));
+        assert_eq!(lease.expires_at().duration_since(lease.safe_end()).unwrap(), ROUNDING);
     }
 
     #[test]
@@ -204,7 +218,10 @@ mod tests {
     #[test]
     fn non_renewable_lease_is_reissued_before_it_ends() {
         let lease = LeaseTimes::issued(t(0.0), s(10.0), false);
-        assert_eq!(next(&lease, None, &POLICY, 0.0), Next { action: Action::Reissue(Bound::Lease), at: t(5.0) });
+        assert_eq!(next(&lease, None, &POLICY, 0.0), Next { action: Action::Reissue(Bound::Lease), at: t(4.0) });
+        // A 1 s lease keeps half of itself as the rounding margin, not all.
+        let tiny = LeaseTimes::issued(t(0.0), s(1.0), false);
+        assert_eq!(tiny.safe_end(), t(0.5));
     }
 
     #[test]
@@ -229,12 +246,12 @@ mod tests {
 
     #[test]
     fn a_capped_lease_names_whichever_ends_first() {
-        // Capped: the lease ends at t=11.
+        // Capped: the lease ends at t=11 (safely: t=10).
         let lease = LeaseTimes::issued(t(0.0), s(4.0), true).renewed(t(8.0), s(3.0), true, &[]);
-        let token_first = next(&lease, Some(t(10.0)), &POLICY, 0.0);
-        assert_eq!(token_first, Next { action: Action::Reissue(Bound::Token), at: t(8.0) });
+        let token_first = next(&lease, Some(t(9.5)), &POLICY, 0.0);
+        assert_eq!(token_first, Next { action: Action::Reissue(Bound::Token), at: t(7.5) });
         let lease_first = next(&lease, Some(t(11.5)), &POLICY, 0.0);
-        assert_eq!(lease_first, Next { action: Action::Reissue(Bound::Lease), at: t(9.0) });
+        assert_eq!(lease_first, Next { action: Action::Reissue(Bound::Lease), at: t(8.0) });
     }
 
     #[test]

@@ -125,6 +125,9 @@ pub struct VaultClient {
     namespace: String,
     max_retries: usize,
     observer: Option<std::sync::Arc<dyn RequestObserver>>,
+    /// Lease endpoints (`sys/leases/renew`, `sys/leases/revoke`) whose path
+    /// form the policy denied while the body form worked: use the body form.
+    body_form: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
 }
 
 impl VaultClient {
@@ -164,6 +167,7 @@ impl VaultClient {
             namespace: cfg.namespace,
             max_retries: cfg.max_retries,
             observer: None,
+            body_form: Default::default(),
         })
     }
 
@@ -305,8 +309,8 @@ impl VaultClient {
         lease: &LeaseId,
         increment: Duration,
     ) -> Result<LeaseRenewal, VaultError> {
-        let body = json!({ "lease_id": lease.expose(), "increment": increment.as_secs() });
-        let env = self.call("lease renew", Method::PUT, "sys/leases/renew", Some(token), Some(&body)).await?;
+        let body = json!({ "increment": increment.as_secs() });
+        let env = self.lease_call("lease renew", "sys/leases/renew", token, lease, body).await?;
         Ok(LeaseRenewal {
             lease_duration: secs(env.lease_duration.unwrap_or(0)),
             renewable: env.renewable.unwrap_or(false),
@@ -315,8 +319,44 @@ impl VaultClient {
     }
 
     pub async fn revoke_lease(&self, token: &SecretString, lease: &LeaseId) -> Result<(), VaultError> {
-        let body = json!({ "lease_id": lease.expose() });
-        self.call("lease revoke", Method::PUT, "sys/leases/revoke", Some(token), Some(&body)).await.map(|_| ())
+        self.lease_call("lease revoke", "sys/leases/revoke", token, lease, json!({})).await.map(|_| ())
+    }
+
+    /// `PUT <base>/<lease_id>`, the path form, so that a policy can grant
+    /// renew and revoke under the role's own prefix only
+    /// (`sys/leases/revoke/database/creds/app-role/*`). Denied there, the
+    /// body form `PUT <base>` follows: Vault's default policy grants
+    /// `sys/leases/renew` only in that form, and older policies granted
+    /// `sys/leases/revoke` so; once that happened, the body form comes
+    /// first. The path form's body never names the lease: the ACL was
+    /// checked against the path.
+    async fn lease_call(
+        &self,
+        op: &'static str,
+        base: &'static str,
+        token: &SecretString,
+        lease: &LeaseId,
+        body: Value,
+    ) -> Result<Envelope, VaultError> {
+        let mut with_id = body.clone();
+        with_id["lease_id"] = json!(lease.expose());
+        let body_form = || self.body_form.lock().map(|f| f.contains(&base)).unwrap_or(false);
+        if body_form() {
+            return self.call(op, Method::PUT, base, Some(token), Some(&with_id)).await;
+        }
+        let path = format!("{base}/{}", lease.expose());
+        match self.call(op, Method::PUT, &path, Some(token), Some(&body)).await {
+            Err(e) if e.is_permission_denied() => {
+                let result = self.call(op, Method::PUT, base, Some(token), Some(&with_id)).await;
+                if result.is_ok()
+                    && let Ok(mut f) = self.body_form.lock()
+                {
+                    f.push(base);
+                }
+                result
+            }
+            other => other,
+        }
     }
 
     /// `sys/leases/lookup`: the lease's TTL left and renewability.

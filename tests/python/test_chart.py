@@ -93,6 +93,16 @@ def test_agent_config_passes_leasehold_check(values_file):
     assert out.returncode == 0, out.stdout + out.stderr + config
 
 
+def test_auth_method_and_mount():
+    def auth(values):
+        config = by_kind(render(values), "ConfigMap")[0]["data"]["leasehold.yaml"]
+        return yaml.safe_load(config)["auth"]
+    assert auth(load_values(None)) == {"kubernetes": {
+        "role": "app-role", "mount": "kubernetes", "token_path": "/var/run/secrets/leasehold/token"}}
+    jwt = auth(load_values(os.path.join(CHART, "ci", "jwt-values.yaml")))
+    assert list(jwt) == ["jwt"] and jwt["jwt"]["mount"] == "jwt-prod" and jwt["jwt"]["role"] == "app"
+
+
 def pod_spec(docs):
     return by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]
 

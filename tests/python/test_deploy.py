@@ -1,12 +1,11 @@
-"""deploy/: the Vault setup script run against devvault (its policy lets the
-agent run a full lifecycle and nothing more), and the plain manifests."""
+"""deploy/: the Vault setup script run with the real `bao` CLI against
+devvault and OpenBao (its policy lets the agent run a full lifecycle and
+nothing more), and the plain manifests."""
 
 import glob
 import os
 import signal
-import stat
 import subprocess
-import sys
 import time
 import uuid
 
@@ -17,7 +16,7 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, bao_bin
 from test_chart import leasehold_bin
 
 
@@ -30,30 +29,24 @@ def wait_for(cond, seconds, what):
     pytest.fail("timed out waiting for " + what)
 
 
-@pytest.fixture
-def vault_cli(tmp_path):
-    shim = tmp_path / "vault"
-    shim.write_text("#!/bin/sh\nexec %s %s \"$@\"\n" % (sys.executable, os.path.join(ROOT, "tests", "python", "vault_cli.py")))
-    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
-    return str(shim)
-
-
-def test_setup_script_policy_allows_the_lifecycle_and_nothing_more(fresh_devvault, postgres, issuer, vault_cli, tmp_path):
+def test_setup_script_policy_allows_the_lifecycle_and_nothing_more(fresh_server, postgres, issuer, tmp_path):
+    url = fresh_server.url
     admin_pw = "adm-" + uuid.uuid4().hex
     admin = "setup_admin_" + uuid.uuid4().hex[:8]
     with psycopg.connect(postgres.dsn("postgres", postgres.password), autocommit=True) as conn:
         conn.execute("CREATE ROLE %s WITH LOGIN SUPERUSER PASSWORD '%s'" % (admin, admin_pw))
     pem = tmp_path / "sa.pem"
     pem.write_text(issuer.cert_pem)
-    env = dict(os.environ, VAULT_CLI=vault_cli, VAULT_ADDR=fresh_devvault, VAULT_TOKEN="root",
+    # The bao CLI (the vault CLI's fork, same commands) reads VAULT_ADDR/VAULT_TOKEN.
+    env = dict(os.environ, VAULT_CLI=bao_bin(), VAULT_ADDR=url, VAULT_TOKEN="root",
                DB_HOST="127.0.0.1", DB_PORT=str(postgres.port), DB_NAME="postgres", DB_SSLMODE="disable",
-               DB_ADMIN_USER=admin, DB_ADMIN_PASSWORD=admin_pw, K8S_PEM_KEYS_FILE=str(pem),
-               DB_TTL="1h", DB_MAX_TTL="2h")
+               DB_ADMIN_USER=admin, DB_ADMIN_PASSWORD=admin_pw, K8S_HOST=fresh_server.k8s_host,
+               K8S_CA_FILE=str(pem), K8S_PEM_KEYS_FILE=str(pem), DB_TTL="1h", DB_MAX_TTL="2h")
     out = subprocess.run([os.path.join(ROOT, "deploy", "vault", "setup.sh")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Vault is configured" in out.stdout
 
-    root = hvac.Client(url=fresh_devvault, token="root")
+    root = hvac.Client(url=url, token="root")
     # rotate-root ran: the admin password the script was given no longer works.
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(postgres.dsn(admin, admin_pw))
@@ -71,7 +64,7 @@ def test_setup_script_policy_allows_the_lifecycle_and_nothing_more(fresh_devvaul
     config.write_text(
         "vault:\n  address: %s\nauth:\n  kubernetes:\n    role: app-role\n    token_path: %s\n"
         "secrets:\n  - name: db\n    path: database/creds/app-role\n    files:\n      - path: %s/db.json\n        format: json\n"
-        "telemetry:\n  listen: 127.0.0.1:0\n" % (fresh_devvault, token_file, secrets))
+        "telemetry:\n  listen: 127.0.0.1:0\n" % (url, token_file, secrets))
     agent = subprocess.Popen([leasehold_bin(), "agent", "-c", str(config)], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
@@ -89,12 +82,19 @@ def test_setup_script_policy_allows_the_lifecycle_and_nothing_more(fresh_devvaul
     assert gone, "revoked at shutdown with the policy's sys/leases/revoke"
 
     # The same token may not read another role's credentials.
-    client = hvac.Client(url=fresh_devvault)
+    client = hvac.Client(url=url)
     client.auth.kubernetes.login(role="app-role", jwt=jwt)
     with pytest.raises(hvac.exceptions.Forbidden):
         client.secrets.database.generate_credentials(name="other-role", mount_point="database")
     with pytest.raises(hvac.exceptions.Forbidden):
         client.sys.list_leases("database/creds/")
+    # Nor revoke another role's lease, in either form, nor renew it by the
+    # path form. (The body form of renew is in Vault's default policy.)
+    other = root.secrets.database.generate_credentials(name="other-role", mount_point="database")["lease_id"]
+    for path, body in [("sys/leases/revoke/" + other, {}), ("sys/leases/revoke", {"lease_id": other}),
+                       ("sys/leases/renew/" + other, {})]:
+        with pytest.raises(hvac.exceptions.Forbidden):
+            client.adapter.put("/v1/" + path, json=body)
 
 
 def test_plain_manifests_validate_and_config_passes_check(tmp_path):

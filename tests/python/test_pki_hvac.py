@@ -1,5 +1,6 @@
-"""devvault's PKI engine through hvac, and the certificates checked with
-`cryptography`: signed by the root, with the names asked for."""
+"""The PKI engine (devvault's and OpenBao's) through hvac, and the
+certificates checked with `cryptography`: signed by the root, with the names
+asked for."""
 
 import datetime
 import ipaddress
@@ -12,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 
 @pytest.fixture
-def pki(fresh_devvault):
-    client = hvac.Client(url=fresh_devvault, token="root")
+def pki(fresh_server):
+    client = hvac.Client(url=fresh_server.url, token="root")
     client.sys.enable_secrets_engine("pki", path="pki")
     root = client.secrets.pki.generate_root("internal", "devvault test CA", extra_params={"key_type": "ec", "ttl": "1h"})
     client.secrets.pki.create_or_update_role("web", extra_params={

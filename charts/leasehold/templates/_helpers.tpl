@@ -55,9 +55,9 @@ vault:
   {{- end }}
   request_timeout: {{ .Values.vault.requestTimeout | quote }}
 auth:
-  kubernetes:
+  {{ .Values.auth.method }}:
     role: {{ required "auth.role is required" .Values.auth.role | quote }}
-    mount: {{ .Values.auth.mount | quote }}
+    mount: {{ .Values.auth.mount | default .Values.auth.method | quote }}
     token_path: /var/run/secrets/leasehold/token
 secrets:
 {{ toYaml $secrets | indent 2 }}

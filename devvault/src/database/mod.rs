@@ -73,7 +73,6 @@ pub struct DbConnection {
     pub allowed_roles: Vec<String>,
     pub root_rotation_statements: Vec<String>,
     pub password_policy: String,
-    pub verify_connection: bool,
     pub connection_url: String,
     pub username: String,
     pub password: String,
@@ -136,7 +135,7 @@ fn list(core: &Arc<Core>, mount: &str, keys: impl FnOnce(&mut DbMount) -> Vec<St
     if keys.is_empty() {
         return Err(Failure::not_found());
     }
-    Ok(Reply::Envelope(Envelope::data("database", json!({ "keys": keys }))))
+    Ok(Reply::Envelope(Envelope::data(json!({ "keys": keys }))))
 }
 
 const CONFIG_FIELDS: &[&str] = &[
@@ -205,7 +204,7 @@ async fn write_config(core: &Arc<Core>, req: &Request, mount: &str, name: &str) 
             return Err(Failure::resp(
                 400,
                 format!(
-                    "error creating database object: invalid database version: plugin not found in the catalog: {other}"
+                    "error creating database object: invalid database version: 2 errors occurred:\n\t* plugin not found in the catalog: {other}\n\t* plugin not found in the catalog: {other}\n\n"
                 ),
             ));
         }
@@ -221,7 +220,6 @@ async fn write_config(core: &Arc<Core>, req: &Request, mount: &str, name: &str) 
         allowed_roles,
         root_rotation_statements,
         password_policy: f.str("password_policy")?,
-        verify_connection,
         connection_url,
         username,
         password,
@@ -246,13 +244,12 @@ fn read_config(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
                 },
                 "password_policy": c.password_policy,
                 "root_credentials_rotate_statements": c.root_rotation_statements,
-                "verify_connection": c.verify_connection,
             })
         })
     })
     .flatten();
     match data {
-        Some(d) => Ok(Reply::Envelope(Envelope::data("database", d))),
+        Some(d) => Ok(Reply::Envelope(Envelope::data(d))),
         None => Err(Failure::not_found()),
     }
 }
@@ -312,20 +309,16 @@ fn read_role(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
     let Some(r) = role else {
         return Err(Failure::not_found());
     };
-    Ok(Reply::Envelope(Envelope::data(
-        "database",
-        json!({
-            "db_name": r.db_name,
-            "creation_statements": r.creation_statements,
-            "revocation_statements": r.revocation_statements,
-            "rollback_statements": r.rollback_statements,
-            "renew_statements": r.renew_statements,
-            "default_ttl": r.default_ttl,
-            "max_ttl": r.max_ttl,
-            "credential_type": r.credential_type,
-            "credential_config": {},
-        }),
-    )))
+    Ok(Reply::Envelope(Envelope::data(json!({
+        "db_name": r.db_name,
+        "creation_statements": r.creation_statements,
+        "revocation_statements": r.revocation_statements,
+        "rollback_statements": r.rollback_statements,
+        "renew_statements": r.renew_statements,
+        "default_ttl": r.default_ttl,
+        "max_ttl": r.max_ttl,
+        "credential_type": r.credential_type,
+    }))))
 }
 
 /// Vault's default username template:
@@ -405,7 +398,6 @@ async fn creds(core: &Arc<Core>, mount: &str, role_name: &str, token: Option<Tok
         lease_duration: ttl.ttl,
         data: Some(json!({ "username": user, "password": password })),
         warnings: ttl.warnings,
-        mount_type: "database".into(),
         ..Default::default()
     }))
 }

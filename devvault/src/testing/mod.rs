@@ -267,6 +267,11 @@ impl Api {
         Api { namespace: Some(ns.to_string()), ..self.clone() }
     }
 
+    /// The same client sending no token.
+    pub fn anonymous(&self) -> Api {
+        Api { token: None, ..self.clone() }
+    }
+
     pub fn with_token(&self, token: &str) -> Api {
         Api { token: Some(token.to_string()), ..self.clone() }
     }
