@@ -33,7 +33,7 @@ pub async fn tokens(client: &VaultClient, records: &[TokenRecord]) -> Vec<Arc<He
         };
         tracing::info!(event = "token_adopted", accessor = %r.accessor, ttl_secs = ttl.as_secs(), "adopted the recorded Vault token");
         held.push(Arc::new(HeldToken {
-            token: Token { secret, accessor: r.accessor.clone(), ttl: secs(r.first_ttl), renewable },
+            token: Token { secret, accessor: r.accessor.clone(), ttl: secs(r.first_ttl), renewable, batch: r.batch },
             granted_at: now(),
             ttl,
             final_expiry: r.final_expiry || !renewable,
@@ -90,17 +90,32 @@ async fn check(client: &VaultClient, token: &SecretString, name: &str, r: &Lease
             tracing::info!(event = "lease_adopted", secret = %name, lease = %r.lease_id, ttl_secs = ttl.as_secs(), "adopted the recorded lease");
             Some(Held::adopted(r, ttl, renewable))
         }
-        Err(e) if e.is_transient() && r.expires_at() > now() => {
-            tracing::warn!(event = "lease_adopted_unverified", secret = %name, lease = %r.lease_id, error = %e, "Vault unreachable; adopting the recorded lease unverified");
+        Ok(_) => {
+            tracing::info!(event = "lease_not_adopted", secret = %name, lease = %r.lease_id, reason = "expired", "recorded lease has expired; issuing new credentials");
+            None
+        }
+        // Only "gone" means gone.
+        Err(e) if lease_gone(&e) => {
+            tracing::info!(event = "lease_not_adopted", secret = %name, lease = %r.lease_id, reason = "gone", "recorded lease is gone; issuing new credentials");
+            None
+        }
+        // Anything else (Vault unreachable, a policy without
+        // sys/leases/lookup: 403) says nothing about the lease: while its
+        // record says it lives, it is adopted unverified, never left alive
+        // beside a second set.
+        Err(e) if r.expires_at() > now() => {
+            let error = r.lease_id.redact(&e.to_string());
+            tracing::warn!(event = "lease_adopted_unverified", secret = %name, lease = %r.lease_id, error = %error, "cannot look the recorded lease up; adopting it as recorded");
             Some(Held::adopted(r, r.expires_at().duration_since(now()).unwrap_or_default(), r.renewable))
         }
-        result => {
-            let why = match result {
-                Err(e) => e.to_string(),
-                Ok(_) => "expired".into(),
-            };
-            tracing::warn!(event = "lease_not_adopted", secret = %name, lease = %r.lease_id, reason = %why, "recorded lease is gone; issuing new credentials");
+        Err(_) => {
+            tracing::info!(event = "lease_not_adopted", secret = %name, lease = %r.lease_id, reason = "expired", "recorded lease has expired; issuing new credentials");
             None
         }
     }
+}
+
+/// Vault's answers for a lease that does not exist (any more).
+fn lease_gone(e: &crate::vault::VaultError) -> bool {
+    e.status() == Some(400) && (e.mentions("invalid lease") || e.mentions("lease not found"))
 }

@@ -17,7 +17,7 @@ use crate::auth::{AuthLoop, AuthState, HeldToken};
 use crate::config::{Config, Env, SecretConfig};
 use crate::lease::{Event, Held, LiveLease, SecretSpec, Supervisor};
 use crate::render::Renderer;
-use crate::secret::SecretString;
+use crate::secret::{LeaseId, SecretString};
 use crate::shutdown::Signals;
 use crate::state::StateStore;
 use crate::telemetry::Telemetry;
@@ -238,6 +238,9 @@ async fn run_agent(
 ) -> anyhow::Result<i32> {
     let client = client(&config)?.with_observer(telemetry.clone());
     let renderer = Arc::new(Renderer::compile(&config, config_path)?);
+    for w in crate::check::chown_warnings(&config) {
+        tracing::warn!(event = "cannot_chown", problem = %w, "a file's owner cannot be set");
+    }
     let store = open_store(&config)?;
     let snapshot = store.as_ref().map(|s| s.snapshot()).unwrap_or_default();
 
@@ -261,14 +264,28 @@ async fn run_agent(
         store: store.clone(),
         telemetry: telemetry.clone(),
     };
-    let auth_task = tokio::spawn(auth.run(stop.clone()));
+    let mut auth_task = tokio::spawn(auth.run(stop.clone()));
 
+    // startup_timeout counts from here: the first token and adoption too.
+    let startup = tokio::time::sleep(config.startup_timeout);
+    tokio::pin!(startup);
+    let mut startup_done = false;
+    let mut once_failed = false;
     let mut adopted = crate::adopt::Leases::default();
     if !snapshot.secrets.is_empty() {
         let mut waiting = auth_rx.clone();
         let token = tokio::select! {
             t = waiting.wait_for(|s| s.current.is_some()) => t.ok().and_then(|s| s.current.clone()),
             _ = stop.cancelled() => None,
+            // --once gives up; the sidecar keeps waiting (its startup probe
+            // fails meanwhile), as issuing now would make a second set.
+            _ = &mut startup, if opts.once => {
+                startup_done = true;
+                once_failed = true;
+                tracing::error!(event = "startup_timeout", timeout_secs = config.startup_timeout.as_secs(), "no Vault token within startup_timeout to adopt the recorded leases with");
+                stop.cancel();
+                None
+            }
         };
         if let Some(token) = token {
             adopted = crate::adopt::leases(&client, &token.token.secret, &snapshot, &config).await;
@@ -308,7 +325,9 @@ async fn run_agent(
     let watcher = if opts.once {
         None
     } else {
-        crate::reload::watch(config_path).map_err(|e| tracing::warn!(event = "watch_failed", error = %e, "cannot watch the config file; SIGHUP still reloads")).ok()
+        let templates: Vec<PathBuf> =
+            config.secrets.iter().flat_map(|s| &s.files).filter_map(|f| f.template_file.clone()).collect();
+        crate::reload::watch(config_path, &templates).map_err(|e| tracing::warn!(event = "watch_failed", error = %e, "cannot watch the config file; SIGHUP still reloads")).ok()
     };
     let (_watcher, mut file_events) = match watcher {
         Some((w, rx)) => (Some(w), rx),
@@ -317,11 +336,11 @@ async fn run_agent(
     let mut reload_signal = signals.reload.clone();
 
     let mut pending: HashSet<String> = config.secrets.iter().map(|s| s.name.clone()).collect();
-    let startup = tokio::time::sleep(config.startup_timeout);
-    tokio::pin!(startup);
-    let mut startup_done = false;
-    let mut once_failed = false;
+    // A file event arms the reload for RELOAD_DEBOUNCE later (a ConfigMap
+    // swap is several events); the loop keeps serving signals meanwhile.
+    let mut reload_at: Option<tokio::time::Instant> = None;
     loop {
+        let reload_due = reload_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = stop.cancelled() => break,
             event = events.recv() => match event {
@@ -352,23 +371,40 @@ async fn run_agent(
                 }
             }
             Some(()) = file_events.recv() => {
-                tokio::time::sleep(RELOAD_DEBOUNCE).await;
-                while file_events.try_recv().is_ok() {}
+                reload_at.get_or_insert_with(|| tokio::time::Instant::now() + RELOAD_DEBOUNCE);
+            }
+            _ = tokio::time::sleep_until(reload_due), if reload_at.is_some() => {
+                reload_at = None;
                 agent.reload(false).await;
             }
         }
     }
 
-    // Teardown: supervisors stop scheduling and report what is alive.
+    // Teardown, all within one deadline (shutdown.timeout). Supervisors stop
+    // scheduling (a renewal in flight is dropped) and report what is alive;
+    // an issue in flight gets half the budget to finish, so its new lease is
+    // known and revoked. One that does not is stopped: its leases are taken
+    // from the state file, which records a lease before anything else.
+    let deadline = tokio::time::Instant::now() + config.shutdown.timeout;
+    let grace = deadline - config.shutdown.timeout / 2;
     stop.cancel();
     let mut live: Vec<LiveLease> = Vec::new();
-    for (_, r) in agent.running.drain() {
-        match r.handle.await {
-            Ok(leases) => live.extend(leases),
-            Err(e) => tracing::error!(event = "supervisor_failed", error = %e, "a lease supervisor stopped abnormally"),
+    for (name, mut r) in agent.running.drain() {
+        match tokio::time::timeout_at(grace, &mut r.handle).await {
+            Ok(Ok(leases)) => live.extend(leases),
+            Ok(Err(e)) => {
+                tracing::error!(event = "supervisor_failed", error = %e, "a lease supervisor stopped abnormally")
+            }
+            Err(_) => {
+                r.handle.abort();
+                tracing::warn!(event = "supervisor_stopped", secret = %name, "a Vault call was still under way at the shutdown grace; stopped it");
+                live.extend(recorded_leases(store.as_deref(), &name));
+            }
         }
     }
-    let _ = auth_task.await;
+    if tokio::time::timeout_at(grace, &mut auth_task).await.is_err() {
+        auth_task.abort();
+    }
     let auth_state = auth_rx.borrow().clone();
 
     if opts.once {
@@ -390,18 +426,7 @@ async fn run_agent(
         );
         return Ok(EXIT_OK);
     }
-    let timeout = config.shutdown.timeout;
-    let maybe_alive = match tokio::time::timeout(timeout, revoke_all(&client, &live, &auth_state, &telemetry)).await {
-        Ok(left) => left,
-        Err(_) => {
-            tracing::error!(
-                event = "shutdown_timeout",
-                timeout_secs = timeout.as_secs(),
-                "revocation did not finish within shutdown.timeout"
-            );
-            live.clone()
-        }
-    };
+    let maybe_alive = revoke_all(&client, &live, &auth_state, &telemetry, deadline).await;
     if maybe_alive.is_empty() {
         if let Some(store) = &store {
             store.remove();
@@ -416,6 +441,29 @@ async fn run_agent(
     }
 }
 
+/// The leases the state file records for `secret` (current and retired).
+fn recorded_leases(store: Option<&StateStore>, secret: &str) -> Vec<LiveLease> {
+    let Some(record) = store.and_then(|s| s.snapshot().secrets.get(secret).cloned()) else {
+        tracing::error!(event = "lease_unknown", secret = %secret, "a lease of this secret may be alive (no state_dir to tell)");
+        // Nothing to revoke by id; the exit code still says something may live.
+        return vec![LiveLease {
+            secret: secret.to_string(),
+            lease_id: LeaseId::new(String::new()),
+            token_accessor: String::new(),
+        }];
+    };
+    record
+        .current
+        .iter()
+        .chain(&record.retired)
+        .map(|r| LiveLease {
+            secret: secret.to_string(),
+            lease_id: r.lease_id.clone(),
+            token_accessor: r.token_accessor.clone(),
+        })
+        .collect()
+}
+
 /// Revokes leases in parallel with `token`; returns those that failed.
 async fn revoke_leases(
     client: &VaultClient,
@@ -423,60 +471,89 @@ async fn revoke_leases(
     token: Option<&HeldToken>,
     telemetry: &Telemetry,
 ) -> Vec<LiveLease> {
-    let Some(token) = token else { return leases.to_vec() };
+    let mut revoked = vec![false; leases.len()];
+    revoke_marking(client, leases, token, telemetry, &mut revoked).await;
+    leases.iter().zip(revoked).filter(|(_, done)| !done).map(|(l, _)| l.clone()).collect()
+}
+
+/// Revokes leases in parallel with `token`, marking each in `revoked` (kept
+/// by the caller, so a deadline that drops this future loses nothing).
+async fn revoke_marking(
+    client: &VaultClient,
+    leases: &[LiveLease],
+    token: Option<&HeldToken>,
+    telemetry: &Telemetry,
+    revoked: &mut [bool],
+) {
+    let Some(token) = token else { return };
     let mut tasks = JoinSet::new();
-    for lease in leases.iter().cloned() {
+    for (i, lease) in leases.iter().cloned().enumerate().filter(|(_, l)| !l.lease_id.is_empty()) {
         let client = client.clone();
         let secret: SecretString = token.token.secret.clone();
         tasks.spawn(async move {
             let result = client.revoke_lease(&secret, &lease.lease_id).await;
-            (lease, result)
+            (i, lease, result)
         });
     }
-    let mut failed = Vec::new();
     while let Some(joined) = tasks.join_next().await {
-        let Ok((lease, result)) = joined else { continue };
+        let Ok((i, lease, result)) = joined else { continue };
         match result {
             Ok(()) => {
                 telemetry.revoked(&lease.secret, true);
+                revoked[i] = true;
                 tracing::info!(event = "revoked", secret = %lease.secret, lease = %lease.lease_id, "revoked lease")
             }
             Err(e) => {
                 telemetry.revoked(&lease.secret, false);
                 let e = lease.lease_id.redact(&e.to_string());
                 tracing::warn!(event = "revoke_failed", secret = %lease.secret, lease = %lease.lease_id, error = %e, "revoking lease failed");
-                failed.push(lease);
             }
         }
     }
-    failed
 }
 
 /// Revokes every lease in parallel, then revoke-self every token still held
 /// (which also revokes any lease it created: the fallback when the policy
-/// lacks `sys/leases/revoke`). Returns the leases that may still be alive.
+/// lacks `sys/leases/revoke`), by `deadline`: the last fifth of the time
+/// left (at least 500 ms) is kept for revoke-self. Returns the leases that
+/// may still be alive.
 async fn revoke_all(
     client: &VaultClient,
     live: &[LiveLease],
     auth: &AuthState,
     telemetry: &Telemetry,
+    deadline: tokio::time::Instant,
 ) -> Vec<LiveLease> {
-    let mut failed = revoke_leases(client, live, auth.current.as_deref(), telemetry).await;
-    let revoked_tokens = revoke_tokens(client, &auth.held).await;
-    failed.retain(|l| !revoked_tokens.contains(&l.token_accessor));
-    failed
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let slice = (left / 5).max(Duration::from_millis(500)).min(left / 2);
+    let mut revoked = vec![false; live.len()];
+    let leases = revoke_marking(client, live, auth.current.as_deref(), telemetry, &mut revoked);
+    let in_time = tokio::time::timeout_at(deadline - slice, leases).await.is_ok();
+    let mut revoked_tokens = HashSet::new();
+    let tokens_in_time =
+        tokio::time::timeout_at(deadline, revoke_tokens(client, &auth.held, &mut revoked_tokens)).await.is_ok();
+    if !(in_time && tokens_in_time) {
+        tracing::error!(event = "shutdown_timeout", "revocation did not finish within shutdown.timeout");
+    }
+    live.iter()
+        .zip(revoked)
+        .filter(|(l, done)| !done && !revoked_tokens.contains(&l.token_accessor))
+        .map(|(l, _)| l.clone())
+        .collect()
 }
 
-async fn revoke_tokens(client: &VaultClient, tokens: &[Arc<HeldToken>]) -> HashSet<String> {
+/// revoke-self with every token but batch ones, marking each in `revoked`.
+async fn revoke_tokens(client: &VaultClient, tokens: &[Arc<HeldToken>], revoked: &mut HashSet<String>) {
     let mut tasks = JoinSet::new();
-    for t in tokens.iter().cloned() {
+    // Batch tokens cannot be revoked ("batch tokens cannot be revoked"):
+    // their leases were revoked one by one, the rest end with the token.
+    for t in tokens.iter().filter(|t| !t.token.batch).cloned() {
         let client = client.clone();
         tasks.spawn(async move {
             let result = client.revoke_self(&t.token.secret).await;
             (t.token.accessor.clone(), result)
         });
     }
-    let mut revoked = HashSet::new();
     while let Some(joined) = tasks.join_next().await {
         let Ok((accessor, result)) = joined else { continue };
         match result {
@@ -493,5 +570,4 @@ async fn revoke_tokens(client: &VaultClient, tokens: &[Arc<HeldToken>]) -> HashS
             }
         }
     }
-    revoked
 }

@@ -56,6 +56,7 @@ impl HeldToken {
             granted_at: unix(self.granted_at),
             ttl: self.ttl.as_secs_f64(),
             final_expiry: self.final_expiry,
+            batch: self.token.batch,
         }
     }
 }
@@ -88,7 +89,8 @@ pub struct AuthLoop {
     pub role: String,
     pub token_path: PathBuf,
     pub state: watch::Sender<AuthState>,
-    /// Poked by a supervisor that got a 403: the token may be revoked.
+    /// Poked by a supervisor that got a 403 (the token may be revoked), or
+    /// that needs a token outliving the current, final one.
     pub relogin: Arc<Notify>,
     pub store: Option<Arc<StateStore>>,
     pub telemetry: Arc<Telemetry>,
@@ -161,11 +163,26 @@ impl AuthLoop {
     pub async fn run(self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let mut sample = rand::random::<f64>();
+        // A supervisor needs a token that outlives the final one.
+        let mut login_now = false;
         loop {
+            if cancel.is_cancelled() {
+                return;
+            }
             self.prune();
             let current = self.state.borrow().current.clone();
-            let needs_login = current.as_ref().is_none_or(|t| t.final_expiry);
+            // Renewable: renewed at `renew_at` of its TTL. Final (batch, not
+            // renewable, capped, refused): replaced by a new login at
+            // `renew_at` of its life, never in a loop; a refused one (TTL 0)
+            // at once.
+            let due = current.as_ref().map(|t| renew_point(t.granted_at, t.ttl, &TOKEN_POLICY, sample));
+            let needs_login = match (&current, due) {
+                (Some(t), Some(at)) if t.final_expiry => login_now || now() >= at,
+                (Some(_), _) => false,
+                (None, _) => true,
+            };
             if needs_login {
+                login_now = false;
                 match self.login().await {
                     Ok(held) => {
                         self.telemetry.login(true);
@@ -186,16 +203,23 @@ impl AuthLoop {
                     }
                 }
             }
-            let Some(current) = current else { continue };
-            let renew_at = renew_point(current.granted_at, current.ttl, &TOKEN_POLICY, sample);
-            let wait = renew_at.duration_since(now()).unwrap_or_default();
+            let (Some(current), Some(due)) = (current, due) else { continue };
+            let wait = due.duration_since(now()).unwrap_or_default();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = self.relogin.notified() => {
-                    self.check_current(&current).await;
+                    if current.final_expiry {
+                        login_now = true;
+                    } else {
+                        self.check_current(&current).await;
+                    }
                     continue;
                 }
                 _ = tokio::time::sleep(wait) => {}
+            }
+            if current.final_expiry {
+                // Due: the next turn logs in.
+                continue;
             }
             match self.client.renew_self(&current.token.secret, current.token.ttl).await {
                 Ok(r) => {
@@ -272,6 +296,7 @@ mod tests {
                 accessor: accessor.into(),
                 ttl: Duration::from_secs(expires_in),
                 renewable: true,
+                batch: false,
             },
             granted_at: SystemTime::UNIX_EPOCH,
             ttl: Duration::from_secs(expires_in),

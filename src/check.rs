@@ -51,3 +51,30 @@ pub fn check(config: &Config, config_path: &Path) -> Result<Vec<String>, ConfigE
     }
     Ok(problems)
 }
+
+/// Files with `owner`/`group` when this process cannot chown (no
+/// CAP_CHOWN, as in the chart, which drops every capability): each write
+/// of that secret would fail, so say so before the first one.
+pub fn chown_warnings(config: &Config) -> Vec<String> {
+    if can_chown() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (i, s) in config.secrets.iter().enumerate() {
+        for (j, f) in s.files.iter().enumerate().filter(|(_, f)| f.owner.is_some() || f.group.is_some()) {
+            out.push(format!(
+                "secrets[{i}].files[{j}] ({}): owner/group is set but this process cannot change a file's owner \
+                 (no CAP_CHOWN): writing it will fail; drop owner/group and use fsGroup, or grant CAP_CHOWN",
+                f.path.display()
+            ));
+        }
+    }
+    out
+}
+
+/// CAP_CHOWN (bit 0) in the effective set, from /proc/self/status.
+fn can_chown() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).map(str::trim);
+    eff.and_then(|hex| u64::from_str_radix(hex, 16).ok()).is_some_and(|caps| caps & 1 == 1)
+}

@@ -128,6 +128,9 @@ fn run_check(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    for w in check::chown_warnings(&config) {
+        eprintln!("leasehold: warning: {}: {w}", path.display());
+    }
     match check::check(&config, path) {
         Ok(problems) if problems.is_empty() => {
             let files: usize = config.secrets.iter().map(|s| s.files.len()).sum();

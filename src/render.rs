@@ -248,6 +248,7 @@ fn pgpass_escape(s: &str) -> String {
 }
 
 /// Writes `content` to `plan.path` atomically; see `write_file`.
+#[cfg(test)]
 pub fn write_atomic(plan: &FilePlan, content: &[u8]) -> Result<bool, RenderError> {
     write_file(&plan.path, content, plan.mode, plan.owner, plan.group)
 }
@@ -263,6 +264,70 @@ pub fn write_file(
     owner: Option<u32>,
     group: Option<u32>,
 ) -> Result<bool, RenderError> {
+    match stage(path, content, mode, owner, group)? {
+        Some(staged) => staged.commit().map(|()| true),
+        None => Ok(false),
+    }
+}
+
+/// Why a secret's files were not all written.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct WriteAllError {
+    pub error: RenderError,
+    /// Some files were already replaced: they name the new credentials.
+    pub partial: bool,
+}
+
+/// Writes a secret's files as one change, as far as a file system allows:
+/// every temporary file is written, chmod-ed, chown-ed and fsync-ed first;
+/// only then are they renamed, one after the other. A failure before the
+/// first rename changes nothing (the temp files are removed). Returns each
+/// path and whether it changed.
+pub fn write_all(files: &[(FilePlan, Zeroizing<String>)]) -> Result<Vec<(PathBuf, bool)>, WriteAllError> {
+    let mut staged = Vec::new();
+    for (plan, text) in files {
+        let s = stage(&plan.path, text.as_bytes(), plan.mode, plan.owner, plan.group)
+            .map_err(|error| WriteAllError { error, partial: false })?;
+        staged.push((plan.path.clone(), s));
+    }
+    let mut written = Vec::new();
+    for (path, s) in staged {
+        let changed = s.is_some();
+        if let Some(s) = s {
+            let partial = written.iter().any(|(_, c)| *c);
+            s.commit().map_err(|error| WriteAllError { error, partial })?;
+        }
+        written.push((path, changed));
+    }
+    Ok(written)
+}
+
+/// A complete temporary file beside its target, waiting to be renamed.
+pub struct Staged {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+}
+
+impl Staged {
+    /// Renames the temp file over the target and fsyncs the directory.
+    pub fn commit(self) -> Result<(), RenderError> {
+        let fail = |reason: String| RenderError::Write { file: self.path.clone(), reason };
+        let dir = self.path.parent().ok_or_else(|| fail("no parent directory".into()))?.to_path_buf();
+        self.tmp.persist(&self.path).map_err(|e| fail(format!("rename: {}", e.error)))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| fail(format!("fsync of {}: {e}", dir.display())))
+    }
+}
+
+/// The temp file for `path` (created 0600, then mode and owner set,
+/// fsync-ed); `None` when the file already has exactly this content and mode.
+fn stage(
+    path: &Path,
+    content: &[u8],
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> Result<Option<Staged>, RenderError> {
     let fail = |reason: String| RenderError::Write { file: path.to_path_buf(), reason };
     if let Ok(meta) = fs::metadata(path)
         && meta.permissions().mode() & 0o7777 == mode
@@ -272,7 +337,7 @@ pub fn write_file(
         let mut existing = existing;
         zeroize::Zeroize::zeroize(&mut existing);
         if same {
-            return Ok(false);
+            return Ok(None);
         }
     }
     let dir = path.parent().ok_or_else(|| fail("no parent directory".into()))?;
@@ -287,9 +352,7 @@ pub fn write_file(
         std::os::unix::fs::fchown(file, owner, group).map_err(|e| fail(format!("chown: {e}")))?;
     }
     file.sync_all().map_err(|e| fail(format!("fsync: {e}")))?;
-    tmp.persist(path).map_err(|e| fail(format!("rename: {}", e.error)))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| fail(format!("fsync of {}: {e}", dir.display())))?;
-    Ok(true)
+    Ok(Some(Staged { tmp, path: path.to_path_buf() }))
 }
 
 #[cfg(test)]
@@ -342,6 +405,29 @@ mod tests {
         )
         .unwrap();
         assert!(env.get_template("loop").unwrap().render(minijinja::Value::from(Serde(&value))).is_err());
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_written_leaves_the_others_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("a.txt");
+        fs::write(&ok, "old").unwrap();
+        let plan = |path: PathBuf| FilePlan { path, mode: 0o600, owner: None, group: None, kind: Kind::Env };
+        // The second file's directory is gone: nothing may change.
+        let files = vec![
+            (plan(ok.clone()), Zeroizing::new("new".to_string())),
+            (plan(dir.path().join("gone/b.txt")), Zeroizing::new("new".to_string())),
+        ];
+        let err = write_all(&files).unwrap_err();
+        assert!(!err.partial && err.to_string().contains("gone/b.txt"), "{err}");
+        assert_eq!(fs::read_to_string(&ok).unwrap(), "old", "the first file was not replaced");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["a.txt"], "no temp file left behind");
+        // All directories there: every file is replaced.
+        fs::create_dir(dir.path().join("gone")).unwrap();
+        let written = write_all(&files).unwrap();
+        assert!(written.iter().all(|(_, changed)| *changed));
+        assert_eq!(fs::read_to_string(&ok).unwrap(), "new");
     }
 
     #[test]

@@ -20,7 +20,8 @@ use crate::secret::{LeaseId, SecretData};
 pub const VERSION: u32 = 1;
 const FILE: &str = "state.json";
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A token as recorded; `Debug` leaves the token out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct TokenRecord {
     pub token: Zeroizing<String>,
     pub accessor: String,
@@ -28,6 +29,20 @@ pub struct TokenRecord {
     pub granted_at: f64,
     pub ttl: f64,
     pub final_expiry: bool,
+    /// A batch token (no accessor of Vault's; cannot be revoked).
+    #[serde(default)]
+    pub batch: bool,
+}
+
+impl std::fmt::Debug for TokenRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("accessor", &self.accessor)
+            .field("ttl", &self.ttl)
+            .field("final_expiry", &self.final_expiry)
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,8 +206,10 @@ mod tests {
                 granted_at: 1.0,
                 ttl: 60.0,
                 final_expiry: false,
+                batch: false,
             }])
             .unwrap();
+        assert!(!format!("{:?}", store.snapshot().tokens).contains("hvs.x"), "Debug hides the token");
         assert_eq!(fs::metadata(&sd).unwrap().permissions().mode() & 0o777, 0o700);
         assert_eq!(fs::metadata(store.file()).unwrap().permissions().mode() & 0o777, 0o600);
         let (again, _) = StateStore::open(&sd).unwrap();

@@ -89,3 +89,29 @@ async fn check_renders_templates_without_vault_or_runtime_files() {
     let (code, out) = run(&["check", "-c", &path.display().to_string()], dir.path()).await;
     assert_eq!(code, 78, "{out}");
 }
+
+#[tokio::test]
+async fn check_warns_when_a_files_owner_cannot_be_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("owned.yaml");
+    let yaml = GOOD.replace("        template:", "        owner: 1000\n        template:");
+    std::fs::write(&path, &yaml).unwrap();
+    let bin = env!("CARGO_BIN_EXE_leasehold");
+    let config = path.display().to_string();
+    // Without CAP_CHOWN (as the chart runs it): root drops it with setpriv.
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-chown", "--inh-caps=-chown", bin, "check", "-c", &config])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a warning, not an error: {text}");
+    assert!(text.contains("secrets[0].files[0]") && text.contains("CAP_CHOWN"), "{text}");
+    // With it (as the test runs, when it has CAP_CHOWN), nothing to say.
+    let (code, output) = run(&["check", "-c", &config], dir.path()).await;
+    assert_eq!(code, 0);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let caps = status.lines().find_map(|l| l.strip_prefix("CapEff:")).map(str::trim).unwrap();
+    if u64::from_str_radix(caps, 16).unwrap() & 1 == 1 {
+        assert!(!output.contains("CAP_CHOWN"), "{output}");
+    }
+}

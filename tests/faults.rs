@@ -132,3 +132,31 @@ async fn a_missing_or_invalid_ca_cert_stops_the_agent_with_the_key_named() {
         assert!(agent.output().contains(expect), "{expect}: {}", agent.output());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentials_request_that_timed_out_is_not_repeated_by_the_client() {
+    // OpenBao only: the audit log shows what reached the real server.
+    let env = common::Env::openbao_only(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    // The first two credentials requests reach OpenBao (a user is created
+    // each time) but their answers come after the agent gave up (1 s).
+    let late = json!({"path_prefix": "database/creds/app", "after": true, "delay_ms": 2500, "count": 2});
+    env.api.ok("POST", "sys/devvault/faults", Some(late)).await;
+    let config = env.config("", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("vault:\n", "vault:\n  request_timeout: 1s\n");
+    std::fs::write(&config, text).unwrap();
+    let mut agent = env.spawn(&config).await;
+    assert!(eventually(30, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let reached: Vec<_> = env.openbao().unwrap().responses("database/creds/app");
+    // One request per attempt of the supervisor: none resent by the client.
+    let attempts = agent.events("issue_failed").len() + agent.events("issued").len();
+    assert_eq!(reached.len(), attempts, "{}", agent.output());
+    assert_eq!(attempts, 3, "two timed out, the third worked:\n{}", agent.output());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    // The users of the lost answers were made under the agent's token:
+    // revoke-self at shutdown dropped them too.
+    for r in &reached {
+        let user = r.response_data["username"].as_str().expect("a user was created");
+        assert!(eventually(10, async || !env.pg.role_exists(user).await).await, "{user} dropped");
+    }
+}

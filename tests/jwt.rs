@@ -12,7 +12,8 @@ use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_auth_runs_the_whole_lifecycle_on_openbao() {
-    let ttls = Ttls { db_ttl: "3s", db_max: "7s", token_ttl: "2s", token_max: "1h" };
+    // Tokens of 4 s: renewed (renew-self) during the run, with room under load.
+    let ttls = Ttls { db_ttl: "3s", db_max: "7s", token_ttl: "4s", token_max: "1h" };
     let env = Env::openbao_only(Ttls { ..ttls }).await;
     let setup = Setup {
         api: &env.api,
@@ -51,7 +52,9 @@ async fn jwt_auth_runs_the_whole_lifecycle_on_openbao() {
         .audit()
         .iter()
         .any(|e| e.kind == "response" && e.path == format!("sys/leases/revoke/{lease}") && e.error.is_empty());
-    assert!(revoked, "the audit log shows the revocation of {}…", &lease[..24]);
+    let revokes: Vec<_> =
+        env.audit().into_iter().filter(|e| e.kind == "response" && e.path.contains("revoke")).collect();
+    assert!(revoked, "the audit log shows the revocation of {}…: {revokes:?}\n{}", &lease[..24], agent.output());
     match &env.server {
         Server::OpenBao { reviewer, .. } => assert_eq!(reviewer.reviews(), 0, "JWT auth needs no TokenReview"),
         Server::DevVault(_) => unreachable!("openbao_only"),

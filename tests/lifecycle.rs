@@ -140,6 +140,30 @@ async fn sigterm_while_vault_fails_exits_1_naming_the_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_openbao_frozen_mid_renewal_is_bounded_by_shutdown_timeout() {
+    // A lease renewed every second; then OpenBao is frozen (SIGSTOP): the
+    // next renewal hangs (request_timeout is 10 s, with retries).
+    let env = Env::openbao_only(Ttls { db_ttl: "2s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
+    let mut agent = env.spawn(&env.config("", "shutdown:\n  timeout: 3s")).await;
+    let renewed = async || env.requests().await.iter().filter(|r| r.path == "sys/leases/renew").count();
+    assert!(eventually(20, async || renewed().await >= 1).await, "{}", agent.output());
+    let bao = nix::unistd::Pid::from_raw(env.openbao().unwrap().pid);
+    nix::sys::signal::kill(bao, Signal::SIGSTOP).unwrap();
+    // Setup, not an assertion: let the next renewal (due within 1 s) start.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let start = std::time::Instant::now();
+    agent.signal(Signal::SIGTERM);
+    let code = agent.wait(Duration::from_secs(30)).await;
+    let took = start.elapsed();
+    nix::sys::signal::kill(bao, Signal::SIGCONT).unwrap();
+    assert_eq!(code, 1, "{}", agent.output());
+    assert!(took < Duration::from_secs(5), "exited within shutdown.timeout (+ slack): {took:?}\n{}", agent.output());
+    let left = agent.events("lease_left_alive");
+    assert_eq!(left.len(), 1, "{}", agent.output());
+    assert_eq!(left[0]["secret"], "db");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_signal_exits_130_and_sighup_rerenders() {
     let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
     let mut agent = env.spawn(&env.config("", "shutdown:\n  timeout: 10s")).await;

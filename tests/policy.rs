@@ -67,3 +67,52 @@ path "sys/leases/revoke" { capabilities = ["update"] }
         assert!(calls[1..].iter().all(|&(path_form, status)| !path_form && status < 300), "{route}: {calls:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_renewals_are_replaced_in_time_without_a_storm() {
+    // No renew grant at all (and no default policy, which has one): every
+    // renewal is refused with 403. The app's credentials must stay valid.
+    let env = Env::new(Ttls { db_ttl: "4s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
+    let no_renew = r#"
+path "database/creds/app" { capabilities = ["read"] }
+path "sys/leases/revoke/database/creds/app/*" { capabilities = ["update"] }
+path "auth/token/lookup-self" { capabilities = ["read"] }
+path "auth/token/renew-self" { capabilities = ["update"] }
+path "auth/token/revoke-self" { capabilities = ["update"] }
+"#;
+    set_policy(&env, no_renew, true).await;
+    let mut agent = env.spawn(&env.config("    revoke_replaced_after: 1s", "")).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let mut users = std::collections::BTreeSet::new();
+    let mut checks = 0;
+    // The app's view for three lease lifetimes: whatever the file holds logs in.
+    let watched = eventually(30, async || {
+        let creds = env.read_json("db.json").unwrap();
+        let user = creds["username"].as_str().unwrap().to_string();
+        let ok = env.pg.connect(&user, creds["password"].as_str().unwrap()).await.is_ok();
+        assert!(ok, "the file held dead credentials ({user}):\n{}", agent.output());
+        users.insert(user);
+        checks += 1;
+        users.len() >= 4
+    })
+    .await;
+    assert!(watched && checks > 20, "re-issued three times: {users:?}\n{}", agent.output());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    for user in &users {
+        assert!(!env.pg.role_exists(user).await, "{user} dropped");
+    }
+    let reqs = env.requests().await;
+    let creds: Vec<_> = reqs.iter().filter(|r| r.path == "database/creds/app").collect();
+    let renews: Vec<_> = reqs.iter().filter(|r| r.path == "sys/leases/renew").collect();
+    assert!(renews.iter().all(|r| r.status == 403), "{renews:?}");
+    // Each lease was replaced while it still had more than a second to live
+    // (its TTL is 4 s), not after it died.
+    for pair in creds.windows(2) {
+        let gap = common::secs_between(pair[0].time, pair[1].time);
+        assert!(gap < 3.0, "replaced {gap:.2} s after issue:\n{}", agent.output());
+    }
+    // Backoff, not a storm: a couple of tries per lease (path and body form).
+    assert!(renews.len() <= 4 * creds.len(), "{} renewals for {} leases", renews.len(), creds.len());
+    assert!(!agent.events("renewals_failing").is_empty(), "{}", agent.output());
+}

@@ -90,3 +90,47 @@ async fn a_rotated_service_account_token_is_read_again_at_each_login() {
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_tokens_are_replaced_at_half_their_life_not_in_a_loop() {
+    // OpenBao only: devvault issues service tokens whatever the role says.
+    let env = Env::openbao_only(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "4s", token_max: "4s" }).await;
+    env.api.ok("POST", "auth/kubernetes/role/app", Some(serde_json::json!({"token_type": "batch"}))).await;
+    let mut agent = env.spawn(&env.config("    revoke_replaced_after: 1s", "")).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let logins = async || env.requests().await.iter().filter(|r| r.path == "auth/kubernetes/login").count();
+    let start = std::time::Instant::now();
+    // Leases die with the batch token that created them (at most 4 s): the
+    // files must always hold live credentials, issued under a newer token.
+    let mut users = std::collections::BTreeSet::new();
+    while start.elapsed() < Duration::from_secs(9) {
+        let creds = env.read_json("db.json").unwrap();
+        let user = creds["username"].as_str().unwrap().to_string();
+        let ok = env.pg.connect(&user, creds["password"].as_str().unwrap()).await.is_ok();
+        assert!(ok, "the file held dead credentials ({user}):\n{}", agent.output());
+        users.insert(user);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A 4 s token is replaced about every 2 s: a handful of logins, not
+    // hundreds.
+    let n = logins().await;
+    assert!((3..=8).contains(&n), "{n} logins in 9 s:\n{}", agent.output());
+    assert!(users.len() >= 2, "credentials replaced before their token died: {users:?}");
+
+    let before_stop = logins().await;
+    let stopped = std::time::Instant::now();
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    assert!(stopped.elapsed() < Duration::from_secs(5), "shutdown took {:?}", stopped.elapsed());
+    let reqs = env.requests().await;
+    // Batch tokens cannot be renewed or revoked: never tried. The lease is
+    // revoked by itself, and its role dropped.
+    let tried: Vec<_> =
+        reqs.iter().filter(|r| r.path == "auth/token/revoke-self" || r.path == "auth/token/renew-self").collect();
+    assert!(tried.is_empty(), "{tried:?}\n{}", agent.output());
+    assert!(reqs.iter().any(|r| r.path == "sys/leases/revoke" && r.status == 204));
+    assert!(logins().await <= before_stop + 1, "no login after SIGTERM (one may have been under way)");
+    for user in &users {
+        assert!(!env.pg.role_exists(user).await, "{user} dropped");
+    }
+}

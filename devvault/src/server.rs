@@ -88,22 +88,56 @@ async fn handle(core: Arc<Core>, dropper: CancellationToken, req: hyper::Request
         core.log.record(&method, &uri_path, &ns, 404, "");
         return respond(404, Some(Failure::not_found().body()));
     };
-    if !path.starts_with("sys/devvault/")
-        && let Some(fault) = core.faults.take(&method, &path)
+    let local = path.starts_with("sys/devvault/");
+    let fault = if local { None } else { core.faults.take(&method, &path) };
+    // A fault applies before the request is handled, or with `after` once it
+    // was (the server acted; only the answer is delayed, replaced or lost).
+    if let Some(f) = fault.as_ref().filter(|f| !f.after)
+        && let Some(resp) = apply_fault(&core, &dropper, f, (&method, &path, &ns)).await
     {
-        if fault.delay_ms > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(fault.delay_ms)).await;
-        }
-        if fault.drop {
-            core.log.record(&method, &path, &ns, 0, "");
-            dropper.cancel();
-            return std::future::pending().await;
-        }
-        if let Some(status) = fault.status {
-            core.log.record(&method, &path, &ns, status, "");
-            return respond(status, Some(json!({ "errors": fault.errors })));
-        }
+        return resp;
     }
+    let (resp, accessor) = answer(&core, &method, &path, &ns, query, req).await;
+    if let Some(f) = fault.as_ref().filter(|f| f.after)
+        && let Some(resp) = apply_fault(&core, &dropper, f, (&method, &path, &ns)).await
+    {
+        return resp;
+    }
+    core.log.record(&method, &path, &ns, resp.status().as_u16(), &accessor);
+    resp
+}
+
+/// Delays, then drops the connection or answers with the fault's status;
+/// `None` lets the request's own answer through.
+async fn apply_fault(
+    core: &Core,
+    dropper: &CancellationToken,
+    fault: &crate::testext::FaultAction,
+    (method, path, ns): (&str, &str, &str),
+) -> Option<Response<Full<Bytes>>> {
+    if fault.delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(fault.delay_ms)).await;
+    }
+    if fault.drop {
+        core.log.record(method, path, ns, 0, "");
+        dropper.cancel();
+        return std::future::pending().await;
+    }
+    let status = fault.status?;
+    core.log.record(method, path, ns, status, "");
+    Some(respond(status, Some(json!({ "errors": fault.errors }))))
+}
+
+/// The request's own answer: refused for a namespace, forwarded in proxy
+/// mode, or handled here; with the accessor of the token used.
+async fn answer(
+    core: &Arc<Core>,
+    method: &str,
+    path: &str,
+    ns: &str,
+    query: Vec<(String, String)>,
+    req: hyper::Request<Incoming>,
+) -> (Response<Full<Bytes>>, String) {
     let local = path.starts_with("sys/devvault/");
     if !ns.is_empty() && ns != "root" && core.upstream.is_none() && !local {
         let failure = if path == "sys/health" {
@@ -111,21 +145,17 @@ async fn handle(core: Arc<Core>, dropper: CancellationToken, req: hyper::Request
         } else {
             Failure::resp(404, "namespace not found")
         };
-        core.log.record(&method, &path, &ns, failure.status, "");
-        return respond(failure.status, Some(failure.body()));
+        return (respond(failure.status, Some(failure.body())), String::new());
     }
     if let Some(upstream) = core.upstream.as_ref().filter(|_| !local) {
         // The accessor is the upstream's secret to know: logged empty.
-        let resp = upstream.forward(req, MAX_BODY).await;
-        core.log.record(&method, &path, &ns, resp.status().as_u16(), "");
-        return resp;
+        return (upstream.forward(req, MAX_BODY).await, String::new());
     }
-    let (status, (body, accessor)) = run(&core, &method, path.clone(), query, req).await;
-    core.log.record(&method, &path, &ns, status, &accessor);
+    let (status, (body, accessor)) = run(core, method, path.to_string(), query, req).await;
     if method == "HEAD" {
-        return respond(status, None);
+        return (respond(status, None), accessor);
     }
-    respond(status, body)
+    (respond(status, body), accessor)
 }
 
 type Body = (Option<Value>, String);

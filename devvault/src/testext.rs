@@ -18,6 +18,10 @@ pub struct Fault {
     pub delay_ms: u64,
     #[serde(default)]
     pub drop: bool,
+    /// Apply the fault after the request was handled (forwarded in proxy
+    /// mode): the server acted, its answer is delayed, replaced or lost.
+    #[serde(default)]
+    pub after: bool,
     /// Matches left; 0 means until cleared.
     #[serde(default)]
     pub count: u64,
@@ -30,6 +34,7 @@ pub struct FaultAction {
     pub status: Option<u16>,
     pub errors: Vec<String>,
     pub drop: bool,
+    pub after: bool,
 }
 
 #[derive(Default)]
@@ -62,6 +67,7 @@ impl Faults {
             status: fault.status,
             errors: fault.errors.clone(),
             drop: fault.drop,
+            after: fault.after,
         };
         if fault.count > 0 {
             fault.count -= 1;

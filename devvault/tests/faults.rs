@@ -92,3 +92,18 @@ async fn request_log_records_every_request_without_tokens() {
     let log = api.requests().await;
     assert_eq!(log.len(), 1, "only the GET that read it: {log:?}");
 }
+
+#[tokio::test]
+async fn an_after_fault_lets_the_server_act_and_replaces_its_answer() {
+    let (_v, api) = vault().await;
+    let fault = json!({"path_prefix": "sys/policies/acl/x", "method": "PUT", "after": true, "status": 503, "errors": ["lost"], "count": 1});
+    api.ok("POST", "sys/devvault/faults", Some(fault)).await;
+    let (s, b) = api
+        .call("PUT", "sys/policies/acl/x", Some(json!({"policy": "path \"a\" { capabilities = [\"read\"] }"})))
+        .await;
+    assert_eq!((s, b), (503, json!({"errors": ["lost"]})));
+    // The write happened although the client was told otherwise.
+    assert_eq!(api.call("GET", "sys/policies/acl/x", None).await.0, 200);
+    let log = api.requests().await;
+    assert!(log.iter().any(|e| e["path"] == "sys/policies/acl/x" && e["status"] == 503));
+}

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AuthState, HeldToken};
 use crate::backoff::Backoff;
 use crate::config::{Method, SecretConfig};
-use crate::render::{Context, Renderer, write_atomic};
+use crate::render::{Context, Renderer, write_all};
 use crate::secret::LeaseId;
 use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
 use crate::telemetry::Telemetry;
@@ -117,6 +117,16 @@ pub struct Retired {
     pub revoke_at: SystemTime,
 }
 
+/// How far a render got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rendered {
+    All,
+    /// Nothing was replaced.
+    Nothing,
+    /// Some files were replaced before one failed.
+    Partly,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Issue,
@@ -162,17 +172,19 @@ impl Supervisor {
         if let Some(h) = &held {
             self.telemetry.adopted(&name, &h.secret.lease_id, h.times.ttl, h.times.renewable, h.times.granted_at);
             // Files may be missing or stale after a restart.
-            self.render(h).await;
+            let _ = self.render(h).await;
             let _ = self.events.send(Event::Rendered { secret: name.clone() });
             self.persist(&held, &retired);
         }
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut retry_at: Option<SystemTime> = None;
+        // Set while renewals of the current lease fail: when to try again.
+        let mut renew_retry: Option<SystemTime> = None;
         let mut auth_open = true;
         let mut spec_open = true;
         let mut warned_token_bound = false;
         loop {
-            let (step, due) = self.next_step(held.as_ref(), retry_at);
+            let (step, due) = self.next_step(held.as_ref(), retry_at, renew_retry);
             let revoke_due = retired.iter().map(|r| r.revoke_at).min();
             let wake = revoke_due.map_or(due, |r| r.min(due));
             let wait = wake.duration_since(now()).unwrap_or_default();
@@ -186,7 +198,7 @@ impl Supervisor {
                 changed = self.spec.changed(), if spec_open => {
                     spec_open = changed.is_ok();
                     if let Some(h) = &held {
-                        self.render(h).await;
+                        let _ = self.render(h).await;
                     }
                     continue;
                 }
@@ -197,22 +209,37 @@ impl Supervisor {
             if now() < due {
                 continue;
             }
+            if step == Step::Reissue(Bound::Refused) {
+                tracing::warn!(event = "renewals_failing", secret = %name, "renewals keep failing; issuing new credentials before the lease ends");
+            }
             if step == Step::Reissue(Bound::Token) && !warned_token_bound {
                 warned_token_bound = true;
                 self.warn_token_bound(held.as_ref());
             }
             let outcome = match step {
+                // An issue in flight is let finish (the teardown bounds it):
+                // dropped, it could leave a lease nothing records.
                 Step::Issue | Step::Reissue(_) => self.issue_and_render(&mut held, &mut retired).await,
                 Step::Refresh => self.refresh(&mut held).await,
-                Step::Renew => self.renew(&mut held).await,
+                // A renewal is dropped at shutdown: the lease gets revoked.
+                Step::Renew => {
+                    let cancel = self.cancel.clone();
+                    tokio::select! {
+                        r = self.renew(&mut held) => r,
+                        _ = cancel.cancelled() => break,
+                    }
+                }
             };
             self.persist(&held, &retired);
-            match outcome {
-                Ok(()) => {
+            match (outcome, step) {
+                (Ok(()), _) => {
                     backoff.reset();
                     retry_at = None;
+                    renew_retry = None;
                 }
-                Err(delay) => retry_at = Some(now() + delay.unwrap_or_else(|| backoff.next())),
+                // The schedule weighs a renewal retry against replacing the lease.
+                (Err(_), Step::Renew) => renew_retry = Some(now() + backoff.next()),
+                (Err(delay), _) => retry_at = Some(now() + delay.unwrap_or_else(|| backoff.next())),
             }
         }
         let mut live: Vec<LiveLease> = retired.into_iter().map(|r| r.held.live(&name)).collect();
@@ -255,7 +282,12 @@ impl Supervisor {
         );
     }
 
-    fn next_step(&self, held: Option<&Held>, retry_at: Option<SystemTime>) -> (Step, SystemTime) {
+    fn next_step(
+        &self,
+        held: Option<&Held>,
+        retry_at: Option<SystemTime>,
+        renew_retry: Option<SystemTime>,
+    ) -> (Step, SystemTime) {
         let later = |t: SystemTime| retry_at.map_or(t, |r| r.max(t));
         let Some(h) = held else { return (Step::Issue, retry_at.unwrap_or_else(now)) };
         let cfg = self.cfg();
@@ -271,7 +303,7 @@ impl Supervisor {
             return (Step::Refresh, later(at));
         }
         let token_end = self.auth.borrow().token_end(&h.token_accessor);
-        let next = schedule::next(&h.times, token_end, &policy, h.sample);
+        let next = schedule::next(&h.times, token_end, &policy, h.sample, renew_retry);
         let step = match next.action {
             Action::Renew => Step::Renew,
             Action::Reissue(bound) => Step::Reissue(bound),
@@ -280,14 +312,29 @@ impl Supervisor {
     }
 
     async fn current_token(&mut self) -> Option<Arc<HeldToken>> {
-        let state = self.auth.wait_for(|s| s.current.is_some()).await.ok()?;
-        state.current.clone()
+        self.token_other_than(None).await
     }
 
-    async fn read(&mut self) -> Result<(Secret, String), VaultError> {
+    /// The current token, once there is one other than `avoid` (the final
+    /// token that bounds the lease being replaced: credentials issued under
+    /// it would die with it too). Asks the auth loop for a new login first.
+    /// None when stopped.
+    async fn token_other_than(&mut self, avoid: Option<&str>) -> Option<Arc<HeldToken>> {
+        let usable = |s: &AuthState| s.current.as_ref().is_some_and(|c| Some(c.token.accessor.as_str()) != avoid);
+        if avoid.is_some() && !usable(&self.auth.borrow()) {
+            self.relogin.notify_one();
+        }
+        let cancel = self.cancel.clone();
+        tokio::select! {
+            state = self.auth.wait_for(usable) => state.ok()?.current.clone(),
+            _ = cancel.cancelled() => None,
+        }
+    }
+
+    async fn read(&mut self, avoid: Option<&str>) -> Result<(Secret, String), VaultError> {
         let cfg = self.cfg();
         let token = self
-            .current_token()
+            .token_other_than(avoid)
             .await
             .ok_or(VaultError::Setup { op: "read secret", reason: "no Vault token".into() })?;
         let method = match cfg.method {
@@ -305,9 +352,9 @@ impl Supervisor {
 
     /// Reads the secret and counts it; a failure is counted and logged as
     /// `failed_event`.
-    async fn fetch(&mut self, failed_event: &'static str) -> Option<Held> {
+    async fn fetch(&mut self, failed_event: &'static str, avoid: Option<&str>) -> Option<Held> {
         let name = self.name();
-        match self.read().await {
+        match self.read(avoid).await {
             Ok((secret, accessor)) => {
                 let at = now();
                 let fresh = Held {
@@ -339,7 +386,10 @@ impl Supervisor {
     ) -> Result<(), Option<Duration>> {
         let cfg = self.cfg();
         let name = cfg.name.clone();
-        let Some(fresh) = self.fetch("issue_failed").await else { return Err(None) };
+        // Replacing credentials that die with a final token: not under it.
+        let avoid = held.as_ref().filter(|h| self.auth.borrow().token_end(&h.token_accessor).is_some());
+        let avoid = avoid.map(|h| h.token_accessor.clone());
+        let Some(fresh) = self.fetch("issue_failed", avoid.as_deref()).await else { return Err(None) };
         let at = fresh.issued_at;
         tracing::info!(
             event = "issued",
@@ -356,12 +406,21 @@ impl Supervisor {
         // a kill -9 from here on leaves a lease the next start adopts, not an
         // orphan. The old one is recorded as retired until then.
         self.persist_leases(Some(&fresh), retired.iter().map(|r| &r.held).chain(held.as_ref()));
-        if !self.render(&fresh).await {
-            tracing::error!(event = "render_failed", secret = %name, "revoking the new lease and keeping the old files");
-            if fresh.has_lease() {
-                self.revoke(&fresh.live(&name)).await;
+        match self.render(&fresh).await {
+            Rendered::All => {}
+            Rendered::Nothing => {
+                tracing::error!(event = "render_failed", secret = %name, "revoking the new lease and keeping the old files");
+                if fresh.has_lease() {
+                    self.revoke(&fresh.live(&name)).await;
+                }
+                return Err(None);
             }
-            return Err(None);
+            // Some files name the new credentials, others the old: both stay
+            // alive (the new one current, the old retired as after any
+            // replacement); the next render completes the set.
+            Rendered::Partly => {
+                tracing::error!(event = "render_partial", secret = %name, "some files hold the new credentials: keeping both leases");
+            }
         }
         let _ = self.events.send(Event::Rendered { secret: name.clone() });
         if let Some(old) = held.take().filter(Held::has_lease) {
@@ -375,8 +434,8 @@ impl Supervisor {
 
     /// Secrets without a lease (KV): re-read and re-render when changed.
     async fn refresh(&mut self, held: &mut Option<Held>) -> Result<(), Option<Duration>> {
-        let Some(fresh) = self.fetch("refresh_failed").await else { return Err(None) };
-        if !self.render(&fresh).await {
+        let Some(fresh) = self.fetch("refresh_failed", None).await else { return Err(None) };
+        if self.render(&fresh).await == Rendered::Nothing {
             return Err(None);
         }
         *held = Some(fresh);
@@ -415,9 +474,8 @@ impl Supervisor {
                 }
                 let error = h.secret.lease_id.redact(&e.to_string());
                 self.telemetry.failed(&name, "renew", &error);
-                tracing::warn!(event = "renew_failed", secret = %name, lease = %h.secret.lease_id, error = %error, "renewing the lease failed; will retry");
-                let left = h.times.expires_at().duration_since(now()).unwrap_or_default();
-                Err(Some((left / 4).clamp(Duration::from_millis(200), Duration::from_secs(30))))
+                tracing::warn!(event = "renew_failed", secret = %name, lease = %h.secret.lease_id, error = %error, "renewing the lease failed; retrying with backoff, or issuing new credentials in time");
+                Err(None)
             }
         }
     }
@@ -460,7 +518,7 @@ impl Supervisor {
 
     /// Renders every file, then notifies the application if any changed.
     /// False when a file could not be rendered or written (logged).
-    async fn render(&self, h: &Held) -> bool {
+    async fn render(&self, h: &Held) -> Rendered {
         let spec = self.spec.borrow().clone();
         let ctx = Context {
             name: &spec.cfg.name,
@@ -470,14 +528,12 @@ impl Supervisor {
             issued_at: h.issued_at,
             expires_at: h.expires_at(),
         };
-        // Everything is rendered in memory first: a failing template writes nothing.
-        let written = spec.renderer.render(spec.index, &ctx).and_then(|files| {
-            let mut written = Vec::new();
-            for (plan, text) in &files {
-                written.push((plan.path.clone(), write_atomic(plan, text.as_bytes())?));
-            }
-            Ok(written)
-        });
+        // Everything is rendered in memory first: a failing template writes
+        // nothing; then every file is staged before any is renamed.
+        let written = match spec.renderer.render(spec.index, &ctx) {
+            Ok(files) => write_all(&files),
+            Err(error) => Err(crate::render::WriteAllError { error, partial: false }),
+        };
         match written {
             Ok(written) => {
                 let changed = written.iter().filter(|(_, c)| *c).count();
@@ -490,12 +546,16 @@ impl Supervisor {
                         self.telemetry.notified(&spec.cfg.name, hook, ok);
                     }
                 }
-                true
+                Rendered::All
             }
             Err(e) => {
                 self.telemetry.render_failed(&spec.cfg.name, &e.to_string());
+                if e.partial {
+                    tracing::error!(event = "render_failed", secret = %spec.cfg.name, error = %e, "writing files failed after some were replaced");
+                    return Rendered::Partly;
+                }
                 tracing::error!(event = "render_failed", secret = %spec.cfg.name, error = %e, "writing files failed; files left as they were");
-                false
+                Rendered::Nothing
             }
         }
     }

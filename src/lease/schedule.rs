@@ -72,6 +72,9 @@ pub enum Bound {
     /// The token that created it expires for good first (Vault revokes the
     /// lease with it): the auth role's `token_max_ttl` is too short.
     Token,
+    /// Renewals keep failing (refused by policy, or Vault failing): the
+    /// lease ends at its current TTL.
+    Refused,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,9 +112,42 @@ pub fn renew_point(granted_at: SystemTime, ttl: Duration, policy: &Policy, sampl
 /// bound) is re-issued so that the new credentials exist while the old lease
 /// still has `(1 - renew_at) × first TTL` left (counted from its safe end);
 /// otherwise it is renewed at `renew_at` of its current TTL.
-pub fn next(lease: &LeaseTimes, token_end: Option<SystemTime>, policy: &Policy, sample: f64) -> Next {
+///
+/// `renew_retry` is set after a renewal failed (refused, or Vault failing):
+/// the renewal is tried again then, unless that is past the point where the
+/// lease must be replaced; then it is re-issued at that point instead, so
+/// refused renewals never outlive the credentials.
+pub fn next(
+    lease: &LeaseTimes,
+    token_end: Option<SystemTime>,
+    policy: &Policy,
+    sample: f64,
+    renew_retry: Option<SystemTime>,
+) -> Next {
     let overlap = part(lease.first_ttl, 1.0 - policy.renew_at) + part(lease.first_ttl, policy.jitter * sample);
     let reissue_before = |end: SystemTime| end.checked_sub(overlap).unwrap_or(SystemTime::UNIX_EPOCH);
+    let planned = plan(lease, token_end, policy, sample, &reissue_before);
+    match (planned.action, renew_retry) {
+        (Action::Renew, Some(retry)) => {
+            let end = token_end.map_or(lease.safe_end(), |t| t.min(lease.safe_end()));
+            let deadline = reissue_before(end);
+            if retry < deadline {
+                Next { action: Action::Renew, at: retry }
+            } else {
+                Next { action: Action::Reissue(Bound::Refused), at: deadline }
+            }
+        }
+        _ => planned,
+    }
+}
+
+fn plan(
+    lease: &LeaseTimes,
+    token_end: Option<SystemTime>,
+    policy: &Policy,
+    sample: f64,
+    reissue_before: &dyn Fn(SystemTime) -> SystemTime,
+) -> Next {
     if !lease.renewable || lease.capped {
         return match token_end.filter(|t| *t <= lease.safe_end()) {
             Some(end) => Next { action: Action::Reissue(Bound::Token), at: reissue_before(end) },
@@ -162,14 +198,14 @@ mod tests {
     #[test]
     fn renews_at_half_the_ttl_without_jitter() {
         let lease = LeaseTimes::issued(t(0.0), s(4.0), true);
-        assert_eq!(next(&lease, None, &POLICY, 0.0), Next { action: Action::Renew, at: t(2.0) });
+        assert_eq!(next(&lease, None, &POLICY, 0.0, None), Next { action: Action::Renew, at: t(2.0) });
     }
 
     #[test]
     fn jitter_only_moves_renewal_earlier_and_within_bounds() {
         let lease = LeaseTimes::issued(t(0.0), s(100.0), true);
         for sample in [0.0, 0.25, 0.5, 0.999] {
-            let n = next(&lease, None, &POLICY, sample);
+            let n = next(&lease, None, &POLICY, sample, None);
             assert_eq!(n.action, Action::Renew);
             assert!(n.at <= t(50.0) && n.at >= t(45.0), "sample {sample}: {:?}", n.at);
         }
@@ -179,7 +215,7 @@ mod tests {
     fn renewable_unbounded_lease_is_only_ever_renewed() {
         let mut lease = LeaseTimes::issued(t(0.0), s(10.0), true);
         for round in 0..20 {
-            let n = next(&lease, None, &POLICY, 0.999);
+            let n = next(&lease, None, &POLICY, 0.999, None);
             assert_eq!(n.action, Action::Renew, "round {round}");
             lease = lease.renewed(n.at, s(10.0), true, &[]);
         }
@@ -189,7 +225,7 @@ mod tests {
     fn renewal_uses_the_current_ttl() {
         let lease = LeaseTimes::issued(t(0.0), s(4.0), true).renewed(t(2.0), s(4.0), true, &[]);
         assert!(!lease.capped);
-        assert_eq!(next(&lease, None, &POLICY, 0.0), Next { action: Action::Renew, at: t(4.0) });
+        assert_eq!(next(&lease, None, &POLICY, 0.0, None), Next { action: Action::Renew, at: t(4.0) });
     }
 
     #[test]
@@ -198,12 +234,33 @@ mod tests {
         // or up to a second sooner: Vault rounds TTLs to whole seconds).
         let lease = LeaseTimes::issued(t(0.0), s(4.0), true).renewed(t(8.0), s(3.0), true, &[]);
         assert!(lease.capped);
-        let n = next(&lease, None, &POLICY, 0.0);
+        let n = next(&lease, None, &POLICY, 0.0, None);
         assert_eq!(n, Next { action: Action::Reissue(Bound::Lease), at: t(8.0) });
         // New credentials in place with (1 - 0.5) × 4 s = 2 s left on the
         // old, counted from its safe end.
         assert_eq!(lease.safe_end().duration_since(n.at).unwrap(), s(2.0));
         assert_eq!(lease.expires_at().duration_since(lease.safe_end()).unwrap(), ROUNDING);
+    }
+
+    #[test]
+    fn failed_renewals_are_retried_until_the_lease_must_be_replaced() {
+        // TTL 10 s: the renewal at t=5 failed. Replacement is due by
+        // 10 - 1 (rounding) - 5 (overlap) = t=4, already past: re-issue now.
+        let lease = LeaseTimes::issued(t(0.0), s(10.0), true);
+        let n = next(&lease, None, &POLICY, 0.0, Some(t(5.5)));
+        assert_eq!(n, Next { action: Action::Reissue(Bound::Refused), at: t(4.0) });
+        // TTL 100 s, renewal at t=50 failed: retried at t=51 and until t=49+…;
+        // a retry later than t=49 (100 - 1 - 50) is not waited for.
+        let long = LeaseTimes::issued(t(0.0), s(100.0), true);
+        let deadline = t(49.0);
+        let retry = long.granted_at + s(30.0);
+        assert_eq!(next(&long, None, &POLICY, 0.0, Some(retry)), Next { action: Action::Renew, at: retry });
+        let late = next(&long, None, &POLICY, 0.0, Some(t(60.0)));
+        assert_eq!(late, Next { action: Action::Reissue(Bound::Refused), at: deadline });
+        // Without a failure nothing changes; a capped lease is re-issued as before.
+        assert_eq!(next(&long, None, &POLICY, 0.0, None), Next { action: Action::Renew, at: t(50.0) });
+        let capped = LeaseTimes::issued(t(0.0), s(4.0), true).renewed(t(8.0), s(3.0), true, &[]);
+        assert_eq!(next(&capped, None, &POLICY, 0.0, Some(t(8.5))), next(&capped, None, &POLICY, 0.0, None));
     }
 
     #[test]
@@ -218,7 +275,7 @@ mod tests {
     #[test]
     fn non_renewable_lease_is_reissued_before_it_ends() {
         let lease = LeaseTimes::issued(t(0.0), s(10.0), false);
-        assert_eq!(next(&lease, None, &POLICY, 0.0), Next { action: Action::Reissue(Bound::Lease), at: t(4.0) });
+        assert_eq!(next(&lease, None, &POLICY, 0.0, None), Next { action: Action::Reissue(Bound::Lease), at: t(4.0) });
         // A 1 s lease keeps half of itself as the rounding margin, not all.
         let tiny = LeaseTimes::issued(t(0.0), s(1.0), false);
         assert_eq!(tiny.safe_end(), t(0.5));
@@ -229,17 +286,17 @@ mod tests {
         // Lease for 60 s, but its token dies for good at t=10.
         let lease = LeaseTimes::issued(t(0.0), s(60.0), true);
         assert_eq!(
-            next(&lease, Some(t(10.0)), &POLICY, 0.0),
+            next(&lease, Some(t(10.0)), &POLICY, 0.0, None),
             Next { action: Action::Reissue(Bound::Token), at: t(0.0) - s(20.0) }
         );
         let short = LeaseTimes::issued(t(0.0), s(4.0), true);
-        assert_eq!(next(&short, Some(t(10.0)), &POLICY, 0.0), Next { action: Action::Renew, at: t(2.0) });
+        assert_eq!(next(&short, Some(t(10.0)), &POLICY, 0.0, None), Next { action: Action::Renew, at: t(2.0) });
         // A token that outlives the lease changes nothing.
-        assert_eq!(next(&short, Some(t(100.0)), &POLICY, 0.0), next(&short, None, &POLICY, 0.0));
+        assert_eq!(next(&short, Some(t(100.0)), &POLICY, 0.0, None), next(&short, None, &POLICY, 0.0, None));
         // Near the token's end the re-issue comes before the renewal.
         let late = short.renewed(t(7.0), s(4.0), true, &[]);
         assert_eq!(
-            next(&late, Some(t(10.0)), &POLICY, 0.0),
+            next(&late, Some(t(10.0)), &POLICY, 0.0, None),
             Next { action: Action::Reissue(Bound::Token), at: t(8.0) }
         );
     }
@@ -248,9 +305,9 @@ mod tests {
     fn a_capped_lease_names_whichever_ends_first() {
         // Capped: the lease ends at t=11 (safely: t=10).
         let lease = LeaseTimes::issued(t(0.0), s(4.0), true).renewed(t(8.0), s(3.0), true, &[]);
-        let token_first = next(&lease, Some(t(9.5)), &POLICY, 0.0);
+        let token_first = next(&lease, Some(t(9.5)), &POLICY, 0.0, None);
         assert_eq!(token_first, Next { action: Action::Reissue(Bound::Token), at: t(7.5) });
-        let lease_first = next(&lease, Some(t(11.5)), &POLICY, 0.0);
+        let lease_first = next(&lease, Some(t(11.5)), &POLICY, 0.0, None);
         assert_eq!(lease_first, Next { action: Action::Reissue(Bound::Lease), at: t(8.0) });
     }
 
@@ -271,8 +328,8 @@ mod tests {
     #[test]
     fn reissue_jitter_only_adds_overlap() {
         let lease = LeaseTimes::issued(t(0.0), s(100.0), false);
-        let calm = next(&lease, None, &POLICY, 0.0).at;
-        let jittered = next(&lease, None, &POLICY, 0.99).at;
+        let calm = next(&lease, None, &POLICY, 0.0, None).at;
+        let jittered = next(&lease, None, &POLICY, 0.99, None).at;
         assert!(jittered <= calm && calm.duration_since(jittered).unwrap() <= s(5.0));
     }
 }

@@ -22,7 +22,12 @@ use types::{Envelope, ErrorBody, data_object};
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
     #[error("{op}: cannot reach Vault: {reason}")]
-    Transport { op: &'static str, reason: String },
+    Transport {
+        op: &'static str,
+        reason: String,
+        /// The connection failed: the request never reached Vault.
+        unsent: bool,
+    },
     #[error("{op}: Vault answered {status}: {}", errors.join("; "))]
     Status { op: &'static str, status: u16, errors: Vec<String> },
     #[error("{op}: unexpected response from Vault: {reason}")]
@@ -55,6 +60,11 @@ impl VaultError {
         }
     }
 
+    /// Failed before the request was sent: retrying cannot do anything twice.
+    pub fn is_unsent(&self) -> bool {
+        matches!(self, VaultError::Transport { unsent: true, .. })
+    }
+
     /// The token was refused (expired, revoked) or lacks permission.
     pub fn is_permission_denied(&self) -> bool {
         self.status() == Some(403)
@@ -65,9 +75,13 @@ impl VaultError {
 #[derive(Clone)]
 pub struct Token {
     pub secret: SecretString,
+    /// Vault's accessor; for a batch token, which has none, a local id
+    /// (`batch-…`) that names it in the state file, logs and status.
     pub accessor: String,
     pub ttl: Duration,
     pub renewable: bool,
+    /// A batch token: never renewable, cannot be revoked.
+    pub batch: bool,
 }
 
 impl std::fmt::Debug for Token {
@@ -186,13 +200,26 @@ impl VaultClient {
         token: Option<&SecretString>,
         body: Option<&Value>,
     ) -> Result<Envelope, VaultError> {
+        self.call_retrying(op, method, path, token, body, VaultError::is_transient).await
+    }
+
+    /// As `call`, retrying the failures `retry` accepts.
+    async fn call_retrying(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<&Value>,
+        retry: fn(&VaultError) -> bool,
+    ) -> Result<Envelope, VaultError> {
         let attempt = || async { self.call_once(op, method.clone(), path, token, body).await };
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
             .with_max_delay(Duration::from_secs(2))
             .with_max_times(self.max_retries)
             .with_jitter();
-        attempt.retry(backoff).when(VaultError::is_transient).await
+        attempt.retry(backoff).when(retry).await
     }
 
     async fn call_once(
@@ -219,9 +246,14 @@ impl VaultClient {
         if let Some(o) = &self.observer {
             o.observe(op, sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0), started.elapsed());
         }
-        let resp = sent.map_err(|e| VaultError::Transport { op, reason: transport_reason(&e) })?;
+        let resp =
+            sent.map_err(|e| VaultError::Transport { op, reason: transport_reason(&e), unsent: e.is_connect() })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| VaultError::Transport { op, reason: transport_reason(&e) })?;
+        let bytes = resp.bytes().await.map_err(|e| VaultError::Transport {
+            op,
+            reason: transport_reason(&e),
+            unsent: false,
+        })?;
         if status == StatusCode::NO_CONTENT || (status.is_success() && bytes.is_empty()) {
             return Ok(Envelope::default());
         }
@@ -252,11 +284,15 @@ impl VaultClient {
         if auth.client_token.is_empty() {
             return Err(VaultError::Decode { op, reason: "empty client_token".into() });
         }
+        let batch = auth.token_type == "batch" || auth.accessor.is_empty();
+        let accessor =
+            if auth.accessor.is_empty() { format!("batch-{:016x}", rand::random::<u64>()) } else { auth.accessor };
         Ok(Token {
             secret: SecretString::from(auth.client_token),
-            accessor: auth.accessor,
+            accessor,
             ttl: secs(auth.lease_duration),
-            renewable: auth.renewable,
+            renewable: auth.renewable && !batch,
+            batch,
         })
     }
 
@@ -293,7 +329,11 @@ impl VaultClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Secret, VaultError> {
-        let env = self.call("read secret", method, path, Some(token), body).await?;
+        // Reading a secret may create one (database/creds, pki/issue): one
+        // that timed out or failed after it was sent may have made a user
+        // already, so it is retried here only when it never left; the
+        // supervisor re-issues deliberately, with its own backoff.
+        let env = self.call_retrying("read secret", method, path, Some(token), body, VaultError::is_unsent).await?;
         Ok(Secret {
             lease_id: LeaseId::new(env.lease_id.unwrap_or_default()),
             lease_duration: secs(env.lease_duration.unwrap_or(0)),

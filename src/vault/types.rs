@@ -30,6 +30,9 @@ pub(crate) struct AuthBlock {
     pub lease_duration: i64,
     #[serde(default)]
     pub renewable: bool,
+    /// `service` or `batch`.
+    #[serde(default)]
+    pub token_type: String,
 }
 
 impl std::fmt::Debug for AuthBlock {

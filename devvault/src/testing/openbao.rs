@@ -68,6 +68,8 @@ pub struct AuditEntry {
     pub error: String,
     /// The token accessor used ("" when none).
     pub accessor: String,
+    /// A response's `data` (raw), e.g. the credentials issued.
+    pub response_data: Value,
     /// A response that carried `data`, `auth` or a lease (an HTTP 200 rather than 204).
     pub has_body: bool,
 }
@@ -169,6 +171,7 @@ impl OpenBao {
                 data: v["request"]["data"].clone(),
                 error: v["error"].as_str().unwrap_or_default().to_string(),
                 accessor: v["auth"]["accessor"].as_str().unwrap_or_default().to_string(),
+                response_data: v["response"]["data"].clone(),
                 has_body: ["data", "auth", "secret"].iter().any(|k| v["response"].get(k).is_some()),
             })
             .collect()
