@@ -78,7 +78,17 @@ struct Agent {
     store: Option<Arc<StateStore>>,
     stop: CancellationToken,
     running: HashMap<String, Running>,
+    /// Leases of a secret whose source (path, method, body) a reload
+    /// changed: revoked once the new credentials are rendered.
+    replacing: HashMap<String, Vec<LiveLease>>,
     telemetry: Arc<Telemetry>,
+}
+
+/// The state key of the leases a changed secret is replacing (secret names
+/// are `[a-z0-9_-]`, so it cannot clash; at adoption it is "not configured",
+/// so its leases are revoked).
+fn replaced_key(name: &str) -> String {
+    format!("{name}@replaced")
 }
 
 impl Agent {
@@ -100,6 +110,39 @@ impl Agent {
         };
         let handle = tokio::spawn(supervisor.run());
         self.running.insert(cfg.name.clone(), Running { cfg, cancel, spec: spec_tx, handle });
+    }
+
+    /// Stops a secret's supervisor keeping its files and leases, for a new
+    /// one to replace: the leases wait in `replacing` (and in the state file
+    /// under `replaced_key`) for the new credentials.
+    async fn retire(&mut self, name: &str) {
+        let Some(r) = self.running.remove(name) else { return };
+        let record = self.store.as_ref().and_then(|s| s.snapshot().secrets.get(name).cloned());
+        r.cancel.cancel();
+        let leases = r.handle.await.unwrap_or_default();
+        if let (Some(store), Some(record)) = (&self.store, record) {
+            let mut old = record;
+            old.retired.extend(old.current.take());
+            if let Err(e) = store.set_secret(&replaced_key(name), old) {
+                tracing::error!(event = "state_write_failed", secret = %name, error = %e, "recording the replaced leases failed");
+            }
+        }
+        tracing::info!(event = "source_changed", secret = %name, leases = leases.len(), "the secret's path changed: issuing new credentials, then revoking the old");
+        self.replacing.entry(name.to_string()).or_default().extend(leases);
+    }
+
+    /// New credentials of `name` are in its files: the leases it replaces go.
+    async fn on_rendered(&mut self, name: &str) {
+        let Some(old) = self.replacing.remove(name) else { return };
+        let token = self.auth.borrow().current.clone();
+        let failed = revoke_leases(&self.client, &old, token.as_deref(), &self.telemetry).await;
+        if failed.is_empty() {
+            if let Some(store) = &self.store {
+                let _ = store.remove_secret(&replaced_key(name));
+            }
+        } else {
+            self.replacing.insert(name.to_string(), failed);
+        }
     }
 
     /// Stops a secret's supervisor, revokes its leases, removes its files.
@@ -152,19 +195,27 @@ impl Agent {
             }
         };
         let (config, renderer) = new;
-        if format!("{:?}{:?}", config.vault, config.auth) != format!("{:?}{:?}", self.config.vault, self.config.auth) {
+        if config.vault != self.config.vault || config.auth != self.config.auth {
             tracing::warn!(event = "restart_needed", "changes to `vault` or `auth` take effect after a restart");
         }
         let same_source =
             |a: &SecretConfig, b: &SecretConfig| a.path == b.path && a.method == b.method && a.body == b.body;
-        let stale: Vec<String> = self
+        let removed: Vec<String> =
+            self.running.keys().filter(|name| !config.secrets.iter().any(|s| &s.name == *name)).cloned().collect();
+        for name in removed {
+            self.remove(&name).await;
+        }
+        // A secret read from somewhere else now: a re-issue. The new
+        // supervisor issues and renders; the old leases are revoked after
+        // that (`on_rendered`), and recorded meanwhile.
+        let changed: Vec<String> = self
             .running
             .iter()
-            .filter(|(name, r)| !config.secrets.iter().any(|s| &s.name == *name && same_source(s, &r.cfg)))
+            .filter(|(name, r)| config.secrets.iter().any(|s| &s.name == *name && !same_source(s, &r.cfg)))
             .map(|(name, _)| name.clone())
             .collect();
-        for name in stale {
-            self.remove(&name).await;
+        for name in changed {
+            self.retire(&name).await;
         }
         for (index, cfg) in config.secrets.iter().enumerate() {
             match self.running.get_mut(&cfg.name) {
@@ -314,6 +365,7 @@ async fn run_agent(
         store: store.clone(),
         stop: stop.clone(),
         running: HashMap::new(),
+        replacing: HashMap::new(),
         telemetry: telemetry.clone(),
     };
     for (index, cfg) in config.secrets.iter().enumerate() {
@@ -345,6 +397,7 @@ async fn run_agent(
             _ = stop.cancelled() => break,
             event = events.recv() => match event {
                 Some(Event::Rendered { secret }) => {
+                    agent.on_rendered(&secret).await;
                     pending.remove(&secret);
                     if pending.is_empty() && !startup_done {
                         startup_done = true;
@@ -388,7 +441,7 @@ async fn run_agent(
     let deadline = tokio::time::Instant::now() + config.shutdown.timeout;
     let grace = deadline - config.shutdown.timeout / 2;
     stop.cancel();
-    let mut live: Vec<LiveLease> = Vec::new();
+    let mut live: Vec<LiveLease> = agent.replacing.drain().flat_map(|(_, l)| l).collect();
     for (name, mut r) in agent.running.drain() {
         match tokio::time::timeout_at(grace, &mut r.handle).await {
             Ok(Ok(leases)) => live.extend(leases),

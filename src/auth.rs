@@ -14,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::AuthKind;
-use crate::lease::schedule::{Policy, renew_point, renewal_capped};
 use crate::secret::{ExposeSecret, SecretString};
 use crate::state::{StateStore, TokenRecord, unix};
 use crate::telemetry::Telemetry;
+use crate::timing::{Policy, renew_point, renewal_capped};
 use crate::vault::{Token, VaultClient, VaultError, now};
 
 /// Tokens are renewed at half their TTL, up to 5 % earlier.

@@ -36,7 +36,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaultConfig {
     #[serde(default)]
@@ -52,7 +52,7 @@ pub struct VaultConfig {
 }
 
 /// Exactly one login method (checked by `validate`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     #[serde(default, deserialize_with = "present")]
@@ -67,7 +67,7 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Resul
     T::deserialize(d).map(Some)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesAuth {
     pub role: String,
@@ -80,7 +80,7 @@ pub struct KubernetesAuth {
 /// JWT auth (`auth/<mount>/login` with `role` and `jwt`): Vault verifies the
 /// ServiceAccount token itself (OIDC discovery or `jwt_validation_pubkeys`),
 /// no TokenReview.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtAuth {
     pub role: String,

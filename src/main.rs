@@ -20,6 +20,7 @@ mod shutdown;
 mod state;
 mod status;
 mod telemetry;
+mod timing;
 mod vault;
 
 use std::path::{Path, PathBuf};

@@ -149,3 +149,55 @@ async fn a_changed_template_file_in_the_configmap_is_picked_up() {
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_path_is_a_reissue_the_files_are_never_missing() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    // A second database role the secret moves to.
+    devvault::testing::setup_postgres(&env.api, env.pg, "app2", "1h", "2h").await;
+    let policy = format!(
+        "{}\npath \"database/creds/app2\" {{ capabilities = [\"read\"] }}\npath \"sys/leases/revoke/database/creds/app2/*\" {{ capabilities = [\"update\"] }}\n",
+        common::POLICY
+    );
+    env.api.ok("PUT", "sys/policies/acl/app", Some(serde_json::json!({"policy": policy}))).await;
+    let path = env.dir.path().join("leasehold.yaml");
+    let a = secret_yaml(&env, "a", "a.txt", "{{ username }}");
+    std::fs::write(&path, config_yaml(&env, &a, "info")).unwrap();
+    let mut agent = env.spawn(&path).await;
+    assert!(eventually(20, async || read(&env, "a.txt").is_some()).await, "{}", agent.output());
+    let old = read(&env, "a.txt").unwrap();
+
+    // A reader of the file through the change: it must never be missing.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, file) = (stop.clone(), env.secrets().join("a.txt"));
+        std::thread::spawn(move || {
+            let mut missing = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if std::fs::read(&file).map_or(true, |b| b.is_empty()) {
+                    missing += 1;
+                }
+            }
+            missing
+        })
+    };
+    std::fs::write(&path, config_yaml(&env, &a.replace("database/creds/app\n", "database/creds/app2\n"), "info"))
+        .unwrap();
+    agent.signal(Signal::SIGHUP);
+    let moved = eventually(10, async || read(&env, "a.txt").is_some_and(|u| u != old)).await;
+    assert!(moved, "{}", agent.output());
+    let new = read(&env, "a.txt").unwrap();
+    assert!(new.starts_with("v-kubernet-app2-"), "{new}");
+    assert!(eventually(10, async || !env.pg.role_exists(&old).await).await, "the old lease is revoked after");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(reader.join().unwrap(), 0, "the file was missing or empty during the change");
+    // New credentials first, then the old lease revoked.
+    let reqs = env.requests().await;
+    let issued = reqs.iter().position(|r| r.path == "database/creds/app2").expect("issued from the new path");
+    let revoked = reqs.iter().position(|r| r.path == "sys/leases/revoke").expect("old lease revoked");
+    assert!(issued < revoked, "{reqs:?}");
+    assert!(env.pg.role_exists(&new).await);
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    assert!(!env.pg.role_exists(&new).await);
+}

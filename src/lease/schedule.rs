@@ -1,17 +1,11 @@
-//! When to renew and when to re-issue: pure functions of time and lease,
-//! unit-tested without sleeping. The loops in `lease` and `auth` only sleep
-//! until the instant these return and act.
+//! When to renew and when to re-issue a lease: pure functions of time and
+//! lease, unit-tested without sleeping. The supervisor loop only sleeps
+//! until the instant these return and acts.
 
 use std::time::{Duration, SystemTime};
 
-/// A secret's renewal policy (`renew_at`, `jitter` from the config).
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    /// Fraction of the TTL to let elapse before renewing (0.5).
-    pub renew_at: f64,
-    /// Renew up to this fraction of the TTL earlier, at random (0.05).
-    pub jitter: f64,
-}
+use crate::timing::part;
+pub use crate::timing::{Policy, renew_point, renewal_capped};
 
 /// What we know of a lease we hold.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,22 +79,6 @@ pub struct Next {
 
 /// How much earlier than reported a lease may end (see `LeaseTimes::safe_end`).
 pub const ROUNDING: Duration = Duration::from_secs(1);
-
-/// `fraction` of `d`, for `Duration`s of any length.
-fn part(d: Duration, fraction: f64) -> Duration {
-    Duration::from_secs_f64(d.as_secs_f64() * fraction.clamp(0.0, 1.0))
-}
-
-/// Vault capped the renewal: it granted less than asked, or said so.
-pub fn renewal_capped(requested: Duration, granted: Duration, warnings: &[String]) -> bool {
-    granted < requested || warnings.iter().any(|w| w.contains("exceeded the effective max_ttl"))
-}
-
-/// The point `renew_at` through a grant, moved earlier by up to `jitter` of
-/// its TTL (`sample` in [0, 1) picks how much).
-pub fn renew_point(granted_at: SystemTime, ttl: Duration, policy: &Policy, sample: f64) -> SystemTime {
-    granted_at + part(ttl, policy.renew_at) - part(ttl, policy.jitter * sample)
-}
 
 /// The next thing to do for a lease.
 ///
