@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::HeldToken;
+use crate::clock::now;
 use crate::config::Config;
 use crate::lease::{Held, LiveLease};
 use crate::secret::SecretString;
 use crate::state::{LeaseRecord, State, TokenRecord, secs, time};
-use crate::vault::{Token, VaultClient, now};
+use crate::vault::{Token, VaultClient};
 
 /// Recorded tokens that `lookup-self` still accepts, with their TTL left.
 pub async fn tokens(client: &VaultClient, records: &[TokenRecord]) -> Vec<Arc<HeldToken>> {

@@ -392,7 +392,7 @@ async fn run_agent(
     // swap is several events); the loop keeps serving signals meanwhile.
     let mut reload_at: Option<tokio::time::Instant> = None;
     loop {
-        let reload_due = reload_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let reload_due = reload_at.unwrap_or_else(|| crate::clock::instant() + Duration::from_secs(3600));
         tokio::select! {
             _ = stop.cancelled() => break,
             event = events.recv() => match event {
@@ -411,8 +411,8 @@ async fn run_agent(
             },
             _ = &mut startup, if !startup_done => {
                 startup_done = true;
-                let missing: Vec<&String> = pending.iter().collect();
-                tracing::error!(event = "startup_timeout", missing = ?missing, timeout_secs = config.startup_timeout.as_secs(), "not every secret was rendered within startup_timeout");
+                let missing = pending.iter().cloned().collect::<Vec<_>>().join(", ");
+                tracing::error!(event = "startup_timeout", missing = %missing, timeout_secs = config.startup_timeout.as_secs(), "not every secret was rendered within startup_timeout");
                 if opts.once {
                     once_failed = true;
                     stop.cancel();
@@ -424,7 +424,7 @@ async fn run_agent(
                 }
             }
             Some(()) = file_events.recv() => {
-                reload_at.get_or_insert_with(|| tokio::time::Instant::now() + RELOAD_DEBOUNCE);
+                reload_at.get_or_insert_with(|| crate::clock::instant() + RELOAD_DEBOUNCE);
             }
             _ = tokio::time::sleep_until(reload_due), if reload_at.is_some() => {
                 reload_at = None;
@@ -438,7 +438,7 @@ async fn run_agent(
     // an issue in flight gets half the budget to finish, so its new lease is
     // known and revoked. One that does not is stopped: its leases are taken
     // from the state file, which records a lease before anything else.
-    let deadline = tokio::time::Instant::now() + config.shutdown.timeout;
+    let deadline = crate::clock::instant() + config.shutdown.timeout;
     let grace = deadline - config.shutdown.timeout / 2;
     stop.cancel();
     let mut live: Vec<LiveLease> = agent.replacing.drain().flat_map(|(_, l)| l).collect();
@@ -577,7 +577,7 @@ async fn revoke_all(
     telemetry: &Telemetry,
     deadline: tokio::time::Instant,
 ) -> Vec<LiveLease> {
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let left = deadline.saturating_duration_since(crate::clock::instant());
     let slice = (left / 5).max(Duration::from_millis(500)).min(left / 2);
     let mut revoked = vec![false; live.len()];
     let leases = revoke_marking(client, live, auth.current.as_deref(), telemetry, &mut revoked);

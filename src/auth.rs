@@ -13,12 +13,13 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::clock::now;
 use crate::config::AuthKind;
 use crate::secret::{ExposeSecret, SecretString};
 use crate::state::{StateStore, TokenRecord, unix};
 use crate::telemetry::Telemetry;
 use crate::timing::{Policy, renew_point, renewal_capped};
-use crate::vault::{Token, VaultClient, VaultError, now};
+use crate::vault::{Token, VaultClient, VaultError};
 
 /// Tokens are renewed at half their TTL, up to 5 % earlier.
 const TOKEN_POLICY: Policy = Policy { renew_at: 0.5, jitter: 0.05 };

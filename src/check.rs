@@ -3,7 +3,7 @@
 //! CA), so CI pipelines and chart tests can run it.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -33,8 +33,8 @@ pub fn check(config: &Config, config_path: &Path) -> Result<Vec<String>, ConfigE
             data: &data,
             lease_id: &lease,
             lease_duration: Duration::from_secs(3600),
-            issued_at: SystemTime::now(),
-            expires_at: Some(SystemTime::now() + Duration::from_secs(3600)),
+            issued_at: crate::clock::wall(),
+            expires_at: Some(crate::clock::wall() + Duration::from_secs(3600)),
         };
         let known_shape = secret.path.trim_start_matches('/').contains("/creds/");
         let renderer = if known_shape { &strict } else { &lenient };

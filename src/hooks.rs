@@ -103,13 +103,15 @@ async fn call(url: &str, method: &str) -> Result<(), HookError> {
     Err(fail(last))
 }
 
-/// Replaces every secret value (4 characters or more) in `text`.
+/// Replaces every secret value (4 characters or more) in `text`, then cuts
+/// it to `OUTPUT_LIMIT` characters: cut first, a secret straddling the cut
+/// would keep its first characters.
 fn scrub(text: &str, data: &SecretData) -> String {
-    let mut out: String = text.chars().take(OUTPUT_LIMIT).collect();
+    let mut out = text.to_string();
     for value in data.expose().values().filter_map(|v| v.as_str()).filter(|v| v.len() >= 4) {
         out = out.replace(value, "[redacted]");
     }
-    out
+    out.chars().take(OUTPUT_LIMIT).collect()
 }
 
 #[cfg(test)]
@@ -122,5 +124,15 @@ mod tests {
         let data =
             SecretData::new(json!({"username": "v-app-user", "password": "Hunter2-Pass"}).as_object().unwrap().clone());
         assert_eq!(scrub("user v-app-user pw Hunter2-Pass", &data), "user [redacted] pw [redacted]");
+    }
+
+    #[test]
+    fn a_secret_across_the_output_limit_leaks_nothing() {
+        let data = SecretData::new(json!({"password": "Hunter2-Pass"}).as_object().unwrap().clone());
+        // The password starts 4 characters before the cut.
+        let text = format!("{}Hunter2-Pass tail", "x".repeat(OUTPUT_LIMIT - 4));
+        let out = scrub(&text, &data);
+        assert!(!out.contains("Hunt"), "{}", &out[out.len() - 20..]);
+        assert_eq!(out.chars().count(), OUTPUT_LIMIT);
     }
 }

@@ -8,6 +8,7 @@ mod agent;
 mod auth;
 mod backoff;
 mod check;
+mod clock;
 mod config;
 #[cfg(feature = "demo")]
 mod demo;

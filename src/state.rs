@@ -179,7 +179,7 @@ impl StateStore {
 
 /// Renames a bad state file out of the way; returns the warning to log.
 fn set_aside(path: &Path, why: &str) -> String {
-    let stamp = unix(SystemTime::now()) as u64;
+    let stamp = unix(crate::clock::wall()) as u64;
     let aside = path.with_file_name(format!("{FILE}.bad-{stamp}"));
     match fs::rename(path, &aside) {
         Ok(()) => format!("state file {} is {why}; moved to {} and starting fresh", path.display(), aside.display()),

@@ -2,6 +2,9 @@
 //! files, renewal timing, re-issue before max TTL, atomic rotation, and
 //! revocation at SIGTERM.
 
+// Tests measure real time; the agent's clock rule (clippy.toml) is not for them.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
@@ -26,12 +29,21 @@ async fn files_appear_with_mode_and_log_in_to_postgres() {
     assert_eq!(who, user);
     assert!(creds["lease_id"].as_str().unwrap().starts_with("database/creds/app/"));
     assert!(creds["expires_at"].is_string());
+    // Log fields are values, not Rust Debug (`Some("…")`, `[]`).
+    let rendered = &agent.events("rendered")[0];
+    humantime::parse_rfc3339(rendered["expires_at"].as_str().unwrap()).expect("expires_at is RFC 3339");
+    assert_eq!(agent.events("issued")[0]["warnings"], "", "no warnings, said plainly");
 
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
     assert!(!env.pg.role_exists(user).await, "role dropped at shutdown");
     let reqs = env.requests().await;
-    assert!(reqs.iter().any(|r| r.path == "sys/leases/revoke" && r.status == 204));
+    // The lease itself was revoked (revoke-self would drop the role too, so
+    // the role's absence alone proves nothing about it).
+    let lease = creds["lease_id"].as_str().unwrap();
+    let revoked =
+        reqs.iter().any(|r| r.path == "sys/leases/revoke" && r.lease.as_deref() == Some(lease) && r.status == 204);
+    assert!(revoked, "{reqs:?}");
     assert!(reqs.iter().any(|r| r.path == "auth/token/revoke-self" && r.status == 204), "token revoked");
     // Good files are never removed: the app keeps what it had.
     assert!(path.exists());

@@ -116,3 +116,23 @@ path "auth/token/revoke-self" { capabilities = ["update"] }
     assert!(renews.len() <= 4 * creds.len(), "{} renewals for {} leases", renews.len(), creds.len());
     assert!(!agent.events("renewals_failing").is_empty(), "{}", agent.output());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drops_the_role_by_revoking_the_lease_when_revoke_self_is_denied() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let no_revoke_self = r#"
+path "database/creds/app" { capabilities = ["read"] }
+path "sys/leases/revoke/database/creds/app/*" { capabilities = ["update"] }
+path "auth/token/lookup-self" { capabilities = ["read"] }
+path "auth/token/renew-self" { capabilities = ["update"] }
+"#;
+    set_policy(&env, no_revoke_self, true).await;
+    let mut agent = env.spawn(&env.config("", "")).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let user = env.read_json("db.json").unwrap()["username"].as_str().unwrap().to_string();
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    let reqs = env.requests().await;
+    assert!(reqs.iter().any(|r| r.path == "auth/token/revoke-self" && r.status == 403), "revoke-self refused");
+    assert!(!env.pg.role_exists(&user).await, "the lease's own revocation dropped the role");
+}

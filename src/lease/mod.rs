@@ -16,12 +16,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthState, HeldToken};
 use crate::backoff::Backoff;
+use crate::clock::now;
 use crate::config::{Method, SecretConfig};
 use crate::render::{Context, Renderer, write_all};
 use crate::secret::LeaseId;
 use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
 use crate::telemetry::Telemetry;
-use crate::vault::{Secret, VaultClient, VaultError, now};
+use crate::vault::{Secret, VaultClient, VaultError};
 use schedule::{Action, Bound, LeaseTimes, Policy};
 
 /// A lease the agent is responsible for, as reported when a supervisor stops.
@@ -275,7 +276,7 @@ impl Supervisor {
             event = "token_bounds_lease",
             secret = %self.name(),
             lease = %h.secret.lease_id,
-            token_expires_at = ?token_end.map(crate::render::rfc3339),
+            token_expires_at = %token_end.map(crate::render::rfc3339).unwrap_or_default(),
             lease_expires_at = %crate::render::rfc3339(h.times.expires_at()),
             "the Vault token that created these credentials expires for good before they could; issuing new ones early. \
              Set the auth role's token_max_ttl to at least the database role's max_ttl"
@@ -399,7 +400,7 @@ impl Supervisor {
             ttl_secs = fresh.times.ttl.as_secs(),
             expires_at = %crate::render::rfc3339(fresh.times.expires_at()),
             renewable = fresh.times.renewable,
-            warnings = ?fresh.secret.warnings,
+            warnings = %fresh.secret.warnings.join("; "),
             "obtained credentials"
         );
         // Write-ahead: the new lease is on disk before any file names it, so
@@ -538,7 +539,7 @@ impl Supervisor {
             Ok(written) => {
                 let changed = written.iter().filter(|(_, c)| *c).count();
                 self.telemetry.rendered(&spec.cfg.name, &written, now());
-                tracing::info!(event = "rendered", secret = %spec.cfg.name, files = written.len(), changed, expires_at = ?ctx.expires_at.map(crate::render::rfc3339), "files written");
+                tracing::info!(event = "rendered", secret = %spec.cfg.name, files = written.len(), changed, expires_at = %ctx.expires_at.map(crate::render::rfc3339).unwrap_or_default(), "files written");
                 if changed > 0
                     && let Some(hooks) = &spec.cfg.on_change
                 {

@@ -259,7 +259,7 @@ impl Telemetry {
 
     /// Every secret ready, and the reasons of those that are not.
     pub fn readiness(&self) -> (bool, Vec<String>) {
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let secrets = lock(&self.secrets);
         let reasons: Vec<String> = secrets
             .values()
@@ -272,7 +272,7 @@ impl Telemetry {
     }
 
     pub fn status_json(&self) -> Value {
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let secrets: Vec<SecretStatus> = lock(&self.secrets)
             .values()
             .map(|s| {
@@ -294,7 +294,7 @@ impl Telemetry {
 
     /// OpenMetrics text; readiness gauges are refreshed first.
     pub fn encode_metrics(&self) -> String {
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         for s in lock(&self.secrets).values() {
             self.metrics.ready.get_or_create(&secret(&s.name)).set(s.evaluate(now).0 as i64);
         }
@@ -347,12 +347,12 @@ mod tests {
         assert!(!ready);
         assert_eq!(reasons, vec!["db: not rendered yet"]);
         let lease = LeaseId::new("database/creds/app/AbCdEfGhIjKlMnOpQrStUvWx".into());
-        let past = SystemTime::now() - Duration::from_secs(120);
+        let past = crate::clock::now() - Duration::from_secs(120);
         t.issued("db", &lease, Duration::from_secs(60), true, past, Some(past + Duration::from_secs(60)));
         t.rendered("db", &[(PathBuf::from("/x/db.json"), true)], past);
         let (ready, reasons) = t.readiness();
         assert!(!ready && reasons[0].starts_with("db: credentials expired at"), "{reasons:?}");
-        t.renewed("db", Duration::from_secs(60), true, SystemTime::now());
+        t.renewed("db", Duration::from_secs(60), true, crate::clock::now());
         assert!(t.readiness().0);
         let status = t.status_json().to_string();
         assert!(status.contains("database/creds/app/AbCd…") && !status.contains("EfGh"));

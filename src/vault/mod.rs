@@ -9,7 +9,7 @@
 
 mod types;
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use reqwest::{Method, StatusCode, header};
@@ -241,7 +241,7 @@ impl VaultClient {
         if let Some(b) = body {
             req = req.header(header::CONTENT_TYPE, "application/json").body(b.to_string());
         }
-        let started = std::time::Instant::now();
+        let started = crate::clock::instant();
         let sent = req.send().await;
         if let Some(o) = &self.observer {
             o.observe(op, sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0), started.elapsed());
@@ -443,11 +443,6 @@ fn transport_reason(e: &reqwest::Error) -> String {
         source = s.source();
     }
     reason
-}
-
-/// Wall-clock now; one place so schedules are computed from one reading.
-pub fn now() -> SystemTime {
-    SystemTime::now()
 }
 
 #[cfg(test)]
