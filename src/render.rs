@@ -329,7 +329,10 @@ fn stage(
     group: Option<u32>,
 ) -> Result<Option<Staged>, RenderError> {
     let fail = |reason: String| RenderError::Write { file: path.to_path_buf(), reason };
-    if let Ok(meta) = fs::metadata(path)
+    // A symlink planted at the destination is never followed: only a
+    // regular file counts as "unchanged", and the rename replaces the link.
+    if let Ok(meta) = fs::symlink_metadata(path)
+        && meta.file_type().is_file()
         && meta.permissions().mode() & 0o7777 == mode
         && let Ok(existing) = fs::read(path)
     {
@@ -405,6 +408,60 @@ mod tests {
         )
         .unwrap();
         assert!(env.get_template("loop").unwrap().render(minijinja::Value::from(Serde(&value))).is_err());
+    }
+
+    #[test]
+    fn a_symlink_at_the_destination_is_replaced_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("victim");
+        fs::write(&target, "same").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.path().join("db.json");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        // Even with the very content and mode the link points at.
+        assert!(write_file(&path, b"same", 0o600, None, None).unwrap());
+        assert!(fs::symlink_metadata(&path).unwrap().file_type().is_file(), "the link itself was replaced");
+        write_file(&path, b"new", 0o600, None, None).unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "same", "nothing written through the link");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "new");
+    }
+
+    #[test]
+    fn temp_files_are_never_readable_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.json");
+        let staged = stage(&path, b"secret", 0o640, None, None).unwrap().unwrap();
+        // Before the rename the temp file already has its final mode, never more.
+        let mode = staged.tmp.as_file().metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        assert_eq!(mode & 0o007, 0, "nothing for others");
+        staged.commit().unwrap();
+    }
+
+    #[test]
+    fn templates_cannot_read_files_or_the_environment() {
+        let cfg = |template: &str| {
+            let yaml = format!(
+                "vault:\n  address: http://v:8200\nauth:\n  kubernetes:\n    role: r\nsecrets:\n  - name: db\n    path: database/creds/r\n    files:\n      - path: /tmp/x\n        template: {template:?}\n"
+            );
+            Config::parse(&yaml, Path::new("t.yaml"), &|_| None).unwrap()
+        };
+        let ctx_data = data();
+        let lease = LeaseId::new("database/creds/r/x".into());
+        let ctx = Context {
+            name: "db",
+            data: &ctx_data,
+            lease_id: &lease,
+            lease_duration: Duration::from_secs(60),
+            issued_at: SystemTime::UNIX_EPOCH,
+            expires_at: None,
+        };
+        for template in ["{% include '/etc/passwd' %}", "{{ env.HOME }}", "{{ range(10000000) | list | length }}"] {
+            let r = Renderer::compile(&cfg(template), Path::new("t.yaml"));
+            let rendered = r.ok().and_then(|r| r.render(0, &ctx).ok());
+            assert!(rendered.is_none(), "{template} rendered: {:?}", rendered.map(|f| f[0].1.to_string()));
+        }
     }
 
     #[test]

@@ -310,4 +310,62 @@ mod tests {
         let jittered = next(&lease, None, &POLICY, 0.99, None).at;
         assert!(jittered <= calm && calm.duration_since(jittered).unwrap() <= s(5.0));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A lease's whole life under the schedule, with Vault answering as
+        /// it does: renewals granted `ttl` seconds, capped (whole seconds,
+        /// rounded) at the max TTL; the token that created it ends for good
+        /// at `token_life`. Returns the re-issue time and the real end.
+        fn life(ttl: u64, max: u64, token_life: Option<u64>, policy: Policy, sample: f64) -> (Next, SystemTime, u32) {
+            let issued = t(0.0);
+            let hard_end = issued + Duration::from_secs(max.max(ttl));
+            let token_end = token_life.map(|l| issued + Duration::from_secs(l));
+            let end = token_end.map_or(hard_end, |t| t.min(hard_end));
+            let mut lease = LeaseTimes::issued(issued, s(ttl as f64), true);
+            let mut renewals = 0;
+            loop {
+                let n = next(&lease, token_end, &policy, sample, None);
+                let Action::Renew = n.action else { return (n, end, renewals) };
+                // A renewal never lands after the lease's end.
+                assert!(n.at < lease.expires_at(), "renewal at {:?} after the end {:?}", n.at, lease.expires_at());
+                let left = hard_end.duration_since(n.at).unwrap_or_default().as_secs_f64();
+                let granted = (ttl as f64).min(left.round());
+                lease = lease.renewed(n.at, s(granted), true, &[]);
+                renewals += 1;
+                assert!(renewals < 10_000, "the schedule never converged");
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn renewals_come_in_time_and_replacements_with_the_promised_overlap(
+                // Short TTLs, where a second of rounding matters, and long ones.
+                ttl in prop_oneof![2u64..=60, 2u64..=86_400],
+                max_factor in 1u64..=20,
+                token_factor in prop::option::of(1u64..=40),
+                renew_at in 0.1f64..0.9,
+                jitter_part in 0.0f64..1.0,
+                // No jitter drawn: the overlap at its tightest.
+                sample in prop_oneof![Just(0.0), 0.0f64..1.0],
+            ) {
+                let max = ttl * max_factor;
+                let token_life = token_factor.map(|f| ttl * f / 2 + 1);
+                let policy = Policy { renew_at, jitter: renew_at * jitter_part * 0.5 };
+                let (n, end, _) = life(ttl, max, token_life, policy, sample);
+                prop_assert!(matches!(n.action, Action::Reissue(_)));
+                // New credentials while the old lease still has (1 - renew_at)
+                // of its TTL left, and a second more for Vault's rounding,
+                // whenever the lease lives that long at all.
+                let overlap = s(ttl as f64 * (1.0 - renew_at));
+                let needed = overlap + ROUNDING.min(s(ttl as f64) / 2);
+                if end.duration_since(t(0.0)).unwrap() >= needed {
+                    let left = end.duration_since(n.at).unwrap_or_default();
+                    prop_assert!(left >= overlap, "{left:?} left, {overlap:?} promised");
+                }
+            }
+        }
+    }
 }
