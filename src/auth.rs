@@ -19,7 +19,7 @@ use crate::secret::{ExposeSecret, SecretString};
 use crate::state::{StateStore, TokenRecord, unix};
 use crate::telemetry::Telemetry;
 use crate::timing::{Policy, renew_point, renewal_capped};
-use crate::vault::{Token, VaultClient, VaultError};
+use crate::vault::{Token, Vault, VaultClient, VaultError};
 
 /// Tokens are renewed at half their TTL, up to 5 % earlier.
 const TOKEN_POLICY: Policy = Policy { renew_at: 0.5, jitter: 0.05 };
@@ -83,8 +83,8 @@ pub enum AuthError {
     Vault(#[from] VaultError),
 }
 
-pub struct AuthLoop {
-    pub client: VaultClient,
+pub struct AuthLoop<V = VaultClient> {
+    pub client: V,
     pub kind: AuthKind,
     pub mount: String,
     pub role: String,
@@ -97,7 +97,7 @@ pub struct AuthLoop {
     pub telemetry: Arc<Telemetry>,
 }
 
-impl AuthLoop {
+impl<V: Vault> AuthLoop<V> {
     pub fn read_jwt(path: &PathBuf) -> Result<SecretString, AuthError> {
         let fail = |reason: String| AuthError::Jwt { path: path.clone(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
@@ -197,7 +197,7 @@ impl AuthLoop {
                     Err(e) => {
                         self.telemetry.login(false);
                         tracing::warn!(event = "login_failed", error = %e, "login to Vault failed");
-                        if !self.sleep(backoff.next(), &cancel).await {
+                        if !self.sleep(backoff.next_delay(), &cancel).await {
                             return;
                         }
                         continue;
@@ -252,7 +252,7 @@ impl AuthLoop {
                     self.telemetry.token_renewed(false);
                     tracing::warn!(event = "token_renew_failed", error = %e, "renewing the Vault token failed");
                     let left = current.expires_at().duration_since(now()).unwrap_or_default();
-                    if !self.sleep(backoff.next().min(left / 4 + Duration::from_millis(100)), &cancel).await {
+                    if !self.sleep(backoff.next_delay().min(left / 4 + Duration::from_millis(100)), &cancel).await {
                         return;
                     }
                 }

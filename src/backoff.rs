@@ -20,7 +20,7 @@ impl Backoff {
     }
 
     /// Full jitter: uniform in [min, min(max, min × 2^attempt)].
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.min.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         let span = ceiling.saturating_sub(self.min);
@@ -36,10 +36,10 @@ mod tests {
     fn grows_and_caps() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         for _ in 0..20 {
-            let d = b.next();
+            let d = b.next_delay();
             assert!(d >= Duration::from_millis(100) && d <= Duration::from_secs(1));
         }
         b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
+        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

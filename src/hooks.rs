@@ -92,7 +92,7 @@ async fn call(url: &str, method: &str) -> Result<(), HookError> {
     let mut last = String::new();
     for attempt in 0..HTTP_ATTEMPTS {
         if attempt > 0 {
-            tokio::time::sleep(backoff.next()).await;
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         match client.request(method.clone(), url).send().await {
             Ok(resp) if resp.status().is_success() => return Ok(()),

@@ -3,26 +3,9 @@
 
 #![forbid(unsafe_code)]
 
-mod adopt;
-mod agent;
-mod auth;
-mod backoff;
-mod check;
-mod clock;
-mod config;
 #[cfg(feature = "demo")]
-mod demo;
-mod hooks;
-mod lease;
-mod reload;
-mod render;
-mod secret;
-mod shutdown;
-mod state;
-mod status;
-mod telemetry;
-mod timing;
-mod vault;
+use leasehold::demo;
+use leasehold::{agent, check, config, render, shutdown, status, telemetry};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -22,7 +22,7 @@ use crate::render::{Context, Renderer, write_all};
 use crate::secret::LeaseId;
 use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
 use crate::telemetry::Telemetry;
-use crate::vault::{Secret, VaultClient, VaultError};
+use crate::vault::{Secret, Vault, VaultClient, VaultError};
 use schedule::{Action, Bound, LeaseTimes, Policy};
 
 /// A lease the agent is responsible for, as reported when a supervisor stops.
@@ -136,9 +136,9 @@ enum Step {
     Reissue(Bound),
 }
 
-pub struct Supervisor {
+pub struct Supervisor<V = VaultClient> {
     pub spec: watch::Receiver<Arc<SecretSpec>>,
-    pub client: VaultClient,
+    pub client: V,
     pub auth: watch::Receiver<AuthState>,
     pub relogin: Arc<Notify>,
     pub events: mpsc::UnboundedSender<Event>,
@@ -156,7 +156,7 @@ fn lease_gone(e: &VaultError) -> bool {
         .any(|t| e.mentions(t))
 }
 
-impl Supervisor {
+impl<V: Vault> Supervisor<V> {
     fn cfg(&self) -> SecretConfig {
         self.spec.borrow().cfg.clone()
     }
@@ -239,8 +239,8 @@ impl Supervisor {
                     renew_retry = None;
                 }
                 // The schedule weighs a renewal retry against replacing the lease.
-                (Err(_), Step::Renew) => renew_retry = Some(now() + backoff.next()),
-                (Err(delay), _) => retry_at = Some(now() + delay.unwrap_or_else(|| backoff.next())),
+                (Err(_), Step::Renew) => renew_retry = Some(now() + backoff.next_delay()),
+                (Err(delay), _) => retry_at = Some(now() + delay.unwrap_or_else(|| backoff.next_delay())),
             }
         }
         let mut live: Vec<LiveLease> = retired.into_iter().map(|r| r.held.live(&name)).collect();

@@ -445,6 +445,95 @@ fn transport_reason(e: &reqwest::Error) -> String {
     reason
 }
 
+/// What the auth and lease loops ask of Vault. Narrow on purpose: tests
+/// script it (`tests/loops.rs`) and drive the real loops under tokio's
+/// paused clock, where a real HTTP client cannot run.
+pub trait Vault: Clone + Send + Sync + 'static {
+    fn login(
+        &self,
+        kind: AuthKind,
+        mount: &str,
+        role: &str,
+        jwt: &SecretString,
+    ) -> impl std::future::Future<Output = Result<Token, VaultError>> + Send;
+    fn lookup_self(
+        &self,
+        token: &SecretString,
+    ) -> impl std::future::Future<Output = Result<(Duration, bool), VaultError>> + Send;
+    fn renew_self(
+        &self,
+        token: &SecretString,
+        increment: Duration,
+    ) -> impl std::future::Future<Output = Result<TokenRenewal, VaultError>> + Send;
+    fn read_secret(
+        &self,
+        token: &SecretString,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> impl std::future::Future<Output = Result<Secret, VaultError>> + Send;
+    fn renew_lease(
+        &self,
+        token: &SecretString,
+        lease: &LeaseId,
+        increment: Duration,
+    ) -> impl std::future::Future<Output = Result<LeaseRenewal, VaultError>> + Send;
+    fn revoke_lease(
+        &self,
+        token: &SecretString,
+        lease: &LeaseId,
+    ) -> impl std::future::Future<Output = Result<(), VaultError>> + Send;
+}
+
+impl Vault for VaultClient {
+    fn login(
+        &self,
+        kind: AuthKind,
+        mount: &str,
+        role: &str,
+        jwt: &SecretString,
+    ) -> impl std::future::Future<Output = Result<Token, VaultError>> + Send {
+        VaultClient::login(self, kind, mount, role, jwt)
+    }
+    fn lookup_self(
+        &self,
+        token: &SecretString,
+    ) -> impl std::future::Future<Output = Result<(Duration, bool), VaultError>> + Send {
+        VaultClient::lookup_self(self, token)
+    }
+    fn renew_self(
+        &self,
+        token: &SecretString,
+        increment: Duration,
+    ) -> impl std::future::Future<Output = Result<TokenRenewal, VaultError>> + Send {
+        VaultClient::renew_self(self, token, increment)
+    }
+    fn read_secret(
+        &self,
+        token: &SecretString,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> impl std::future::Future<Output = Result<Secret, VaultError>> + Send {
+        VaultClient::read_secret(self, token, method, path, body)
+    }
+    fn renew_lease(
+        &self,
+        token: &SecretString,
+        lease: &LeaseId,
+        increment: Duration,
+    ) -> impl std::future::Future<Output = Result<LeaseRenewal, VaultError>> + Send {
+        VaultClient::renew_lease(self, token, lease, increment)
+    }
+    fn revoke_lease(
+        &self,
+        token: &SecretString,
+        lease: &LeaseId,
+    ) -> impl std::future::Future<Output = Result<(), VaultError>> + Send {
+        VaultClient::revoke_lease(self, token, lease)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1,0 +1,244 @@
+//! The real auth and lease loops, in-process, against a scripted Vault
+//! under tokio's paused clock: hours of token and lease life in
+//! milliseconds, no sleeps, no timing windows. (`clock::now()` follows
+//! tokio's clock, so the loops' deadlines move with `advance`.)
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use leasehold::auth::{AuthLoop, AuthState, HeldToken};
+use leasehold::clock;
+use leasehold::config::{AuthKind, Config};
+use leasehold::lease::{SecretSpec, Supervisor};
+use leasehold::render::Renderer;
+use leasehold::secret::{LeaseId, SecretData, SecretString};
+use leasehold::telemetry::Telemetry;
+use leasehold::vault::{LeaseRenewal, Secret, Token, TokenRenewal, Vault, VaultError};
+use reqwest::Method;
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// What the scripted Vault answers, and what it was asked (with the
+/// process clock's time).
+#[derive(Default)]
+struct Script {
+    /// Login: a batch token of this TTL.
+    batch_ttl: Duration,
+    /// Credentials: this TTL, renewable.
+    lease_ttl: Duration,
+    /// Renewals: refused with 403 when true.
+    refuse_renewals: bool,
+    /// Renewals never answer (a frozen server).
+    hang_renewals: bool,
+    logins: Vec<SystemTime>,
+    issues: Vec<SystemTime>,
+    renewals: Vec<SystemTime>,
+}
+
+#[derive(Clone, Default)]
+struct Scripted(Arc<Mutex<Script>>);
+
+impl Scripted {
+    fn with(f: impl FnOnce(&mut Script)) -> Scripted {
+        let s = Scripted::default();
+        f(&mut s.0.lock().unwrap());
+        s
+    }
+    fn get<T>(&self, f: impl FnOnce(&Script) -> T) -> T {
+        f(&self.0.lock().unwrap())
+    }
+}
+
+fn denied() -> VaultError {
+    VaultError::Status { op: "scripted", status: 403, errors: vec!["permission denied".into()] }
+}
+
+impl Vault for Scripted {
+    async fn login(&self, _: AuthKind, _: &str, _: &str, _: &SecretString) -> Result<Token, VaultError> {
+        let mut s = self.0.lock().unwrap();
+        s.logins.push(clock::now());
+        let n = s.logins.len();
+        // A login loop never lets the paused clock move: refuse past any
+        // sane count, so such a loop backs off and the test can see it.
+        if n > 1000 {
+            return Err(denied());
+        }
+        Ok(Token {
+            secret: SecretString::from(format!("b.token-{n}")),
+            accessor: format!("batch-{n}"),
+            ttl: s.batch_ttl,
+            renewable: false,
+            batch: true,
+        })
+    }
+    async fn lookup_self(&self, _: &SecretString) -> Result<(Duration, bool), VaultError> {
+        Ok((Duration::from_secs(3600), false))
+    }
+    async fn renew_self(&self, _: &SecretString, _: Duration) -> Result<TokenRenewal, VaultError> {
+        Err(VaultError::Status { op: "scripted", status: 400, errors: vec!["batch tokens cannot be renewed".into()] })
+    }
+    async fn read_secret(&self, _: &SecretString, _: Method, _: &str, _: Option<&Value>) -> Result<Secret, VaultError> {
+        let mut s = self.0.lock().unwrap();
+        s.issues.push(clock::now());
+        let n = s.issues.len();
+        let data = serde_json::json!({"username": format!("v-user-{n}"), "password": "pw-0123456789"});
+        Ok(Secret {
+            lease_id: LeaseId::new(format!("database/creds/app/lease{n:020}")),
+            lease_duration: s.lease_ttl,
+            renewable: true,
+            data: SecretData::new(data.as_object().cloned().unwrap_or_default()),
+            warnings: vec![],
+        })
+    }
+    async fn renew_lease(
+        &self,
+        _: &SecretString,
+        _: &LeaseId,
+        increment: Duration,
+    ) -> Result<LeaseRenewal, VaultError> {
+        let (refuse, hang) = {
+            let mut s = self.0.lock().unwrap();
+            s.renewals.push(clock::now());
+            (s.refuse_renewals, s.hang_renewals)
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        if refuse {
+            return Err(denied());
+        }
+        Ok(LeaseRenewal { lease_duration: increment, renewable: true, warnings: vec![] })
+    }
+    async fn revoke_lease(&self, _: &SecretString, _: &LeaseId) -> Result<(), VaultError> {
+        Ok(())
+    }
+}
+
+fn auth_loop(vault: &Scripted, dir: &std::path::Path) -> (AuthLoop<Scripted>, watch::Receiver<AuthState>) {
+    let token = dir.join("jwt");
+    std::fs::write(&token, "header.payload.signature").unwrap();
+    let (tx, rx) = watch::channel(AuthState::default());
+    let auth = AuthLoop {
+        client: vault.clone(),
+        kind: AuthKind::Kubernetes,
+        mount: "kubernetes".into(),
+        role: "app".into(),
+        token_path: token,
+        state: tx,
+        relogin: Arc::new(Notify::new()),
+        store: None,
+        telemetry: Telemetry::new(),
+    };
+    (auth, rx)
+}
+
+fn supervisor(vault: &Scripted, dir: &std::path::Path, auth: watch::Receiver<AuthState>) -> Supervisor<Scripted> {
+    let file = dir.join("db.json");
+    let yaml = format!(
+        "vault:\n  address: http://vault:8200\nauth:\n  kubernetes:\n    role: app\nsecrets:\n  - name: db\n    path: database/creds/app\n    files:\n      - path: {}\n        format: json\n",
+        file.display()
+    );
+    let path = dir.join("leasehold.yaml");
+    let config = Config::parse(&yaml, &path, &|_| None).unwrap();
+    let renderer = Arc::new(Renderer::compile(&config, &path).unwrap());
+    let (_spec_tx, spec) = watch::channel(Arc::new(SecretSpec { index: 0, cfg: config.secrets[0].clone(), renderer }));
+    // The spec sender lives in the watch: dropping it just ends reloads.
+    Supervisor {
+        spec,
+        client: vault.clone(),
+        auth,
+        relogin: Arc::new(Notify::new()),
+        events: mpsc::unbounded_channel().0,
+        store: None,
+        adopted: None,
+        telemetry: Telemetry::new(),
+        cancel: CancellationToken::new(),
+    }
+}
+
+/// A service token that outlives the test, for the supervisor.
+fn service_token() -> watch::Receiver<AuthState> {
+    let held = Arc::new(HeldToken {
+        token: Token {
+            secret: SecretString::from("s.token".to_string()),
+            accessor: "acc".into(),
+            ttl: Duration::from_secs(100_000),
+            renewable: true,
+            batch: false,
+        },
+        granted_at: clock::now(),
+        ttl: Duration::from_secs(100_000),
+        final_expiry: false,
+    });
+    let (tx, rx) = watch::channel(AuthState { current: Some(held.clone()), held: vec![held] });
+    std::mem::forget(tx);
+    rx
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_token_is_replaced_at_half_its_life_not_in_a_loop() {
+    let vault = Scripted::with(|s| s.batch_ttl = Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let (auth, _rx) = auth_loop(&vault, dir.path());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(auth.run(cancel.clone()));
+    // An hour of token life.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    cancel.cancel();
+    task.await.unwrap();
+    let logins = vault.get(|s| s.logins.clone());
+    // One login at start, then one every 30 s (57–60 s of each 60 s token,
+    // less jitter): about 120, not a loop.
+    assert!((100..=130).contains(&logins.len()), "{} logins in an hour", logins.len());
+    for pair in logins.windows(2) {
+        let gap = pair[1].duration_since(pair[0]).unwrap();
+        assert!(gap >= Duration::from_secs(27) && gap <= Duration::from_secs(30), "{gap:?} between logins");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_renewals_are_retried_with_backoff_then_replaced_in_time() {
+    let vault = Scripted::with(|s| {
+        s.lease_ttl = Duration::from_secs(600);
+        s.refuse_renewals = true;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(&vault, dir.path(), service_token());
+    let cancel = sup.cancel.clone();
+    let task = tokio::spawn(sup.run());
+    tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+    cancel.cancel();
+    let live = task.await.unwrap();
+    let (issues, renewals) = vault.get(|s| (s.issues.clone(), s.renewals.clone()));
+    assert!(issues.len() >= 10, "re-issued over three hours: {}", issues.len());
+    // Each 600 s lease was replaced while it still had (1 - 0.5) × 600 s =
+    // 300 s left (its renewals all refused): at most 300 s apart, not at 600.
+    for pair in issues.windows(2) {
+        let gap = pair[1].duration_since(pair[0]).unwrap();
+        assert!(gap <= Duration::from_secs(300), "replaced {gap:?} after issue");
+    }
+    // Backoff, not a storm: a few attempts per lease.
+    assert!(renewals.len() <= 8 * issues.len(), "{} renewals for {} leases", renewals.len(), issues.len());
+    assert!(!live.is_empty(), "the current lease is reported alive at the stop");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_in_flight_is_dropped_at_shutdown() {
+    let vault = Scripted::with(|s| {
+        s.lease_ttl = Duration::from_secs(60);
+        s.hang_renewals = true;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(&vault, dir.path(), service_token());
+    let cancel = sup.cancel.clone();
+    let task = tokio::spawn(sup.run());
+    // The renewal at 30 s hangs (a frozen server).
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(vault.get(|s| s.renewals.len()), 1);
+    let stopped = clock::instant();
+    cancel.cancel();
+    let live = tokio::time::timeout(Duration::from_secs(1), task).await.expect("stopped at once").unwrap();
+    assert!(stopped.elapsed() < Duration::from_secs(1));
+    assert_eq!(live.len(), 1, "the lease, to be revoked");
+}
