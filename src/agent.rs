@@ -1,7 +1,6 @@
 //! Wiring: state and adoption, the auth loop, one supervisor per secret,
-//! reload on SIGHUP or config change, and the ordered teardown (stop
-//! scheduling, revoke leases in parallel, revoke-self every token, within
-//! `shutdown.timeout`).
+//! reload on SIGHUP or config change (the diff is `reload::diff`), and the
+//! call into the ordered teardown (`teardown`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,16 +9,16 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::{Notify, mpsc, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthLoop, AuthState, HeldToken};
+use crate::auth::{AuthLoop, AuthState};
 use crate::config::{Config, Env, SecretConfig};
 use crate::lease::{Event, Held, LiveLease, SecretSpec, Supervisor};
 use crate::render::Renderer;
-use crate::secret::{LeaseId, SecretString};
 use crate::shutdown::Signals;
 use crate::state::StateStore;
+use crate::teardown::{self, revoke_leases};
 use crate::telemetry::Telemetry;
 use crate::vault::{ClientConfig, VaultClient};
 
@@ -181,7 +180,7 @@ impl Agent {
                 return;
             }
         };
-        if !force && fingerprint(&text, &self.config) == self.fingerprint {
+        if !force && crate::reload::fingerprint(&text, &self.config) == self.fingerprint {
             return;
         }
         let new = match Config::parse(&text, &self.config_path, self.env)
@@ -198,24 +197,16 @@ impl Agent {
         if config.vault != self.config.vault || config.auth != self.config.auth {
             tracing::warn!(event = "restart_needed", "changes to `vault` or `auth` take effect after a restart");
         }
-        let same_source =
-            |a: &SecretConfig, b: &SecretConfig| a.path == b.path && a.method == b.method && a.body == b.body;
-        let removed: Vec<String> =
-            self.running.keys().filter(|name| !config.secrets.iter().any(|s| &s.name == *name)).cloned().collect();
-        for name in removed {
-            self.remove(&name).await;
+        let running: Vec<&SecretConfig> = self.running.values().map(|r| &r.cfg).collect();
+        let diff = crate::reload::diff(&running, &config);
+        for name in &diff.removed {
+            self.remove(name).await;
         }
         // A secret read from somewhere else now: a re-issue. The new
         // supervisor issues and renders; the old leases are revoked after
         // that (`on_rendered`), and recorded meanwhile.
-        let changed: Vec<String> = self
-            .running
-            .iter()
-            .filter(|(name, r)| config.secrets.iter().any(|s| &s.name == *name && !same_source(s, &r.cfg)))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in changed {
-            self.retire(&name).await;
+        for name in &diff.source_changed {
+            self.retire(name).await;
         }
         for (index, cfg) in config.secrets.iter().enumerate() {
             match self.running.get_mut(&cfg.name) {
@@ -235,22 +226,9 @@ impl Agent {
             }
         }
         tracing::info!(event = "config_reloaded", secrets = config.secrets.len(), added, "configuration reloaded");
-        self.fingerprint = fingerprint(&text, &config);
+        self.fingerprint = crate::reload::fingerprint(&text, &config);
         self.config = config;
     }
-}
-
-/// The config's text followed by the content of every `template_file` of
-/// `config` (which usually sits in the same ConfigMap and changes with it).
-fn fingerprint(text: &str, config: &Config) -> String {
-    let mut out = text.to_string();
-    for file in config.secrets.iter().flat_map(|s| &s.files) {
-        if let Some(path) = &file.template_file {
-            out.push('\0');
-            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
-        }
-    }
-    out
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Option<Arc<StateStore>>> {
@@ -352,7 +330,7 @@ async fn run_agent(
     }
 
     let config_text = std::fs::read_to_string(config_path).unwrap_or_default();
-    let fingerprint = fingerprint(&config_text, &config);
+    let fingerprint = crate::reload::fingerprint(&config_text, &config);
     let mut agent = Agent {
         config: config.clone(),
         config_path: config_path.to_path_buf(),
@@ -433,28 +411,13 @@ async fn run_agent(
         }
     }
 
-    // Teardown, all within one deadline (shutdown.timeout). Supervisors stop
-    // scheduling (a renewal in flight is dropped) and report what is alive;
-    // an issue in flight gets half the budget to finish, so its new lease is
-    // known and revoked. One that does not is stopped: its leases are taken
-    // from the state file, which records a lease before anything else.
+    // Teardown, all within one deadline (shutdown.timeout): see `teardown`.
     let deadline = crate::clock::instant() + config.shutdown.timeout;
     let grace = deadline - config.shutdown.timeout / 2;
     stop.cancel();
     let mut live: Vec<LiveLease> = agent.replacing.drain().flat_map(|(_, l)| l).collect();
-    for (name, mut r) in agent.running.drain() {
-        match tokio::time::timeout_at(grace, &mut r.handle).await {
-            Ok(Ok(leases)) => live.extend(leases),
-            Ok(Err(e)) => {
-                tracing::error!(event = "supervisor_failed", error = %e, "a lease supervisor stopped abnormally")
-            }
-            Err(_) => {
-                r.handle.abort();
-                tracing::warn!(event = "supervisor_stopped", secret = %name, "a Vault call was still under way at the shutdown grace; stopped it");
-                live.extend(recorded_leases(store.as_deref(), &name));
-            }
-        }
-    }
+    let handles = agent.running.drain().map(|(name, r)| (name, r.handle)).collect();
+    live.extend(teardown::stop_supervisors(handles, grace, store.as_deref()).await);
     if tokio::time::timeout_at(grace, &mut auth_task).await.is_err() {
         auth_task.abort();
     }
@@ -479,148 +442,5 @@ async fn run_agent(
         );
         return Ok(EXIT_OK);
     }
-    let maybe_alive = revoke_all(&client, &live, &auth_state, &telemetry, deadline).await;
-    if maybe_alive.is_empty() {
-        if let Some(store) = &store {
-            store.remove();
-        }
-        tracing::info!(event = "shutdown_done", revoked = live.len(), "every lease revoked; exiting");
-        Ok(EXIT_OK)
-    } else {
-        for l in &maybe_alive {
-            tracing::error!(event = "lease_left_alive", secret = %l.secret, lease = %l.lease_id, "lease may still be alive (it ends at its TTL)");
-        }
-        Ok(EXIT_FAILURE)
-    }
-}
-
-/// The leases the state file records for `secret` (current and retired).
-fn recorded_leases(store: Option<&StateStore>, secret: &str) -> Vec<LiveLease> {
-    let Some(record) = store.and_then(|s| s.snapshot().secrets.get(secret).cloned()) else {
-        tracing::error!(event = "lease_unknown", secret = %secret, "a lease of this secret may be alive (no state_dir to tell)");
-        // Nothing to revoke by id; the exit code still says something may live.
-        return vec![LiveLease {
-            secret: secret.to_string(),
-            lease_id: LeaseId::new(String::new()),
-            token_accessor: String::new(),
-        }];
-    };
-    record
-        .current
-        .iter()
-        .chain(&record.retired)
-        .map(|r| LiveLease {
-            secret: secret.to_string(),
-            lease_id: r.lease_id.clone(),
-            token_accessor: r.token_accessor.clone(),
-        })
-        .collect()
-}
-
-/// Revokes leases in parallel with `token`; returns those that failed.
-async fn revoke_leases(
-    client: &VaultClient,
-    leases: &[LiveLease],
-    token: Option<&HeldToken>,
-    telemetry: &Telemetry,
-) -> Vec<LiveLease> {
-    let mut revoked = vec![false; leases.len()];
-    revoke_marking(client, leases, token, telemetry, &mut revoked).await;
-    leases.iter().zip(revoked).filter(|(_, done)| !done).map(|(l, _)| l.clone()).collect()
-}
-
-/// Revokes leases in parallel with `token`, marking each in `revoked` (kept
-/// by the caller, so a deadline that drops this future loses nothing).
-async fn revoke_marking(
-    client: &VaultClient,
-    leases: &[LiveLease],
-    token: Option<&HeldToken>,
-    telemetry: &Telemetry,
-    revoked: &mut [bool],
-) {
-    let Some(token) = token else { return };
-    let mut tasks = JoinSet::new();
-    for (i, lease) in leases.iter().cloned().enumerate().filter(|(_, l)| !l.lease_id.is_empty()) {
-        let client = client.clone();
-        let secret: SecretString = token.token.secret.clone();
-        tasks.spawn(async move {
-            let result = client.revoke_lease(&secret, &lease.lease_id).await;
-            (i, lease, result)
-        });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        let Ok((i, lease, result)) = joined else { continue };
-        match result {
-            Ok(()) => {
-                telemetry.revoked(&lease.secret, true);
-                revoked[i] = true;
-                tracing::info!(event = "revoked", secret = %lease.secret, lease = %lease.lease_id, "revoked lease")
-            }
-            Err(e) => {
-                telemetry.revoked(&lease.secret, false);
-                let e = lease.lease_id.redact(&e.to_string());
-                tracing::warn!(event = "revoke_failed", secret = %lease.secret, lease = %lease.lease_id, error = %e, "revoking lease failed");
-            }
-        }
-    }
-}
-
-/// Revokes every lease in parallel, then revoke-self every token still held
-/// (which also revokes any lease it created: the fallback when the policy
-/// lacks `sys/leases/revoke`), by `deadline`: the last fifth of the time
-/// left (at least 500 ms) is kept for revoke-self. Returns the leases that
-/// may still be alive.
-async fn revoke_all(
-    client: &VaultClient,
-    live: &[LiveLease],
-    auth: &AuthState,
-    telemetry: &Telemetry,
-    deadline: tokio::time::Instant,
-) -> Vec<LiveLease> {
-    let left = deadline.saturating_duration_since(crate::clock::instant());
-    let slice = (left / 5).max(Duration::from_millis(500)).min(left / 2);
-    let mut revoked = vec![false; live.len()];
-    let leases = revoke_marking(client, live, auth.current.as_deref(), telemetry, &mut revoked);
-    let in_time = tokio::time::timeout_at(deadline - slice, leases).await.is_ok();
-    let mut revoked_tokens = HashSet::new();
-    let tokens_in_time =
-        tokio::time::timeout_at(deadline, revoke_tokens(client, &auth.held, &mut revoked_tokens)).await.is_ok();
-    if !(in_time && tokens_in_time) {
-        tracing::error!(event = "shutdown_timeout", "revocation did not finish within shutdown.timeout");
-    }
-    live.iter()
-        .zip(revoked)
-        .filter(|(l, done)| !done && !revoked_tokens.contains(&l.token_accessor))
-        .map(|(l, _)| l.clone())
-        .collect()
-}
-
-/// revoke-self with every token but batch ones, marking each in `revoked`.
-async fn revoke_tokens(client: &VaultClient, tokens: &[Arc<HeldToken>], revoked: &mut HashSet<String>) {
-    let mut tasks = JoinSet::new();
-    // Batch tokens cannot be revoked ("batch tokens cannot be revoked"):
-    // their leases were revoked one by one, the rest end with the token.
-    for t in tokens.iter().filter(|t| !t.token.batch).cloned() {
-        let client = client.clone();
-        tasks.spawn(async move {
-            let result = client.revoke_self(&t.token.secret).await;
-            (t.token.accessor.clone(), result)
-        });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        let Ok((accessor, result)) = joined else { continue };
-        match result {
-            Ok(()) => {
-                tracing::info!(event = "token_revoked", accessor = %accessor, "revoked Vault token");
-                revoked.insert(accessor);
-            }
-            // An expired or revoked token is gone already, and its leases with it.
-            Err(e) if e.is_permission_denied() => {
-                revoked.insert(accessor);
-            }
-            Err(e) => {
-                tracing::warn!(event = "token_revoke_failed", accessor = %accessor, error = %e, "revoking Vault token failed")
-            }
-        }
-    }
+    Ok(teardown::revoke_and_exit(&client, &live, &auth_state, &telemetry, store.as_deref(), deadline).await)
 }

@@ -21,6 +21,7 @@ pub mod secret;
 pub mod shutdown;
 pub mod state;
 pub mod status;
+pub mod teardown;
 pub mod telemetry;
 pub mod timing;
 pub mod vault;

@@ -10,6 +10,49 @@ use std::path::{Path, PathBuf};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use crate::config::{Config, SecretConfig};
+
+/// What a reload changes, by secret name (everything else still configured
+/// is updated in place: re-rendered from the credentials in hand).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// Running, no longer configured: stopped, revoked, files removed.
+    pub removed: Vec<String>,
+    /// Still configured, read from another path, method or body: a re-issue.
+    pub source_changed: Vec<String>,
+}
+
+/// The diff between the running secrets and a new config.
+pub fn diff(running: &[&SecretConfig], new: &Config) -> Diff {
+    let mut d = Diff::default();
+    for old in running {
+        match new.secrets.iter().find(|s| s.name == old.name) {
+            None => d.removed.push(old.name.clone()),
+            Some(s) if s.path != old.path || s.method != old.method || s.body != old.body => {
+                d.source_changed.push(old.name.clone())
+            }
+            Some(_) => {}
+        }
+    }
+    d.removed.sort();
+    d.source_changed.sort();
+    d
+}
+
+/// The config's text followed by the content of every `template_file` of
+/// `config` (which usually sits in the same ConfigMap and changes with it):
+/// a file event reloads only when this changed.
+pub fn fingerprint(text: &str, config: &Config) -> String {
+    let mut out = text.to_string();
+    for file in config.secrets.iter().flat_map(|s| &s.files) {
+        if let Some(path) = &file.template_file {
+            out.push('\0');
+            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+    }
+    out
+}
+
 /// A watcher for `config` and `templates`; each relevant event sends `()`.
 /// Keep the watcher alive as long as events are wanted.
 pub fn watch(
@@ -65,6 +108,29 @@ impl Relevant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_changed_source_is_told_from_a_removal_and_an_update() {
+        let config = |secrets: &str| {
+            let yaml =
+                format!("vault:\n  address: http://v:8200\nauth:\n  kubernetes:\n    role: r\nsecrets:\n{secrets}");
+            Config::parse(&yaml, Path::new("c.yaml"), &|_| None).unwrap()
+        };
+        let secret = |name: &str, path: &str, file: &str| {
+            format!("  - name: {name}\n    path: {path}\n    files:\n      - path: /tmp/{file}\n        format: json\n")
+        };
+        let old = config(&format!(
+            "{}{}{}",
+            secret("a", "database/creds/a", "a"),
+            secret("b", "database/creds/b", "b"),
+            secret("c", "database/creds/c", "c")
+        ));
+        // a: same source, another file (an update); b: another path; c: gone.
+        let new =
+            config(&format!("{}{}", secret("a", "database/creds/a", "a2"), secret("b", "database/creds/b2", "b")));
+        let running: Vec<&SecretConfig> = old.secrets.iter().collect();
+        assert_eq!(diff(&running, &new), Diff { removed: vec!["c".into()], source_changed: vec!["b".into()] });
+    }
 
     #[test]
     fn only_the_config_its_templates_and_configmap_swaps_count() {
