@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::lease::{Held, LiveLease};
 use crate::secret::SecretString;
 use crate::state::{LeaseRecord, State, TokenRecord, secs, time};
-use crate::vault::{Token, VaultClient};
+use crate::vault::{Token, Vault, VaultClient};
 
 /// Recorded tokens that `lookup-self` still accepts, with their TTL left.
 pub async fn tokens(client: &VaultClient, records: &[TokenRecord]) -> Vec<Arc<HeldToken>> {
@@ -56,7 +56,7 @@ pub struct Leases {
 
 /// Checks each recorded lease with `sys/leases/lookup`; a live lease of a
 /// secret whose path is unchanged is adopted, a dead one is re-issued.
-pub async fn leases(client: &VaultClient, token: &SecretString, state: &State, config: &Config) -> Leases {
+pub async fn leases<V: Vault>(client: &V, token: &SecretString, state: &State, config: &Config) -> Leases {
     let mut out = Leases::default();
     for (name, record) in &state.secrets {
         let configured = config.secrets.iter().find(|s| &s.name == name);
@@ -85,7 +85,7 @@ pub async fn leases(client: &VaultClient, token: &SecretString, state: &State, c
     out
 }
 
-async fn check(client: &VaultClient, token: &SecretString, name: &str, r: &LeaseRecord) -> Option<Held> {
+async fn check<V: Vault>(client: &V, token: &SecretString, name: &str, r: &LeaseRecord) -> Option<Held> {
     match client.lookup_lease(token, &r.lease_id).await {
         Ok((ttl, renewable)) if ttl > Duration::ZERO => {
             tracing::info!(event = "lease_adopted", secret = %name, lease = %r.lease_id, ttl_secs = ttl.as_secs(), "adopted the recorded lease");

@@ -31,6 +31,8 @@ struct Script {
     refuse_renewals: bool,
     /// Renewals never answer (a frozen server).
     hang_renewals: bool,
+    /// Lease lookups: this status and error (0: the lease lives, 300 s left).
+    lookup: (u16, &'static str),
     logins: Vec<SystemTime>,
     issues: Vec<SystemTime>,
     renewals: Vec<SystemTime>,
@@ -112,6 +114,12 @@ impl Vault for Scripted {
     }
     async fn revoke_lease(&self, _: &SecretString, _: &LeaseId) -> Result<(), VaultError> {
         Ok(())
+    }
+    async fn lookup_lease(&self, _: &SecretString, _: &LeaseId) -> Result<(Duration, bool), VaultError> {
+        match self.get(|s| s.lookup) {
+            (0, _) => Ok((Duration::from_secs(300), true)),
+            (status, text) => Err(VaultError::Status { op: "scripted", status, errors: vec![text.into()] }),
+        }
     }
 }
 
@@ -241,4 +249,44 @@ async fn a_renewal_in_flight_is_dropped_at_shutdown() {
     let live = tokio::time::timeout(Duration::from_secs(1), task).await.expect("stopped at once").unwrap();
     assert!(stopped.elapsed() < Duration::from_secs(1));
     assert_eq!(live.len(), 1, "the lease, to be revoked");
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_a_lease_vault_calls_gone_is_reissued_at_adoption() {
+    use leasehold::state::{LeaseRecord, SecretRecord, State};
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "vault:\n  address: http://vault:8200\nauth:\n  kubernetes:\n    role: app\nsecrets:\n  - name: db\n    path: database/creds/app\n    files:\n      - path: {}/db.json\n        format: json\n",
+        dir.path().display()
+    );
+    let config = Config::parse(&yaml, &dir.path().join("c.yaml"), &|_| None).unwrap();
+    let at = leasehold::state::unix(clock::now());
+    let record = LeaseRecord {
+        path: "database/creds/app".into(),
+        lease_id: LeaseId::new("database/creds/app/recorded0000000000000000".into()),
+        token_accessor: "acc".into(),
+        issued_at: at,
+        first_ttl: 300.0,
+        granted_at: at,
+        ttl: 300.0,
+        renewable: true,
+        capped: false,
+        data: SecretData::default(),
+    };
+    let mut state = State::default();
+    state.secrets.insert("db".into(), SecretRecord { current: Some(record), retired: vec![] });
+    let token = SecretString::from("s.token".to_string());
+    for (lookup, adopted) in [
+        ((0, ""), true),
+        // A policy without sys/leases/lookup: says nothing about the lease.
+        ((403, "permission denied"), true),
+        ((503, "Vault is sealed"), true),
+        // Gone: re-issued.
+        ((400, "invalid lease"), false),
+    ] {
+        let vault = Scripted::with(|s| s.lookup = lookup);
+        let found = leasehold::adopt::leases(&vault, &token, &state, &config).await;
+        assert_eq!(found.adopted.contains_key("db"), adopted, "lookup answered {lookup:?}");
+        assert!(found.revoke.is_empty(), "the current lease is never revoked at adoption");
+    }
 }

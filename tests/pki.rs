@@ -57,7 +57,8 @@ async fn certificates_by_post_are_reissued_before_they_end_and_revoked_at_sigter
     // (a warning says so), so the replaced one must have more than that
     // revoke_replaced_after (1 s) after its replacement at half its life.
     let mut agent = env.spawn(&config(&env, "10s", "")).await;
-    assert!(eventually(20, async || read(&env, "serial").is_some()).await, "{}", agent.output());
+    // The last of the four files: all are in place.
+    assert!(eventually(20, async || read(&env, "expires").is_some()).await, "{}", agent.output());
     let first = read(&env, "serial").unwrap();
     // The files hold the certificate Vault issued under that serial, with the configured modes.
     let stored = env.api.ok("GET", &format!("pki/cert/{first}"), None).await;
@@ -88,7 +89,8 @@ async fn unleased_certificates_are_reissued_at_half_their_validity_not_polled() 
     // A one-hour poll would leave the 4 s certificate expired; a one-second
     // poll would mint four certificates a second time round.
     let mut agent = env.spawn(&config(&env, "4s", "    refresh_interval: 1h\n")).await;
-    assert!(eventually(20, async || read(&env, "serial").is_some()).await, "{}", agent.output());
+    // The last of the four files: all are in place.
+    assert!(eventually(20, async || read(&env, "expires").is_some()).await, "{}", agent.output());
     let first = read(&env, "serial").unwrap();
     // No lease, but the certificate's end is known to templates.
     let expires = humantime::parse_rfc3339(&read(&env, "expires").unwrap()).expect("expires_at from `expiration`");

@@ -483,6 +483,11 @@ pub trait Vault: Clone + Send + Sync + 'static {
         token: &SecretString,
         lease: &LeaseId,
     ) -> impl std::future::Future<Output = Result<(), VaultError>> + Send;
+    fn lookup_lease(
+        &self,
+        token: &SecretString,
+        lease: &LeaseId,
+    ) -> impl std::future::Future<Output = Result<(Duration, bool), VaultError>> + Send;
 }
 
 impl Vault for VaultClient {
@@ -531,6 +536,13 @@ impl Vault for VaultClient {
         lease: &LeaseId,
     ) -> impl std::future::Future<Output = Result<(), VaultError>> + Send {
         VaultClient::revoke_lease(self, token, lease)
+    }
+    fn lookup_lease(
+        &self,
+        token: &SecretString,
+        lease: &LeaseId,
+    ) -> impl std::future::Future<Output = Result<(Duration, bool), VaultError>> + Send {
+        VaultClient::lookup_lease(self, token, lease)
     }
 }
 
