@@ -340,6 +340,10 @@ mod tests {
         }
 
         proptest! {
+            // No regressions file at the crate root: a failure prints its
+            // minimal input, which becomes a unit test above.
+            #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
             #[test]
             fn renewals_come_in_time_and_replacements_with_the_promised_overlap(
                 // Short TTLs, where a second of rounding matters, and long ones.
