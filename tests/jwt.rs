@@ -28,10 +28,7 @@ async fn jwt_auth_runs_the_whole_lifecycle_on_openbao() {
     let mut agent = env.spawn(&config).await;
     assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
     let first = env.read_json("db.json").unwrap()["username"].as_str().unwrap().to_string();
-    let rotated = eventually(20, async || {
-        env.read_json("db.json").and_then(|v| v["username"].as_str().map(|u| u != first)).unwrap_or(false)
-    })
-    .await;
+    let rotated = env.rotated_from(&first, 20).await;
     assert!(rotated, "re-issued before the max TTL:\n{}", agent.output());
     let creds = env.read_json("db.json").unwrap();
     let user = creds["username"].as_str().unwrap().to_string();

@@ -84,10 +84,7 @@ async fn renews_at_half_ttl_and_reissues_before_max_ttl() {
     assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
     let first = env.read_json("db.json").unwrap()["username"].as_str().unwrap().to_string();
     // Wait for the re-issue: a different username in the file.
-    let rotated = eventually(20, async || {
-        env.read_json("db.json").and_then(|v| v["username"].as_str().map(|u| u != first)).unwrap_or(false)
-    })
-    .await;
+    let rotated = env.rotated_from(&first, 20).await;
     assert!(rotated, "credentials re-issued:\n{}", agent.output());
     let second = env.read_json("db.json").unwrap()["username"].as_str().unwrap().to_string();
     assert!(eventually(10, async || !env.pg.role_exists(&first).await).await, "replaced role dropped");

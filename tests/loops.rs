@@ -150,8 +150,8 @@ fn supervisor(vault: &Scripted, dir: &std::path::Path, auth: watch::Receiver<Aut
     let path = dir.join("leasehold.yaml");
     let config = Config::parse(&yaml, &path, &|_| None).unwrap();
     let renderer = Arc::new(Renderer::compile(&config, &path).unwrap());
-    let (_spec_tx, spec) = watch::channel(Arc::new(SecretSpec { index: 0, cfg: config.secrets[0].clone(), renderer }));
-    // The spec sender lives in the watch: dropping it just ends reloads.
+    // The spec sender is dropped here: the supervisor then sees no reloads.
+    let (_, spec) = watch::channel(Arc::new(SecretSpec { index: 0, cfg: config.secrets[0].clone(), renderer }));
     Supervisor {
         spec,
         client: vault.clone(),
@@ -180,6 +180,7 @@ fn service_token() -> watch::Receiver<AuthState> {
         final_expiry: false,
     });
     let (tx, rx) = watch::channel(AuthState { current: Some(held.clone()), held: vec![held] });
+    // Kept open for the test's life: a closed channel would read as "no auth loop".
     std::mem::forget(tx);
     rx
 }

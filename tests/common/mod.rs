@@ -262,6 +262,15 @@ secrets:
         self.api.ok("DELETE", "sys/devvault/faults", None).await;
     }
 
+    /// Waits up to `secs` for `db.json` to name a user other than `first`
+    /// (a re-issue); true when it did.
+    pub async fn rotated_from(&self, first: &str, secs: u64) -> bool {
+        eventually(secs, async || {
+            self.read_json("db.json").and_then(|v| v["username"].as_str().map(|u| u != first)).unwrap_or(false)
+        })
+        .await
+    }
+
     pub fn read_json(&self, file: &str) -> Option<Value> {
         let text = std::fs::read_to_string(self.secrets().join(file)).ok()?;
         serde_json::from_str(&text).ok()
