@@ -13,10 +13,10 @@ use crate::config::Config;
 use crate::lease::{Held, LiveLease};
 use crate::secret::SecretString;
 use crate::state::{LeaseRecord, State, TokenRecord, secs, time};
-use crate::vault::{Token, Vault, VaultClient};
+use crate::vault::{Token, Vault};
 
 /// Recorded tokens that `lookup-self` still accepts, with their TTL left.
-pub async fn tokens(client: &VaultClient, records: &[TokenRecord]) -> Vec<Arc<HeldToken>> {
+pub async fn tokens<V: Vault>(client: &V, records: &[TokenRecord]) -> Vec<Arc<HeldToken>> {
     let mut held = Vec::new();
     for r in records {
         let secret = SecretString::from(r.token.as_str().to_string());

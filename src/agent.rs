@@ -20,7 +20,7 @@ use crate::shutdown::Signals;
 use crate::state::StateStore;
 use crate::teardown::{self, revoke_leases};
 use crate::telemetry::Telemetry;
-use crate::vault::{ClientConfig, VaultClient};
+use crate::vault::{ClientConfig, Vault, VaultClient};
 
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
@@ -63,14 +63,14 @@ struct Running {
 }
 
 /// The running agent's moving parts.
-struct Agent {
+struct Agent<V> {
     config: Config,
     config_path: PathBuf,
     /// The config text plus the template files it names, as last loaded:
     /// a file event reloads only when this changed.
     fingerprint: String,
     env: Env<'static>,
-    client: VaultClient,
+    client: V,
     auth: watch::Receiver<AuthState>,
     relogin: Arc<Notify>,
     events: mpsc::UnboundedSender<Event>,
@@ -90,7 +90,7 @@ fn replaced_key(name: &str) -> String {
     format!("{name}@replaced")
 }
 
-impl Agent {
+impl<V: Vault> Agent<V> {
     fn start(&mut self, index: usize, cfg: SecretConfig, renderer: Arc<Renderer>, adopted: Option<Held>) {
         let cancel = self.stop.child_token();
         let files: Vec<PathBuf> = cfg.files.iter().map(|f| f.path.clone()).collect();
@@ -252,20 +252,52 @@ pub async fn run(config: Config, config_path: &Path, signals: Signals, opts: Opt
     tracing::info!(event = "telemetry_listening", addr = %addr, "serving /healthz, /readyz, /metrics and /v1/status");
     let server_stop = CancellationToken::new();
     let server = tokio::spawn(crate::telemetry::server::serve(listener, telemetry.clone(), server_stop.clone()));
-    let code = run_agent(config, config_path, signals, opts, telemetry).await;
+    let code = match client(&config) {
+        Ok(c) => {
+            let c = c.with_observer(telemetry.clone());
+            // The watcher lives until the agent returns.
+            let (_watcher, file_events) = watch_files(&config, config_path, opts.once);
+            run_with(c, config, config_path, signals, opts, telemetry, file_events).await
+        }
+        Err(e) => Err(e),
+    };
     server_stop.cancel();
     let _ = server.await;
     code
 }
 
-async fn run_agent(
+/// A watcher of the config and its template files (none for `--once`: it
+/// exits soon anyway); keep the watcher while events are wanted.
+fn watch_files(
+    config: &Config,
+    config_path: &Path,
+    once: bool,
+) -> (Option<notify::RecommendedWatcher>, mpsc::UnboundedReceiver<()>) {
+    if once {
+        return (None, mpsc::unbounded_channel().1);
+    }
+    let templates: Vec<PathBuf> =
+        config.secrets.iter().flat_map(|s| &s.files).filter_map(|f| f.template_file.clone()).collect();
+    match crate::reload::watch(config_path, &templates) {
+        Ok((w, rx)) => (Some(w), rx),
+        Err(e) => {
+            tracing::warn!(event = "watch_failed", error = %e, "cannot watch the config file; SIGHUP still reloads");
+            (None, mpsc::unbounded_channel().1)
+        }
+    }
+}
+
+/// The agent with `client` (a `VaultClient` but for in-process tests);
+/// `file_events` says the config or a template file changed.
+pub async fn run_with<V: Vault>(
+    client: V,
     config: Config,
     config_path: &Path,
     signals: Signals,
     opts: Options,
     telemetry: Arc<Telemetry>,
+    mut file_events: mpsc::UnboundedReceiver<()>,
 ) -> anyhow::Result<i32> {
-    let client = client(&config)?.with_observer(telemetry.clone());
     let renderer = Arc::new(Renderer::compile(&config, config_path)?);
     for w in crate::check::chown_warnings(&config) {
         tracing::warn!(event = "cannot_chown", problem = %w, "a file's owner cannot be set");
@@ -351,18 +383,6 @@ async fn run_agent(
         agent.start(index, cfg.clone(), renderer.clone(), held);
     }
 
-    // Watch the config directory (not for --once: it exits soon anyway).
-    let watcher = if opts.once {
-        None
-    } else {
-        let templates: Vec<PathBuf> =
-            config.secrets.iter().flat_map(|s| &s.files).filter_map(|f| f.template_file.clone()).collect();
-        crate::reload::watch(config_path, &templates).map_err(|e| tracing::warn!(event = "watch_failed", error = %e, "cannot watch the config file; SIGHUP still reloads")).ok()
-    };
-    let (_watcher, mut file_events) = match watcher {
-        Some((w, rx)) => (Some(w), rx),
-        None => (None, mpsc::unbounded_channel().1),
-    };
     let mut reload_signal = signals.reload.clone();
 
     let mut pending: HashSet<String> = config.secrets.iter().map(|s| s.name.clone()).collect();

@@ -18,7 +18,7 @@ use crate::lease::LiveLease;
 use crate::secret::{LeaseId, SecretString};
 use crate::state::StateStore;
 use crate::telemetry::Telemetry;
-use crate::vault::VaultClient;
+use crate::vault::Vault;
 
 /// Waits for each supervisor until `grace`; one still running then is
 /// aborted and its leases read from the state file. Returns the leases alive.
@@ -46,8 +46,8 @@ pub async fn stop_supervisors(
 
 /// Revokes `live` and the tokens by `deadline`; removes the state when
 /// everything went, names what may be alive otherwise. The exit code.
-pub async fn revoke_and_exit(
-    client: &VaultClient,
+pub async fn revoke_and_exit<V: Vault>(
+    client: &V,
     live: &[LiveLease],
     auth: &AuthState,
     telemetry: &Telemetry,
@@ -93,8 +93,8 @@ fn recorded_leases(store: Option<&StateStore>, secret: &str) -> Vec<LiveLease> {
 }
 
 /// Revokes leases in parallel with `token`; returns those that failed.
-pub async fn revoke_leases(
-    client: &VaultClient,
+pub async fn revoke_leases<V: Vault>(
+    client: &V,
     leases: &[LiveLease],
     token: Option<&HeldToken>,
     telemetry: &Telemetry,
@@ -106,8 +106,8 @@ pub async fn revoke_leases(
 
 /// Revokes leases in parallel with `token`, marking each in `revoked` (kept
 /// by the caller, so a deadline that drops this future loses nothing).
-async fn revoke_marking(
-    client: &VaultClient,
+async fn revoke_marking<V: Vault>(
+    client: &V,
     leases: &[LiveLease],
     token: Option<&HeldToken>,
     telemetry: &Telemetry,
@@ -145,8 +145,8 @@ async fn revoke_marking(
 /// lacks `sys/leases/revoke`), by `deadline`: the last fifth of the time
 /// left (at least 500 ms) is kept for revoke-self. Returns the leases that
 /// may still be alive.
-async fn revoke_all(
-    client: &VaultClient,
+async fn revoke_all<V: Vault>(
+    client: &V,
     live: &[LiveLease],
     auth: &AuthState,
     telemetry: &Telemetry,
@@ -171,7 +171,7 @@ async fn revoke_all(
 }
 
 /// revoke-self with every token but batch ones, marking each in `revoked`.
-async fn revoke_tokens(client: &VaultClient, tokens: &[Arc<HeldToken>], revoked: &mut HashSet<String>) {
+async fn revoke_tokens<V: Vault>(client: &V, tokens: &[Arc<HeldToken>], revoked: &mut HashSet<String>) {
     let mut tasks = JoinSet::new();
     // Batch tokens cannot be revoked ("batch tokens cannot be revoked"):
     // their leases were revoked one by one, the rest end with the token.

@@ -36,6 +36,18 @@ struct Script {
     logins: Vec<SystemTime>,
     issues: Vec<SystemTime>,
     renewals: Vec<SystemTime>,
+    /// A file to look at when credentials are issued and leases revoked.
+    watched: Option<std::path::PathBuf>,
+    /// Each issue: the path read, and the watched file's content then.
+    issued: Vec<(String, Option<String>)>,
+    /// Each revocation: when, the lease, and the watched file's content then.
+    revoked: Vec<(SystemTime, String, Option<String>)>,
+}
+
+impl Script {
+    fn look(&self) -> Option<String> {
+        self.watched.as_ref().and_then(|p| std::fs::read_to_string(p).ok())
+    }
 }
 
 #[derive(Clone, Default)]
@@ -80,13 +92,22 @@ impl Vault for Scripted {
     async fn renew_self(&self, _: &SecretString, _: Duration) -> Result<TokenRenewal, VaultError> {
         Err(VaultError::Status { op: "scripted", status: 400, errors: vec!["batch tokens cannot be renewed".into()] })
     }
-    async fn read_secret(&self, _: &SecretString, _: Method, _: &str, _: Option<&Value>) -> Result<Secret, VaultError> {
+    async fn read_secret(
+        &self,
+        _: &SecretString,
+        _: Method,
+        path: &str,
+        _: Option<&Value>,
+    ) -> Result<Secret, VaultError> {
         let mut s = self.0.lock().unwrap();
         s.issues.push(clock::now());
+        let seen = s.look();
+        s.issued.push((path.to_string(), seen));
         let n = s.issues.len();
-        let data = serde_json::json!({"username": format!("v-user-{n}"), "password": "pw-0123456789"});
+        let role = path.rsplit('/').next().unwrap_or_default();
+        let data = serde_json::json!({"username": format!("v-{role}-{n}"), "password": "pw-0123456789"});
         Ok(Secret {
-            lease_id: LeaseId::new(format!("database/creds/app/lease{n:020}")),
+            lease_id: LeaseId::new(format!("{path}/lease{n:020}")),
             lease_duration: s.lease_ttl,
             renewable: true,
             data: SecretData::new(data.as_object().cloned().unwrap_or_default()),
@@ -112,7 +133,10 @@ impl Vault for Scripted {
         }
         Ok(LeaseRenewal { lease_duration: increment, renewable: true, warnings: vec![] })
     }
-    async fn revoke_lease(&self, _: &SecretString, _: &LeaseId) -> Result<(), VaultError> {
+    async fn revoke_lease(&self, _: &SecretString, lease: &LeaseId) -> Result<(), VaultError> {
+        let mut s = self.0.lock().unwrap();
+        let seen = s.look();
+        s.revoked.push((clock::now(), lease.expose().to_string(), seen));
         Ok(())
     }
     async fn lookup_lease(&self, _: &SecretString, _: &LeaseId) -> Result<(Duration, bool), VaultError> {
@@ -120,6 +144,9 @@ impl Vault for Scripted {
             (0, _) => Ok((Duration::from_secs(300), true)),
             (status, text) => Err(VaultError::Status { op: "scripted", status, errors: vec![text.into()] }),
         }
+    }
+    async fn revoke_self(&self, _: &SecretString) -> Result<(), VaultError> {
+        Ok(())
     }
 }
 
@@ -290,4 +317,116 @@ async fn only_a_lease_vault_calls_gone_is_reissued_at_adoption() {
         assert_eq!(found.adopted.contains_key("db"), adopted, "lookup answered {lookup:?}");
         assert!(found.revoke.is_empty(), "the current lease is never revoked at adoption");
     }
+}
+
+/// The whole agent (`agent::run_with`) in-process: a config file in `dir`
+/// for one secret read from `path`, the scripted Vault, and the handles a
+/// test pulls: SIGHUP, SIGTERM, file events.
+struct InProcess {
+    config: std::path::PathBuf,
+    file: std::path::PathBuf,
+    reload: watch::Sender<u64>,
+    shutdown: CancellationToken,
+    file_events: mpsc::UnboundedSender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<i32>>,
+}
+
+fn agent_config(dir: &std::path::Path, path: &str) -> String {
+    format!(
+        "vault:\n  address: http://vault:8200\nauth:\n  kubernetes:\n    role: app\n    token_path: {dir}/jwt\nstate_dir: {dir}/state\nsecrets:\n  - name: db\n    path: {path}\n    files:\n      - path: {dir}/db.json\n        format: json\n",
+        dir = dir.display()
+    )
+}
+
+/// The agent with hour-long tokens and leases, once its first credentials
+/// are in `db.json`.
+async fn start_agent(dir: &std::path::Path) -> (Scripted, InProcess) {
+    let vault = Scripted::with(|s| {
+        s.batch_ttl = Duration::from_secs(3600);
+        s.lease_ttl = Duration::from_secs(3600);
+        s.watched = Some(dir.join("db.json"));
+    });
+    std::fs::write(dir.join("jwt"), "header.payload.signature").unwrap();
+    let config_path = dir.join("leasehold.yaml");
+    std::fs::write(&config_path, agent_config(dir, "database/creds/app")).unwrap();
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let config = Config::parse(&text, &config_path, &|_| None).unwrap();
+    let shutdown = CancellationToken::new();
+    let (reload, reload_rx) = watch::channel(0u64);
+    let (file_events, file_rx) = mpsc::unbounded_channel();
+    let signals = leasehold::shutdown::Signals { shutdown: shutdown.clone(), reload: reload_rx };
+    let opts = leasehold::agent::Options { once: false, env: &|_| None };
+    let task = tokio::spawn(leasehold::agent::run_with(
+        vault.clone(),
+        config,
+        // Spawned: the path must outlive the test function.
+        &*Box::leak(config_path.clone().into_boxed_path()),
+        signals,
+        opts,
+        Telemetry::new(),
+        file_rx,
+    ));
+    let agent = InProcess { config: config_path, file: dir.join("db.json"), reload, shutdown, file_events, task };
+    until(&vault, "first credentials rendered", |s| s.look().is_some_and(|c| c.contains("v-app-1"))).await;
+    (vault, agent)
+}
+
+/// Lets the agent's tasks run until `done` holds (virtual time: a minute
+/// of it at most).
+async fn until(vault: &Scripted, what: &str, done: impl Fn(&Script) -> bool) {
+    for _ in 0..600 {
+        if vault.get(&done) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_changes_the_path_keeps_the_old_files_until_new_ones_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vault, agent) = start_agent(dir.path()).await;
+
+    std::fs::write(&agent.config, agent_config(dir.path(), "database/creds/other")).unwrap();
+    agent.reload.send_modify(|n| *n += 1);
+    until(&vault, "the old lease revoked", |s| !s.revoked.is_empty()).await;
+
+    let (issued, revoked) = vault.get(|s| (s.issued.clone(), s.revoked.clone()));
+    assert_eq!(issued.len(), 2, "{issued:?}");
+    assert_eq!(issued[1].0, "database/creds/other");
+    // The bug: the old files were deleted (and the lease revoked) before
+    // the new credentials existed.
+    let before_new = issued[1].1.as_deref().unwrap_or("<no file>");
+    assert!(before_new.contains("v-app-1"), "the app's file while new credentials were issued: {before_new}");
+    let (_, lease, at_revoke) = &revoked[0];
+    assert!(lease.starts_with("database/creds/app/"), "the old role's lease goes: {lease}");
+    let at_revoke = at_revoke.as_deref().unwrap_or("<no file>");
+    assert!(at_revoke.contains("v-other-2"), "the file when the old lease was revoked: {at_revoke}");
+
+    agent.shutdown.cancel();
+    assert_eq!(agent.task.await.unwrap().unwrap(), 0);
+    let revoked: Vec<String> = vault.get(|s| s.revoked.iter().map(|r| r.1.clone()).collect());
+    assert_eq!(revoked.len(), 2, "both leases revoked, each once: {revoked:?}");
+    assert!(revoked[1].starts_with("database/creds/other/"));
+    assert!(std::fs::read_to_string(&agent.file).unwrap().contains("v-other-2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn file_events_never_hold_up_a_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vault, agent) = start_agent(dir.path()).await;
+
+    // A file event (the config directory is busy), and SIGTERM while the
+    // reload it arms is still pending.
+    agent.file_events.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let stopped = clock::now();
+    agent.shutdown.cancel();
+    assert_eq!(agent.task.await.unwrap().unwrap(), 0);
+    let revoked = vault.get(|s| s.revoked.clone());
+    assert_eq!(revoked.len(), 1);
+    // The bug: handling the event slept the debounce (200 ms) with signals
+    // unserved. The revocation starts at SIGTERM, not after it.
+    assert_eq!(revoked[0].0, stopped, "revoked {:?} after SIGTERM", revoked[0].0.duration_since(stopped));
 }

@@ -488,6 +488,7 @@ pub trait Vault: Clone + Send + Sync + 'static {
         token: &SecretString,
         lease: &LeaseId,
     ) -> impl std::future::Future<Output = Result<(Duration, bool), VaultError>> + Send;
+    fn revoke_self(&self, token: &SecretString) -> impl std::future::Future<Output = Result<(), VaultError>> + Send;
 }
 
 impl Vault for VaultClient {
@@ -543,6 +544,9 @@ impl Vault for VaultClient {
         lease: &LeaseId,
     ) -> impl std::future::Future<Output = Result<(Duration, bool), VaultError>> + Send {
         VaultClient::lookup_lease(self, token, lease)
+    }
+    fn revoke_self(&self, token: &SecretString) -> impl std::future::Future<Output = Result<(), VaultError>> + Send {
+        VaultClient::revoke_self(self, token)
     }
 }
 
