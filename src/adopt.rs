@@ -23,8 +23,10 @@ pub async fn tokens<V: Vault>(client: &V, records: &[TokenRecord]) -> Vec<Arc<He
         let recorded_end = time(r.granted_at) + secs(r.ttl);
         let (ttl, renewable) = match client.lookup_self(&secret).await {
             Ok(found) => found,
-            Err(e) if e.is_transient() && recorded_end > now() => {
-                // Vault unreachable: trust the record until it says otherwise.
+            // Only a refusal (403: expired, revoked) means gone. Vault
+            // unreachable or an unreadable answer: trust the record, or the
+            // token (and the leases it owns) would be left alive, unknown.
+            Err(e) if !e.is_permission_denied() && recorded_end > now() => {
                 (recorded_end.duration_since(now()).unwrap_or_default(), !r.final_expiry)
             }
             Err(e) => {

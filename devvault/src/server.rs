@@ -107,7 +107,8 @@ async fn handle(core: Arc<Core>, dropper: CancellationToken, req: hyper::Request
     resp
 }
 
-/// Delays, then drops the connection or answers with the fault's status;
+/// Delays, then drops the connection or answers with the fault's body or
+/// status;
 /// `None` lets the request's own answer through.
 async fn apply_fault(
     core: &Core,
@@ -122,6 +123,13 @@ async fn apply_fault(
         core.log.record(method, path, ns, 0, "");
         dropper.cancel();
         return std::future::pending().await;
+    }
+    if let Some(body) = &fault.body {
+        let status = fault.status.unwrap_or(200);
+        core.log.record(method, path, ns, status, "");
+        let mut resp = respond(status, None);
+        *resp.body_mut() = Full::new(Bytes::from(body.clone()));
+        return Some(resp);
     }
     let status = fault.status?;
     core.log.record(method, path, ns, status, "");

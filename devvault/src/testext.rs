@@ -18,6 +18,10 @@ pub struct Fault {
     pub delay_ms: u64,
     #[serde(default)]
     pub drop: bool,
+    /// A raw response body (malformed, truncated or wrong-typed JSON, as a
+    /// broken server or proxy might send), answered with `status` or 200.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
     /// Apply the fault after the request was handled (forwarded in proxy
     /// mode): the server acted, its answer is delayed, replaced or lost.
     #[serde(default)]
@@ -34,6 +38,7 @@ pub struct FaultAction {
     pub status: Option<u16>,
     pub errors: Vec<String>,
     pub drop: bool,
+    pub body: Option<String>,
     pub after: bool,
 }
 
@@ -67,6 +72,7 @@ impl Faults {
             status: fault.status,
             errors: fault.errors.clone(),
             drop: fault.drop,
+            body: fault.body.clone(),
             after: fault.after,
         };
         if fault.count > 0 {

@@ -299,10 +299,7 @@ impl VaultClient {
     /// `auth/token/lookup-self`: the token's remaining TTL and renewability.
     pub async fn lookup_self(&self, token: &SecretString) -> Result<(Duration, bool), VaultError> {
         let env = self.call("token lookup", Method::GET, "auth/token/lookup-self", Some(token), None).await?;
-        let data = data_object(env.data);
-        let ttl = data.get("ttl").and_then(Value::as_i64).unwrap_or(0);
-        let renewable = data.get("renewable").and_then(Value::as_bool).unwrap_or(false);
-        Ok((secs(ttl), renewable))
+        ttl_and_renewable("token lookup", env.data)
     }
 
     pub async fn renew_self(&self, token: &SecretString, increment: Duration) -> Result<TokenRenewal, VaultError> {
@@ -403,10 +400,7 @@ impl VaultClient {
     pub async fn lookup_lease(&self, token: &SecretString, lease: &LeaseId) -> Result<(Duration, bool), VaultError> {
         let body = json!({ "lease_id": lease.expose() });
         let env = self.call("lease lookup", Method::PUT, "sys/leases/lookup", Some(token), Some(&body)).await?;
-        let data = data_object(env.data);
-        let ttl = data.get("ttl").and_then(Value::as_i64).unwrap_or(0);
-        let renewable = data.get("renewable").and_then(Value::as_bool).unwrap_or(false);
-        Ok((secs(ttl), renewable))
+        ttl_and_renewable("lease lookup", env.data)
     }
 
     #[cfg(feature = "demo")]
@@ -414,6 +408,19 @@ impl VaultClient {
     pub async fn write(&self, token: &SecretString, path: &str, body: &Value) -> Result<(), VaultError> {
         self.call("write", Method::POST, path, Some(token), Some(body)).await.map(|_| ())
     }
+}
+
+/// A lookup's `data.ttl` and `data.renewable`. Strict: an answer without a
+/// numeric `ttl` is unreadable, not "expired" (which would drop a lease or
+/// token that may well be alive).
+fn ttl_and_renewable(op: &'static str, data: Option<Value>) -> Result<(Duration, bool), VaultError> {
+    let data = data_object(data);
+    let ttl = data
+        .get("ttl")
+        .and_then(Value::as_i64)
+        .ok_or(VaultError::Decode { op, reason: "no numeric data.ttl".into() })?;
+    let renewable = data.get("renewable").and_then(Value::as_bool).unwrap_or(false);
+    Ok((secs(ttl), renewable))
 }
 
 /// serde_json's message quotes the offending value, which could be a token
