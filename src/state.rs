@@ -88,8 +88,10 @@ pub fn time(unix: f64) -> SystemTime {
     SystemTime::UNIX_EPOCH + secs(unix)
 }
 
+/// Seconds from the file, at most 1,000 years: a time or TTL past that is
+/// nonsense, and adding two such never overflows a `SystemTime`.
 pub fn secs(s: f64) -> Duration {
-    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or_default()
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or_default().min(Duration::from_secs(1000 * 365 * 86_400))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +216,20 @@ mod tests {
         assert_eq!(fs::metadata(store.file()).unwrap().permissions().mode() & 0o777, 0o600);
         let (again, _) = StateStore::open(&sd).unwrap();
         assert_eq!(again.snapshot().tokens[0].accessor, "acc");
+    }
+
+    #[test]
+    fn absurd_times_in_the_file_do_not_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = r#"{"path": "p", "lease_id": "p/x", "token_accessor": "a", "issued_at": 1e19, "first_ttl": 1e300,
+            "granted_at": 1e19, "ttl": 1.8e19, "renewable": true, "capped": false, "data": {}}"#;
+        let text =
+            format!(r#"{{"version": 1, "tokens": [], "secrets": {{"db": {{"current": {lease}, "retired": []}}}}}}"#);
+        fs::write(dir.path().join(FILE), text).unwrap();
+        let (store, warning) = StateStore::open(dir.path()).unwrap();
+        assert!(warning.is_none(), "{warning:?}");
+        let record = store.snapshot().secrets["db"].current.clone().unwrap();
+        assert!(record.expires_at() > SystemTime::UNIX_EPOCH);
     }
 
     #[test]

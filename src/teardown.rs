@@ -69,17 +69,16 @@ pub async fn revoke_and_exit<V: Vault>(
     }
 }
 
-/// The leases the state file records for `secret` (current and retired).
+/// The leases of a supervisor stopped mid-call: those the state file
+/// records for `secret` (current and retired), plus one whose id nobody
+/// knows, since the call may have been a credentials request Vault
+/// answered too late. Only a `revoke-self` of the token that made it can
+/// take that one down.
 fn recorded_leases(store: Option<&StateStore>, secret: &str) -> Vec<LiveLease> {
-    let Some(record) = store.and_then(|s| s.snapshot().secrets.get(secret).cloned()) else {
-        tracing::error!(event = "lease_unknown", secret = %secret, "a lease of this secret may be alive (no state_dir to tell)");
-        // Nothing to revoke by id; the exit code still says something may live.
-        return vec![LiveLease {
-            secret: secret.to_string(),
-            lease_id: LeaseId::new(String::new()),
-            token_accessor: String::new(),
-        }];
-    };
+    tracing::warn!(event = "lease_unknown", secret = %secret, "a credentials request may have been in flight: its lease, if any, goes with its token's revoke-self");
+    let unknown =
+        LiveLease { secret: secret.to_string(), lease_id: LeaseId::new(String::new()), token_accessor: String::new() };
+    let record = store.and_then(|s| s.snapshot().secrets.get(secret).cloned()).unwrap_or_default();
     record
         .current
         .iter()
@@ -89,6 +88,7 @@ fn recorded_leases(store: Option<&StateStore>, secret: &str) -> Vec<LiveLease> {
             lease_id: r.lease_id.clone(),
             token_accessor: r.token_accessor.clone(),
         })
+        .chain(std::iter::once(unknown))
         .collect()
 }
 
@@ -163,9 +163,13 @@ async fn revoke_all<V: Vault>(
     if !(in_time && tokens_in_time) {
         tracing::error!(event = "shutdown_timeout", "revocation did not finish within shutdown.timeout");
     }
+    // A lease of unknown id (an issue cut short) is gone when every token
+    // that could have made it was revoked.
+    let every_token = auth.held.iter().all(|t| !t.token.batch && revoked_tokens.contains(&t.token.accessor));
     live.iter()
         .zip(revoked)
         .filter(|(l, done)| !done && !revoked_tokens.contains(&l.token_accessor))
+        .filter(|(l, _)| !(l.lease_id.is_empty() && every_token))
         .map(|(l, _)| l.clone())
         .collect()
 }

@@ -55,33 +55,39 @@ async fn renews_at_half_ttl_and_reissues_before_max_ttl() {
     let config = env.config("    revoke_replaced_after: 1s", "");
     let file = env.secrets().join("db.json");
 
-    // A reader polling the file through the rotations.
+    // A reader polling the file through the rotations, keeping every
+    // distinct content it saw.
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicUsize::new(0));
     let reader = {
         let (stop, reads, file) = (stop.clone(), reads.clone(), file.clone());
         std::thread::spawn(move || {
-            let mut bad = Vec::new();
-            let mut seen = false;
+            let mut versions: Vec<Vec<u8>> = Vec::new();
+            let mut missing = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 match std::fs::read(&file) {
                     Ok(bytes) => {
-                        seen = true;
                         reads.fetch_add(1, Ordering::Relaxed);
-                        if serde_json::from_slice::<serde_json::Value>(&bytes).is_err() {
-                            bad.push(format!("partial or empty read: {} bytes", bytes.len()));
+                        if !versions.contains(&bytes) {
+                            versions.push(bytes);
                         }
                     }
-                    Err(e) if seen => bad.push(format!("file missing after first write: {e}")),
+                    Err(_) if !versions.is_empty() => missing += 1,
                     Err(_) => {}
                 }
             }
-            bad
+            (versions, missing)
         })
     };
 
     let mut agent = env.spawn(&config).await;
     assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    // The first version, held open: an in-place rewrite would change what
+    // this descriptor reads; a rename leaves it whole.
+    let mut held = std::fs::File::open(&file).unwrap();
+    let inode = std::os::unix::fs::MetadataExt::ino(&held.metadata().unwrap());
+    let mut first_bytes = Vec::new();
+    std::io::Read::read_to_end(&mut held, &mut first_bytes).unwrap();
     let first = env.read_json("db.json").unwrap()["username"].as_str().unwrap().to_string();
     // Wait for the re-issue: a different username in the file.
     let rotated = env.rotated_from(&first, 20).await;
@@ -89,9 +95,27 @@ async fn renews_at_half_ttl_and_reissues_before_max_ttl() {
     let second = env.read_json("db.json").unwrap()["username"].as_str().unwrap().to_string();
     assert!(eventually(10, async || !env.pg.role_exists(&first).await).await, "replaced role dropped");
     stop.store(true, Ordering::Relaxed);
-    let bad = reader.join().unwrap();
-    assert!(bad.is_empty(), "reader saw: {bad:?}");
+    let (versions, missing) = reader.join().unwrap();
     assert!(reads.load(Ordering::Relaxed) > 100);
+
+    // Deterministic: the old inode still holds the first version, whole,
+    // and the path names another inode.
+    let mut again = Vec::new();
+    std::io::Seek::rewind(&mut held).unwrap();
+    std::io::Read::read_to_end(&mut held, &mut again).unwrap();
+    assert_eq!(again, first_bytes, "the first version was never rewritten in place");
+    assert_ne!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&file).unwrap()),
+        inode,
+        "a new file renamed over it"
+    );
+    // And every read saw one of the versions written, whole (renames:
+    // the first, then the second; never a mix, never missing).
+    let last = std::fs::read(&file).unwrap();
+    assert_eq!(missing, 0, "the file was missing after its first write");
+    for v in &versions {
+        assert!(*v == first_bytes || *v == last, "a read saw neither version: {}", String::from_utf8_lossy(v));
+    }
 
     let reqs = env.requests().await;
     let creds: Vec<_> = reqs.iter().filter(|r| r.path == "database/creds/app").collect();

@@ -566,3 +566,312 @@ async fn service_account_token_missing_for_a_while() {
     assert!(eventually(15, async || ready(&agent).await == 200).await, "{}", agent.output());
     finish(&env, agent, app, &[]).await;
 }
+
+// ---- The target directory ----------------------------------------------
+
+/// A small tmpfs mounted on the secrets directory (the test runs as root,
+/// as CI does); unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path) -> Tmpfs {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount runs");
+        assert!(out.status.success(), "a tmpfs is needed (run as root): {}", String::from_utf8_lossy(&out.stderr));
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn remount(&self, opts: &str) {
+        let out = std::process::Command::new("mount").args(["-o", &format!("remount,{opts}")]).arg(&self.0).output();
+        assert!(out.is_ok_and(|o| o.status.success()), "remount {opts}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The file system refuses the next render (`break_it`), then is fixed:
+/// the good file is untouched meanwhile, the lease that could not be
+/// rendered is revoked, and the next re-issue succeeds.
+async fn unwritable(break_it: impl Fn(&Tmpfs), fix: impl Fn(&Tmpfs)) {
+    let env = Env::openbao_only(ttls("3s", "5s")).await;
+    let fs = Tmpfs::mount(&env.secrets());
+    let agent = env.spawn(&config(&env, &env.url(), "", "")).await;
+    let first = first_creds(&env, &agent).await;
+    let app = App::start(&env);
+    let before = std::fs::read(env.secrets().join("db.json")).unwrap();
+    break_it(&fs);
+    assert!(eventually(15, async || !agent.events("render_failed").is_empty()).await, "{}", agent.output());
+    assert_eq!(std::fs::read(env.secrets().join("db.json")).unwrap(), before, "the good file untouched");
+    fix(&fs);
+    assert!(env.rotated_from(&first, 15).await, "{}", agent.output());
+    finish(&env, agent, app, &[]).await;
+    drop(fs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_directory_read_only() {
+    unwritable(|fs| fs.remount("ro"), |fs| fs.remount("rw")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_directory_full() {
+    let filler = |fs: &Tmpfs| {
+        // Fill it: every block but none left for a temporary file.
+        let mut f = std::fs::File::create(fs.0.join("filler")).unwrap();
+        let block = vec![0u8; 4096];
+        while std::io::Write::write_all(&mut f, &block).is_ok() {}
+        let _ = f.sync_all();
+    };
+    unwritable(filler, |fs| std::fs::remove_file(fs.0.join("filler")).unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_directory_removed() {
+    let env = Env::openbao_only(ttls("3s", "5s")).await;
+    let agent = env.spawn(&config(&env, &env.url(), "", "")).await;
+    let first = first_creds(&env, &agent).await;
+    std::fs::remove_dir_all(env.secrets()).unwrap();
+    assert!(eventually(15, async || !agent.events("render_failed").is_empty()).await, "{}", agent.output());
+    let failed = &agent.events("render_failed")[0];
+    assert!(failed.to_string().contains("secrets"), "names the directory: {failed}");
+    // The volume comes back (the kubelet remounts it): the next re-issue renders.
+    std::fs::create_dir(env.secrets()).unwrap();
+    assert!(
+        eventually(15, async || env.read_json("db.json").is_some_and(|c| c["username"] != first.as_str())).await,
+        "{}",
+        agent.output()
+    );
+    let app = App::start(&env);
+    finish(&env, agent, app, &[]).await;
+}
+
+// ---- Signals at odd moments --------------------------------------------
+
+/// SIGTERM while a request to `path_prefix` is held for `delay_ms` (after
+/// the server acted when `after`): a prompt exit 0, nothing left alive.
+async fn sigterm_during(path_prefix: &str, after: bool, ttls: Ttls<'_>, wait_for_creds: bool) {
+    let env = Env::openbao_only(ttls).await;
+    if !wait_for_creds {
+        env.fault(json!({"path_prefix": path_prefix, "after": after, "delay_ms": 20000, "count": 1})).await;
+    }
+    let mut agent = env.spawn(&config(&env, &env.url(), "", "shutdown:\n  timeout: 4s\n")).await;
+    if wait_for_creds {
+        first_creds(&env, &agent).await;
+        env.fault(json!({"path_prefix": path_prefix, "after": after, "delay_ms": 20000, "count": 1})).await;
+    }
+    // The held request has reached the proxy (and, with `after`, OpenBao).
+    let held = async || {
+        let faults = env.api.ok("GET", "sys/devvault/faults", None).await;
+        faults["data"]["faults"].as_array().is_some_and(Vec::is_empty)
+    };
+    assert!(eventually(20, held).await, "the request was made:\n{}", agent.output());
+    let started = std::time::Instant::now();
+    agent.signal(Signal::SIGTERM);
+    let code = agent.wait(Duration::from_secs(15)).await;
+    assert!(started.elapsed() < Duration::from_secs(6), "bounded by shutdown.timeout: {:?}", started.elapsed());
+    assert_eq!(code, 0, "{}", agent.output());
+    // Let a held request the server completed land before looking.
+    env.clear_faults().await;
+    assert_nothing_alive(&env).await;
+    assert_no_leak(&env, &agent, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_login() {
+    // Held before it reaches OpenBao: no token is ever made.
+    let env_ttls = ttls("1h", "2h");
+    let env = Env::openbao_only(env_ttls).await;
+    env.fault(json!({"path_prefix": "auth/kubernetes/login", "delay_ms": 20000, "count": 1})).await;
+    let mut agent = env.spawn(&config(&env, &env.url(), "", "shutdown:\n  timeout: 4s\n")).await;
+    let held = async || {
+        env.api.ok("GET", "sys/devvault/faults", None).await["data"]["faults"].as_array().is_some_and(Vec::is_empty)
+    };
+    assert!(eventually(20, held).await, "{}", agent.output());
+    let started = std::time::Instant::now();
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+    assert!(issued(&env).users.is_empty(), "no credentials without a token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_issue() {
+    // OpenBao created the user; its answer is held past the issue's grace
+    // (half the budget). Nobody knows that lease's id: the token's
+    // revoke-self takes it down, and the agent counts it revoked then.
+    sigterm_during("database/creds/app", true, ttls("1h", "2h"), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_renew() {
+    sigterm_during("sys/leases/renew", true, ttls("2s", "1h"), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_render_hook() {
+    let env = Env::openbao_only(ttls("1h", "2h")).await;
+    let hook = "    on_change:\n      exec: [\"/bin/sh\", \"-c\", \"sleep 30\"]\n";
+    let mut agent = env.spawn(&config(&env, &env.url(), hook, "shutdown:\n  timeout: 4s\n")).await;
+    first_creds(&env, &agent).await;
+    let started = std::time::Instant::now();
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "a hook in flight does not hold the exit: {:?}",
+        started.elapsed()
+    );
+    assert_nothing_alive(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_vault_down_exits_1_naming_the_lease() {
+    let env = Env::openbao_only(ttls("1h", "2h")).await;
+    let relay = Relay::start(&env.url()).await;
+    let mut agent = env.spawn(&config(&env, &relay.url(), "", "shutdown:\n  timeout: 3s\n")).await;
+    first_creds(&env, &agent).await;
+    relay.down();
+    let started = std::time::Instant::now();
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 1, "{}", agent.output());
+    assert!(started.elapsed() < Duration::from_secs(5), "bounded: {:?}", started.elapsed());
+    let left = agent.events("lease_left_alive");
+    assert_eq!(left.len(), 1, "{}", agent.output());
+    assert!(left[0]["lease"].as_str().unwrap().starts_with("database/creds/app/"));
+    // The state is kept: a restart with Vault back revokes what was left.
+    relay.up().await;
+    let mut again = env.spawn(&config(&env, &relay.url(), "", "")).await;
+    assert!(eventually(20, async || !again.events("ready").is_empty()).await, "{}", again.output());
+    again.signal(Signal::SIGTERM);
+    assert_eq!(again.wait(Duration::from_secs(15)).await, 0, "{}", again.output());
+    assert_nothing_alive(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_130_at_once() {
+    let env = Env::openbao_only(ttls("1h", "2h")).await;
+    let mut agent = env.spawn(&config(&env, &env.url(), "", "shutdown:\n  timeout: 10s\n")).await;
+    first_creds(&env, &agent).await;
+    env.fault(json!({"path_prefix": "sys/leases/revoke", "delay_ms": 20000, "count": 0})).await;
+    agent.signal(Signal::SIGTERM);
+    assert!(eventually(10, async || !agent.events("shutdown").is_empty()).await);
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(5)).await, 130, "{}", agent.output());
+}
+
+// ---- Kills and restarts ------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_many_points_of_a_rotation_then_restart() {
+    // A re-issue every ~2 s (max TTL 3 s); killed at a different point of
+    // it each time, restarted at once.
+    let env = Env::openbao_only(ttls("2s", "3s")).await;
+    let path = config(&env, &env.url(), "    revoke_replaced_after: 0s", "");
+    let mut agent = env.spawn(&path).await;
+    first_creds(&env, &agent).await;
+    for i in 0..8u64 {
+        // Setup, not an assertion: spread the kills over a rotation's phases.
+        tokio::time::sleep(Duration::from_millis(300 + 170 * i)).await;
+        agent.signal(Signal::SIGKILL);
+        agent.wait(Duration::from_secs(10)).await;
+        agent = env.spawn(&path).await;
+    }
+    assert!(eventually(20, async || !agent.events("ready").is_empty()).await, "{}", agent.output());
+    let app = App::start(&env);
+    let users = issued(&env).users.len();
+    // Adoption, not a fresh set at every start: fewer sets than starts plus
+    // rotations would make if every start issued.
+    assert!(users >= 2, "{users}");
+    // Never an orphaned role: every user Vault issued is gone at the end.
+    finish(&env, agent, app, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_an_abort_adopts_the_lease() {
+    // A panic aborts the release binary (`panic = "abort"`): the process
+    // dies at once, as with SIGABRT, and the container restarts.
+    let env = Env::openbao_only(ttls("1h", "2h")).await;
+    let path = config(&env, &env.url(), "", "");
+    let mut agent = env.spawn(&path).await;
+    let first = first_creds(&env, &agent).await;
+    agent.signal(Signal::SIGABRT);
+    assert_ne!(agent.wait(Duration::from_secs(10)).await, 0);
+    let again = env.spawn(&path).await;
+    assert!(eventually(20, async || !again.events("lease_adopted").is_empty()).await, "{}", again.output());
+    let app = App::start(&env);
+    let seen = finish(&env, again, app, &[]).await;
+    assert_eq!(seen.versions, vec![first], "the same credentials after the restart");
+    assert_eq!(issued(&env).users.len(), 1);
+}
+
+// ---- Scale -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_50_agents_started_at_once() {
+    const FLEET: usize = 50;
+    let env = Env::openbao_only(ttls("8s", "1h")).await;
+    let base = std::fs::read_to_string(config(&env, &env.url(), "", "")).unwrap();
+    let mut agents = Vec::new();
+    for i in 0..FLEET {
+        let dir = env.dir.path().join(format!("pod-{i}"));
+        std::fs::create_dir_all(dir.join("secrets")).unwrap();
+        let text = base
+            .replace(&env.secrets().display().to_string(), &dir.join("secrets").display().to_string())
+            .replace(&format!("{}/state", env.dir.path().display()), &dir.join("state").display().to_string())
+            .replace("  level: debug\n", "  level: info\n");
+        let path = dir.join("leasehold.yaml");
+        std::fs::write(&path, text).unwrap();
+        agents.push((dir.clone(), Agent::spawn(&["agent", "-c", &path.display().to_string()], &dir).await));
+    }
+    let all_ready = async || agents.iter().all(|(_, a)| !a.events("ready").is_empty());
+    assert!(eventually(60, all_ready).await, "every agent ready");
+    // Each renews its lease once (at ~4 s of 8, less jitter).
+    let renewed = async || agents.iter().all(|(_, a)| !a.events("renewed").is_empty());
+    assert!(eventually(30, renewed).await, "every agent renewed");
+
+    // One live set per agent: 50 leases in Vault, 50 distinct users on disk.
+    let (_, body) = root(&env).call("LIST", "sys/leases/lookup/database/creds/app/", None).await;
+    let leases = body["data"]["keys"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(leases, FLEET, "live leases");
+    let users: BTreeSet<String> = agents
+        .iter()
+        .filter_map(|(dir, _)| std::fs::read_to_string(dir.join("secrets/db.json")).ok())
+        .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
+        .filter_map(|c| c["username"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(users.len(), FLEET, "distinct users on disk");
+
+    // Jitter at work: each lease's first renewal, counted from its issue,
+    // is spread out rather than at one instant.
+    let audit = audit_raw(&env);
+    let time = |e: &Value| humantime::parse_rfc3339_weak(&e["time"].as_str().unwrap()[..26]).unwrap();
+    let mut offsets = Vec::new();
+    for e in audit.iter().filter(|e| e["type"] == "response" && e["request"]["path"] == "database/creds/app") {
+        let Some(lease) = e["response"]["secret"]["lease_id"].as_str() else { continue };
+        let renew = audit.iter().find(|r| {
+            r["type"] == "response" && r["request"]["path"].as_str() == Some(&format!("sys/leases/renew/{lease}"))
+        });
+        if let Some(r) = renew {
+            offsets.push(time(r).duration_since(time(e)).unwrap_or_default().as_secs_f64());
+        }
+    }
+    assert_eq!(offsets.len(), FLEET, "one first renewal per lease");
+    let (min, max) = offsets.iter().fold((f64::MAX, 0f64), |(lo, hi), o| (lo.min(*o), hi.max(*o)));
+    assert!(max <= 4.2, "every renewal by half the TTL: {max:.2} s");
+    assert!(max - min >= 0.05, "renewals spread by jitter: {min:.3}–{max:.3} s");
+
+    for (_, a) in &agents {
+        a.signal(Signal::SIGTERM);
+    }
+    for (_, a) in &mut agents {
+        assert_eq!(a.wait(Duration::from_secs(30)).await, 0, "{}", a.output());
+    }
+    assert_nothing_alive(&env).await;
+}

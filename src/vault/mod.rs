@@ -261,7 +261,7 @@ impl VaultClient {
             let errors = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.errors).unwrap_or_default();
             return Err(VaultError::Status { op, status: status.as_u16(), errors });
         }
-        serde_json::from_slice(&bytes).map_err(|e| VaultError::Decode { op, reason: decode_reason(&e) })
+        decode_body(op, &bytes)
     }
 
     /// `auth/<mount>/login` with `role` and `jwt`: the Kubernetes and the
@@ -280,20 +280,7 @@ impl VaultClient {
         let body = json!({ "role": role, "jwt": jwt.expose_secret() });
         let env =
             self.call(op, Method::POST, &format!("auth/{}/login", mount.trim_matches('/')), None, Some(&body)).await?;
-        let auth = env.auth.ok_or(VaultError::Decode { op, reason: "no auth block".into() })?;
-        if auth.client_token.is_empty() {
-            return Err(VaultError::Decode { op, reason: "empty client_token".into() });
-        }
-        let batch = auth.token_type == "batch" || auth.accessor.is_empty();
-        let accessor =
-            if auth.accessor.is_empty() { format!("batch-{:016x}", rand::random::<u64>()) } else { auth.accessor };
-        Ok(Token {
-            secret: SecretString::from(auth.client_token),
-            accessor,
-            ttl: secs(auth.lease_duration),
-            renewable: auth.renewable && !batch,
-            batch,
-        })
+        decode_login(op, env)
     }
 
     /// `auth/token/lookup-self`: the token's remaining TTL and renewability.
@@ -306,12 +293,7 @@ impl VaultClient {
         let op = "token renew";
         let body = json!({ "increment": increment.as_secs() });
         let env = self.call(op, Method::PUT, "auth/token/renew-self", Some(token), Some(&body)).await?;
-        let auth = env.auth.ok_or(VaultError::Decode { op, reason: "no auth block".into() })?;
-        Ok(TokenRenewal {
-            ttl: secs(auth.lease_duration),
-            renewable: auth.renewable,
-            warnings: env.warnings.unwrap_or_default(),
-        })
+        decode_token_renewal(op, env)
     }
 
     pub async fn revoke_self(&self, token: &SecretString) -> Result<(), VaultError> {
@@ -331,13 +313,7 @@ impl VaultClient {
         // already, so it is retried here only when it never left; the
         // supervisor re-issues deliberately, with its own backoff.
         let env = self.call_retrying("read secret", method, path, Some(token), body, VaultError::is_unsent).await?;
-        Ok(Secret {
-            lease_id: LeaseId::new(env.lease_id.unwrap_or_default()),
-            lease_duration: secs(env.lease_duration.unwrap_or(0)),
-            renewable: env.renewable.unwrap_or(false),
-            data: SecretData::new(data_object(env.data)),
-            warnings: env.warnings.unwrap_or_default(),
-        })
+        Ok(decode_secret(env))
     }
 
     pub async fn renew_lease(
@@ -348,11 +324,7 @@ impl VaultClient {
     ) -> Result<LeaseRenewal, VaultError> {
         let body = json!({ "increment": increment.as_secs() });
         let env = self.lease_call("lease renew", "sys/leases/renew", token, lease, body).await?;
-        Ok(LeaseRenewal {
-            lease_duration: secs(env.lease_duration.unwrap_or(0)),
-            renewable: env.renewable.unwrap_or(false),
-            warnings: env.warnings.unwrap_or_default(),
-        })
+        Ok(decode_lease_renewal(env))
     }
 
     pub async fn revoke_lease(&self, token: &SecretString, lease: &LeaseId) -> Result<(), VaultError> {
@@ -429,8 +401,83 @@ fn decode_reason(e: &serde_json::Error) -> String {
     format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column())
 }
 
+/// The longest TTL taken from an answer: far beyond any Vault allows, and
+/// short enough that adding it to a time can never overflow.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 fn secs(s: i64) -> Duration {
-    Duration::from_secs(s.max(0) as u64)
+    Duration::from_secs(s.max(0) as u64).min(MAX_TTL)
+}
+
+// The decoders of Vault's answers: pure, so the client uses them and the
+// fuzz targets (`fuzz/`) reach them without HTTP.
+
+fn decode_body(op: &'static str, bytes: &[u8]) -> Result<Envelope, VaultError> {
+    serde_json::from_slice(bytes).map_err(|e| VaultError::Decode { op, reason: decode_reason(&e) })
+}
+
+fn decode_login(op: &'static str, env: Envelope) -> Result<Token, VaultError> {
+    let auth = env.auth.ok_or(VaultError::Decode { op, reason: "no auth block".into() })?;
+    if auth.client_token.is_empty() {
+        return Err(VaultError::Decode { op, reason: "empty client_token".into() });
+    }
+    let batch = auth.token_type == "batch" || auth.accessor.is_empty();
+    let accessor =
+        if auth.accessor.is_empty() { format!("batch-{:016x}", rand::random::<u64>()) } else { auth.accessor };
+    Ok(Token {
+        secret: SecretString::from(auth.client_token),
+        accessor,
+        ttl: secs(auth.lease_duration),
+        renewable: auth.renewable && !batch,
+        batch,
+    })
+}
+
+fn decode_token_renewal(op: &'static str, env: Envelope) -> Result<TokenRenewal, VaultError> {
+    let auth = env.auth.ok_or(VaultError::Decode { op, reason: "no auth block".into() })?;
+    Ok(TokenRenewal {
+        ttl: secs(auth.lease_duration),
+        renewable: auth.renewable,
+        warnings: env.warnings.unwrap_or_default(),
+    })
+}
+
+fn decode_secret(env: Envelope) -> Secret {
+    Secret {
+        lease_id: LeaseId::new(env.lease_id.unwrap_or_default()),
+        lease_duration: secs(env.lease_duration.unwrap_or(0)),
+        renewable: env.renewable.unwrap_or(false),
+        data: SecretData::new(data_object(env.data)),
+        warnings: env.warnings.unwrap_or_default(),
+    }
+}
+
+fn decode_lease_renewal(env: Envelope) -> LeaseRenewal {
+    LeaseRenewal {
+        lease_duration: secs(env.lease_duration.unwrap_or(0)),
+        renewable: env.renewable.unwrap_or(false),
+        warnings: env.warnings.unwrap_or_default(),
+    }
+}
+
+/// Every decoder over one answer body (each as its operation would see it),
+/// with what the agent derives from the times. For the fuzz targets: it
+/// must return, whatever the bytes.
+pub fn decode_every_answer(bytes: &[u8]) -> Vec<Result<Duration, VaultError>> {
+    let at = crate::clock::now();
+    let decode = || decode_body("fuzz", bytes);
+    let end = |ttl: Duration| {
+        let times = crate::lease::schedule::LeaseTimes::issued(at, ttl, true);
+        let _ = times.safe_end();
+        ttl
+    };
+    vec![
+        decode().and_then(|e| decode_login("login", e)).map(|t| end(t.ttl)),
+        decode().and_then(|e| decode_token_renewal("token renew", e)).map(|r| end(r.ttl)),
+        decode().map(decode_secret).map(|s| end(s.lease_duration)),
+        decode().map(decode_lease_renewal).map(|r| end(r.lease_duration)),
+        decode().and_then(|e| ttl_and_renewable("lookup", e.data)).map(|(ttl, _)| end(ttl)),
+    ]
 }
 
 /// reqwest's error chain without the URL (it could carry nothing secret, but
@@ -559,6 +606,16 @@ impl Vault for VaultClient {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn absurd_ttls_are_capped_not_overflowed() {
+        // i64::MAX seconds from now overflows every clock (a panic before the cap).
+        let body = br#"{"lease_id": "x/y", "lease_duration": 9223372036854775807, "renewable": true,
+            "data": {"ttl": 9223372036854775807}, "auth": {"client_token": "t", "accessor": "a", "lease_duration": 9223372036854775807}}"#;
+        for decoded in super::decode_every_answer(body) {
+            assert_eq!(decoded.unwrap(), super::MAX_TTL);
+        }
+    }
+
     #[test]
     fn decode_errors_do_not_quote_the_response() {
         let e = serde_json::from_str::<super::types::Envelope>(r#"{"lease_duration": "hvs.SECRET"}"#).unwrap_err();
