@@ -39,3 +39,45 @@ async fn config_examples_in_the_docs_pass_check() {
     }
     assert!(checked >= 2, "found {checked} examples");
 }
+
+/// docs/reliability.md's table names tests that exist, and names every
+/// scenario of the fault matrix.
+#[test]
+fn the_reliability_table_names_real_tests_and_every_matrix_scenario() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let doc = std::fs::read_to_string(format!("{root}/docs/reliability.md")).unwrap();
+    let source = |module: &str| -> String {
+        let candidates = [
+            format!("{root}/tests/{module}.rs"),
+            format!("{root}/src/{module}.rs"),
+            format!("{root}/src/{module}/mod.rs"),
+            format!("{root}/src/lease/{module}.rs"),
+        ];
+        candidates.iter().filter_map(|p| std::fs::read_to_string(p).ok()).collect()
+    };
+    let mut named = 0;
+    let rows: String = doc.lines().filter(|l| l.starts_with('|')).collect::<Vec<_>>().join("\n");
+    for cite in rows.split('`').filter(|s| s.contains("::") && !s.contains(' ')) {
+        let (module, test) = cite.rsplit_once("::").unwrap();
+        let module = module.rsplit("::").next().unwrap();
+        if test.contains('…') || !test.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            continue;
+        }
+        let text = source(module);
+        assert!(!text.is_empty(), "docs/reliability.md names {cite}: no such test file or module");
+        assert!(text.contains(&format!("fn {test}(")), "docs/reliability.md names {cite}, which does not exist");
+        named += 1;
+    }
+    assert!(named >= 40, "{named} tests named");
+    let matrix = std::fs::read_to_string(format!("{root}/tests/matrix.rs")).unwrap();
+    let mut lines = matrix.lines();
+    let mut scenarios = 0;
+    while let Some(line) = lines.next() {
+        if line.starts_with("#[tokio::test") {
+            let name = lines.next().unwrap().trim_start_matches("async fn ").split('(').next().unwrap().to_string();
+            assert!(doc.contains(&format!("matrix::{name}`")), "docs/reliability.md lacks matrix::{name}");
+            scenarios += 1;
+        }
+    }
+    assert!(scenarios >= 20, "{scenarios} scenarios");
+}

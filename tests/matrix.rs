@@ -875,3 +875,37 @@ async fn a_fleet_of_50_agents_started_at_once() {
     }
     assert_nothing_alive(&env).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openbao_restarted_and_everything_lost() {
+    // Dev mode keeps nothing: after the restart the agent's token and lease
+    // are unknown to the server. It logs in again and re-issues.
+    let ttls = ttls("4s", "1h");
+    let env = Env::openbao_only(ttls).await;
+    let mut agent = env.spawn(&config(&env, &env.url(), "", "")).await;
+    let first = first_creds(&env, &agent).await;
+    let before: BTreeSet<String> = issued(&env).users;
+    let bao = env.openbao().unwrap();
+    tokio::task::block_in_place(|| bao.restart()).expect("OpenBao restarts on its port");
+    env.configure(&env.api, &ttls).await;
+    assert!(env.rotated_from(&first, 20).await, "re-issued on the new server:\n{}", agent.output());
+    let app = App::start(&env);
+    // The old server's roles are nobody's to revoke now: excused, and each
+    // still ends at its VALID UNTIL (checked below).
+    let old: Vec<&str> = before.iter().map(String::as_str).collect();
+    let scraped = scrape(&agent).await;
+    let seen = app.stop(&env).await;
+    assert!(seen.failures.is_empty() && seen.broken.is_empty(), "{seen:?}");
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(20)).await, 0, "{}", agent.output());
+    let (_, body) = root(&env).call("LIST", "sys/leases/lookup/database/creds/app/", None).await;
+    assert!(body["data"]["keys"].as_array().is_none_or(Vec::is_empty), "leases left: {body}");
+    for user in issued(&env).users.iter().filter(|u| !old.contains(&u.as_str())) {
+        assert!(!env.pg.role_exists(user).await, "role {user} of the new server is still there");
+    }
+    for user in &old {
+        assert!(env.pg.valid_until(user).await.is_some(), "the old server's role {user} ends at its VALID UNTIL");
+    }
+    assert!(agent.events("login").len() >= 2, "logged in again:\n{}", agent.output());
+    assert_no_leak(&env, &agent, &scraped);
+}

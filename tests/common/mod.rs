@@ -60,6 +60,7 @@ pub struct Env {
     pub tls: Option<String>,
 }
 
+#[derive(Clone, Copy)]
 pub struct Ttls<'a> {
     pub db_ttl: &'a str,
     pub db_max: &'a str,

@@ -47,10 +47,10 @@ pub fn bao_bin() -> Result<PathBuf, String> {
 pub struct OpenBao {
     pub port: u16,
     pub root_token: String,
-    /// The server's process id (tests freeze it with SIGSTOP).
-    pub pid: i32,
     dir: tempfile::TempDir,
-    _watchdog: Mutex<(Child, ChildStdin)>,
+    tls: bool,
+    /// The server's process id and its watchdog (replaced by `restart`).
+    running: Mutex<(i32, Child, ChildStdin)>,
 }
 
 /// One line of the audit log, the fields tests use.
@@ -82,7 +82,6 @@ impl OpenBao {
     /// With `tls`, as `bao server -dev -dev-tls`: HTTPS with a throwaway CA
     /// written to [`OpenBao::ca_path`].
     pub fn start_with(tls: bool) -> Result<OpenBao, String> {
-        let bin = bao_bin()?;
         let dir = tempfile::Builder::new().prefix("leasehold-bao-").tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let audit = dir.path().join("audit.log");
         // log_raw: the server is a throwaway; tests match lease ids in bodies.
@@ -92,56 +91,39 @@ impl OpenBao {
         );
         let config_path = dir.path().join("bao.hcl");
         std::fs::write(&config_path, config).map_err(|e| format!("writing {}: {e}", config_path.display()))?;
-        let root_token = "root".to_string();
         let mut last_err = String::new();
         // A free port can be taken between our probe and bao's bind: retry.
         for _ in 0..3 {
             let port = super::free_port()?;
-            let log = dir.path().join("bao.log");
-            let script = format!(
-                "'{bin}' server -dev -dev-root-token-id='{root_token}' -dev-listen-address=127.0.0.1:{port} \
-                 -dev-no-store-token {tls} -config='{config}' -log-level=warn >'{log}' 2>&1 & pid=$!; echo $pid; \
-                 read _ignored; kill -9 $pid; wait $pid",
-                bin = bin.display(),
-                config = config_path.display(),
-                log = log.display(),
-                tls =
-                    if tls { format!("-dev-tls -dev-tls-cert-dir='{}'", dir.path().display()) } else { String::new() },
-            );
-            let mut child = Command::new("sh")
-                .args(["-c", &script])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("starting bao: {e}"))?;
-            let stdin = child.stdin.take().ok_or("no stdin for the bao watchdog")?;
-            let mut first = String::new();
-            if let Some(out) = child.stdout.take() {
-                BufReader::new(out).read_line(&mut first).map_err(|e| format!("reading bao's pid: {e}"))?;
-            }
-            let pid: i32 = first.trim().parse().map_err(|_| format!("bao's watchdog printed {first:?}"))?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                // The root token exists once dev mode prints it.
-                let printed = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Root Token:"));
-                if printed && (tls || health(port)) {
-                    return Ok(OpenBao { port, root_token, pid, dir, _watchdog: Mutex::new((child, stdin)) });
+            match launch(dir.path(), port, tls)? {
+                Ok(running) => {
+                    return Ok(OpenBao { port, root_token: "root".into(), dir, tls, running: Mutex::new(running) });
                 }
-                if child.try_wait().ok().flatten().is_some() || !Path::new(&format!("/proc/{pid}")).exists() {
-                    last_err = std::fs::read_to_string(&log).unwrap_or_default();
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(format!(
-                        "bao did not become ready on port {port} within 30 s: {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(50));
+                Err(log) => last_err = log,
             }
         }
         Err(format!("bao server -dev did not start: {last_err}"))
+    }
+
+    /// The server's process id (tests freeze it with SIGSTOP).
+    pub fn pid(&self) -> i32 {
+        self.running.lock().map(|r| r.0).unwrap_or(0)
+    }
+
+    /// Kills the server and starts a new one on the same port: dev mode
+    /// keeps nothing (mounts, auth, leases, tokens); the audit log goes on.
+    pub fn restart(&self) -> Result<(), String> {
+        let mut running = self.running.lock().map_err(|_| "poisoned".to_string())?;
+        let (pid, child, stdin) = &mut *running;
+        let _ = stdin.write_all(b"\n");
+        let _ = child.wait();
+        // The old process is gone once /proc says so; the port is then free.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *running = launch(self.dir.path(), self.port, self.tls)??;
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -180,6 +162,56 @@ impl OpenBao {
     /// Audit responses (one per completed request) for `path`.
     pub fn responses(&self, path: &str) -> Vec<AuditEntry> {
         self.audit().into_iter().filter(|e| e.kind == "response" && e.path == path).collect()
+    }
+}
+
+/// Starts `bao server -dev` on `port` with `dir`'s config under a watchdog
+/// shell. The inner error is the server's log when it exited at once (the
+/// port was taken, say); the outer one, a failure to run it at all.
+#[allow(clippy::type_complexity)]
+fn launch(dir: &Path, port: u16, tls: bool) -> Result<Result<(i32, Child, ChildStdin), String>, String> {
+    let bin = bao_bin()?;
+    let log = dir.join("bao.log");
+    let _ = std::fs::remove_file(&log);
+    let script = format!(
+        "'{bin}' server -dev -dev-root-token-id=root -dev-listen-address=127.0.0.1:{port} \
+         -dev-no-store-token {tls} -config='{config}' -log-level=warn >'{log}' 2>&1 & pid=$!; echo $pid; \
+         read _ignored; kill -9 $pid; wait $pid",
+        bin = bin.display(),
+        config = dir.join("bao.hcl").display(),
+        log = log.display(),
+        tls = if tls { format!("-dev-tls -dev-tls-cert-dir='{}'", dir.display()) } else { String::new() },
+    );
+    let mut child = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting bao: {e}"))?;
+    let stdin = child.stdin.take().ok_or("no stdin for the bao watchdog")?;
+    let mut first = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out).read_line(&mut first).map_err(|e| format!("reading bao's pid: {e}"))?;
+    }
+    let pid: i32 = first.trim().parse().map_err(|_| format!("bao's watchdog printed {first:?}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The root token exists once dev mode prints it.
+        let printed = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Root Token:"));
+        if printed && (tls || health(port)) {
+            return Ok(Ok((pid, child, stdin)));
+        }
+        if child.try_wait().ok().flatten().is_some() || !Path::new(&format!("/proc/{pid}")).exists() {
+            return Ok(Err(std::fs::read_to_string(&log).unwrap_or_default()));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "bao did not become ready on port {port} within 30 s: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
