@@ -198,7 +198,17 @@ fn spawn(world: &World, kind: Kind, n: usize, tag: &str) -> Running {
             yaml.push_str("telemetry:\n  listen: 127.0.0.1:0\nlog:\n  format: json\n  level: info\n");
             let config = dir.join("leasehold.yaml");
             std::fs::write(&config, yaml).expect("config");
-            let mut c = std::process::Command::new(&world.leasehold);
+            // BENCH_WRAP (profile mode): a profiler to run it under.
+            let wrap: Vec<String> =
+                std::env::var("BENCH_WRAP").unwrap_or_default().split_whitespace().map(str::to_string).collect();
+            let mut c = match wrap.split_first() {
+                Some((first, rest)) => {
+                    let mut c = std::process::Command::new(first);
+                    c.args(rest).arg(&world.leasehold);
+                    c
+                }
+                None => std::process::Command::new(&world.leasehold),
+            };
             c.args(["agent", "-c"]).arg(&config);
             c
         }
@@ -553,6 +563,30 @@ async fn main() {
     let mut fig = Figures::default();
     let sizes = [1usize, 10, 100, 1000];
     let audit_since = SystemTime::now();
+
+    // Profile mode (BENCH_PROFILE=<secrets>, BENCH_WRAP=<profiler argv>):
+    // one leasehold for BENCH_SECONDS (default 30), then stop. For finding
+    // where memory and CPU go when a target is missed.
+    if let Ok(n) = std::env::var("BENCH_PROFILE") {
+        let n: usize = n.parse().expect("BENCH_PROFILE: a number of secrets");
+        let secs: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+        world.roles(n, "4s", "1h").await;
+        let mut m = run_side_by_side(&world, &[Kind::Leasehold], n, "profile", Duration::from_secs(secs)).await;
+        let audit = Audit::read(&world.bao);
+        let reqs = audit.requests(Kind::Leasehold, m[0].window_start, SystemTime::now());
+        println!(
+            "pid {} steady {:.2} MiB peak {:.2} MiB, CPU to ready {:.1} ms, in the window {:.1} ms, requests {reqs:?}",
+            m[0].agent.pid(),
+            m[0].steady_mib(),
+            m[0].peak_kib as f64 / 1024.0,
+            m[0].ready_cpu as f64 / 1e6,
+            m[0].window_cpu as f64 / 1e6
+        );
+        m[0].agent.stop();
+        println!("output in {}", m[0].agent.dir.display());
+        std::mem::forget(world);
+        return;
+    }
 
     // 1. Memory and CPU by number of secrets, all side by side. Longer
     // TTLs for many secrets: the point is memory, not OpenBao's throughput.

@@ -181,6 +181,7 @@ impl<V: Vault> Agent<V> {
             }
         };
         if !force && crate::reload::fingerprint(&text, &self.config) == self.fingerprint {
+            tracing::debug!(event = "config_unchanged", "a file event, but the config and its templates are unchanged");
             return;
         }
         let new = match Config::parse(&text, &self.config_path, self.env)

@@ -2,7 +2,9 @@
 //! by swapping a `..data` symlink, which a watch on a file itself never
 //! sees, so their directories are watched; only events that name one of
 //! those files, or a `..`-entry of a ConfigMap swap beside them, count:
-//! other files in the directory (a busy log, a socket) wake nothing.
+//! other files in the directory (a busy log, a socket) wake nothing. Nor do
+//! accesses: reading the config (which a reload does) must not trigger the
+//! next reload.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,7 @@ pub fn watch(
     let (tx, rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
+            && changes(&event.kind)
             && relevant.matches(&event.paths)
         {
             let _ = tx.send(());
@@ -75,6 +78,17 @@ pub fn watch(
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     }
     Ok((watcher, rx))
+}
+
+/// Events that can change what a file holds: not opening, reading or
+/// closing it unchanged (inotify's IN_OPEN, IN_ACCESS, IN_CLOSE_NOWRITE).
+pub fn changes(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        notify::EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 /// The file in its directory's canonical path (the file itself may be a
@@ -130,6 +144,22 @@ mod tests {
             config(&format!("{}{}", secret("a", "database/creds/a", "a2"), secret("b", "database/creds/b2", "b")));
         let running: Vec<&SecretConfig> = old.secrets.iter().collect();
         assert_eq!(diff(&running, &new), Diff { removed: vec!["c".into()], source_changed: vec!["b".into()] });
+    }
+
+    #[test]
+    fn reading_a_file_is_no_change() {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode};
+        // The bug: a reload's own read of the config (IN_OPEN) armed the
+        // next reload, every 200 ms forever.
+        assert!(!changes(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
+        assert!(!changes(&EventKind::Access(AccessKind::Read)));
+        assert!(!changes(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        assert!(changes(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(changes(&EventKind::Modify(ModifyKind::Data(DataChange::Any))));
+        assert!(changes(&EventKind::Modify(ModifyKind::Name(RenameMode::To))));
+        assert!(changes(&EventKind::Create(CreateKind::File)));
+        assert!(changes(&EventKind::Remove(RemoveKind::File)));
     }
 
     #[test]

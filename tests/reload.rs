@@ -201,3 +201,26 @@ async fn a_changed_path_is_a_reissue_the_files_are_never_missing() {
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
     assert!(!env.pg.role_exists(&new).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_config_does_not_reload_it() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let config = env.dir.path().join("leasehold.yaml");
+    std::fs::write(&config, config_yaml(&env, &secret_yaml(&env, "a", "a.txt", "{{ username }}"), "debug")).unwrap();
+    let mut agent = env.spawn(&config).await;
+    assert!(eventually(20, async || read(&env, "a.txt").is_some()).await, "{}", agent.output());
+    // Anyone reading it (kubelet, `leasehold check`, a reload's own read)
+    // opens it. The bug: that open armed a reload, whose read armed the
+    // next, every 200 ms forever.
+    for _ in 0..3 {
+        std::fs::read(&config).unwrap();
+    }
+    // A window for reloads that should not come (the debounce is 200 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(agent.events("config_unchanged").is_empty(), "{}", agent.output());
+    // A real change still counts.
+    std::fs::write(&config, config_yaml(&env, &secret_yaml(&env, "a", "a.txt", "v2 {{ username }}"), "debug")).unwrap();
+    assert!(eventually(10, async || read(&env, "a.txt").is_some_and(|t| t.starts_with("v2 "))).await);
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}
