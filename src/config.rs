@@ -514,7 +514,7 @@ impl Config {
         if self.telemetry.listen.parse::<SocketAddr>().is_err() {
             return Err(("telemetry.listen".into(), format!("{:?} is not HOST:PORT", self.telemetry.listen)));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if self.log.level.parse::<tracing_subscriber::filter::Targets>().is_err() {
             return Err(("log.level".into(), format!("{:?} is not a log level or filter", self.log.level)));
         }
         Ok(())

@@ -146,6 +146,9 @@ pub struct VaultClient {
 
 impl VaultClient {
     pub fn new(cfg: ClientConfig) -> Result<Self, VaultError> {
+        // ring, for every TLS client of the process; an error only says a
+        // provider was installed already (by an earlier client).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let setup = |reason: String| VaultError::Setup { op: "client setup", reason };
         let downgrade_guard = reqwest::redirect::Policy::custom(|attempt| {
             // Follow one standby redirect; never from https to http.
