@@ -142,7 +142,14 @@ pub struct VaultClient {
     /// Lease endpoints (`sys/leases/renew`, `sys/leases/revoke`) whose path
     /// form the policy denied while the body form worked: use the body form.
     body_form: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+    /// Requests in flight at once: hundreds of secrets issued together at
+    /// start would otherwise open a connection each (memory here, a
+    /// thundering herd at Vault).
+    inflight: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// See `VaultClient::inflight`.
+const MAX_IN_FLIGHT: usize = 16;
 
 impl VaultClient {
     pub fn new(cfg: ClientConfig) -> Result<Self, VaultError> {
@@ -164,6 +171,9 @@ impl VaultClient {
         let mut builder = reqwest::Client::builder()
             .timeout(cfg.request_timeout)
             .connect_timeout(cfg.request_timeout)
+            // Many secrets issue at once at start: keep a few connections
+            // for the renewals, not one per secret (each holds buffers).
+            .pool_max_idle_per_host(8)
             .redirect(downgrade_guard)
             .user_agent(concat!("leasehold/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &cfg.ca_cert_pem {
@@ -185,6 +195,7 @@ impl VaultClient {
             max_retries: cfg.max_retries,
             observer: None,
             body_form: Default::default(),
+            inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         })
     }
 
@@ -244,6 +255,8 @@ impl VaultClient {
         if let Some(b) = body {
             req = req.header(header::CONTENT_TYPE, "application/json").body(b.to_string());
         }
+        // Never closed, so acquiring only waits.
+        let _permit = self.inflight.acquire().await.ok();
         let started = crate::clock::instant();
         let sent = req.send().await;
         if let Some(o) = &self.observer {
