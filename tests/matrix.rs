@@ -5,8 +5,9 @@
 //!
 //! - **the app's credentials stay usable**: an app stand-in reads
 //!   `db.json` all the time and logs in to PostgreSQL with what it holds;
-//!   every login that fails while that version's lease should still live
-//!   is a failure, and so is a file that vanishes or stops parsing;
+//!   every refused login is a failure (unless the file moved on meanwhile,
+//!   or the scenario kills those credentials on purpose and names them),
+//!   and so is a file that vanishes or stops parsing;
 //! - **nothing is left alive after SIGTERM**: no lease under the role in
 //!   Vault, no PostgreSQL role Vault ever issued to this agent, no token
 //!   it logged in with.
@@ -35,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 struct Seen {
     /// Every username the file held, in order.
     versions: Vec<String>,
-    /// Logins refused while the version's lease should have been alive.
+    /// Logins refused while the file still held that version.
     failures: Vec<String>,
     /// Reads that found the file missing or unparsable after it was written.
     broken: Vec<String>,
@@ -69,22 +70,21 @@ impl App {
                     Some(c) => {
                         let user = c["username"].as_str().unwrap_or_default().to_string();
                         let password = c["password"].as_str().unwrap_or_default().to_string();
-                        let ends = c["expires_at"].as_str().and_then(|t| humantime::parse_rfc3339(t).ok());
                         {
                             let mut s = s.lock().unwrap();
                             if s.versions.last() != Some(&user) {
                                 s.versions.push(user.clone());
                             }
                         }
-                        let login = pg.connect(&user, &password).await;
-                        // Only a login within the lease's life counts (1 s
-                        // of margin: PostgreSQL's VALID UNTIL and Vault's
-                        // expiry round to the second).
-                        let alive = ends.is_some_and(|e| SystemTime::now() + Duration::from_secs(1) < e);
-                        if let Err(e) = login
-                            && alive
-                        {
-                            s.lock().unwrap().failures.push(format!("{user}: {e}"));
+                        // Every refused login counts, unless the file moved on
+                        // meanwhile (the app would reload it): a scenario
+                        // that kills credentials on purpose names them.
+                        if let Err(e) = pg.connect(&user, &password).await {
+                            let now = std::fs::read_to_string(&file).ok();
+                            let still = now.as_deref().and_then(|t| serde_json::from_str::<Value>(t).ok());
+                            if still.is_some_and(|n| n["username"] == user.as_str()) {
+                                s.lock().unwrap().failures.push(format!("{user}: {e}"));
+                            }
                         }
                     }
                 }
@@ -265,7 +265,7 @@ async fn finish(env: &Env, mut agent: Agent, app: App, excused: &[&str]) -> Seen
     let seen = app.stop(env).await;
     let failures: Vec<&String> =
         seen.failures.iter().filter(|f| !excused.iter().any(|u| f.starts_with(&format!("{u}:")))).collect();
-    assert!(failures.is_empty(), "the app's credentials failed within their life: {failures:?}\n{}", agent.output());
+    assert!(failures.is_empty(), "the app's credentials were refused: {failures:?}\n{}", agent.output());
     assert!(seen.broken.is_empty(), "db.json vanished or broke: {:?}", seen.broken);
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(20)).await, 0, "{}", agent.output());
@@ -326,7 +326,9 @@ async fn vault_down_past_the_lease_end() {
     relay.up().await;
     assert!(env.rotated_from(&first, 20).await, "recovery re-issues:\n{}", agent.output());
     assert!(eventually(10, async || ready(&agent).await == 200).await);
-    let seen = finish(&env, agent, app, &[]).await;
+    // The first credentials died with their lease while Vault was away:
+    // nothing could replace them, so their refusals are expected.
+    let seen = finish(&env, agent, app, &[&first]).await;
     assert!(replaced(&seen, &first), "{seen:?}");
 }
 
@@ -384,7 +386,8 @@ async fn a_503_storm_on_issues_is_backed_off_and_the_old_lease_kept() {
     assert!((1..=25).contains(&failed), "{failed} issue attempts in 8 s");
     env.clear_faults().await;
     assert!(env.rotated_from(&first, 20).await, "{}", agent.output());
-    finish(&env, agent, app, &[]).await;
+    // The first lease reached its max TTL during the storm: expected.
+    finish(&env, agent, app, &[&first]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
