@@ -23,7 +23,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::{Agent, Env, Ttls, eventually};
 use nix::sys::signal::Signal;
