@@ -410,6 +410,12 @@ async fn answers_slower_than_request_timeout() {
 
 // ---- Bad answers -------------------------------------------------------
 
+/// Every fault with a count has been used up: the requests it was for
+/// reached the proxy.
+async fn faults_used_up(env: &Env) -> bool {
+    env.api.ok("GET", "sys/devvault/faults", None).await["data"]["faults"].as_array().is_some_and(Vec::is_empty)
+}
+
 /// Bodies a broken server or proxy might send: not JSON, cut short, and
 /// the right shape with the wrong types.
 const BAD_BODIES: [&str; 3] = [
@@ -428,10 +434,11 @@ async fn bad_answers(path_prefix: &str, after: bool, ttls: Ttls<'_>) -> (Env, Ag
     for body in BAD_BODIES {
         env.fault(json!({"path_prefix": path_prefix, "after": after, "body": body, "count": 1})).await;
     }
-    let faulted = async || {
-        env.api.ok("GET", "sys/devvault/faults", None).await["data"]["faults"].as_array().is_some_and(Vec::is_empty)
-    };
-    assert!(eventually(40, faulted).await, "every bad answer was sent:\n{}", agent.output());
+    assert!(
+        eventually(40, async || faults_used_up(&env).await).await,
+        "every bad answer was sent:\n{}",
+        agent.output()
+    );
     (env, agent, app, first)
 }
 
@@ -472,10 +479,11 @@ async fn bad_json_in_logins_and_token_renewals() {
     let agent = env.spawn(&config(&env, &env.url(), "", "")).await;
     first_creds(&env, &agent).await;
     let app = App::start(&env);
-    let faulted = async || {
-        env.api.ok("GET", "sys/devvault/faults", None).await["data"]["faults"].as_array().is_some_and(Vec::is_empty)
-    };
-    assert!(eventually(40, faulted).await, "every bad answer was sent:\n{}", agent.output());
+    assert!(
+        eventually(40, async || faults_used_up(&env).await).await,
+        "every bad answer was sent:\n{}",
+        agent.output()
+    );
     assert!(agent.events("login_failed").len() >= 3, "{}", agent.output());
     assert!(!agent.events("token_renew_failed").is_empty(), "{}", agent.output());
     finish(&env, agent, app, &[]).await;
@@ -683,11 +691,7 @@ async fn sigterm_during(path_prefix: &str, after: bool, ttls: Ttls<'_>, wait_for
         env.fault(json!({"path_prefix": path_prefix, "after": after, "delay_ms": 20000, "count": 1})).await;
     }
     // The held request has reached the proxy (and, with `after`, OpenBao).
-    let held = async || {
-        let faults = env.api.ok("GET", "sys/devvault/faults", None).await;
-        faults["data"]["faults"].as_array().is_some_and(Vec::is_empty)
-    };
-    assert!(eventually(20, held).await, "the request was made:\n{}", agent.output());
+    assert!(eventually(20, async || faults_used_up(&env).await).await, "the request was made:\n{}", agent.output());
     let started = std::time::Instant::now();
     agent.signal(Signal::SIGTERM);
     let code = agent.wait(Duration::from_secs(15)).await;
@@ -702,14 +706,10 @@ async fn sigterm_during(path_prefix: &str, after: bool, ttls: Ttls<'_>, wait_for
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_login() {
     // Held before it reaches OpenBao: no token is ever made.
-    let env_ttls = ttls("1h", "2h");
-    let env = Env::openbao_only(env_ttls).await;
+    let env = Env::openbao_only(ttls("1h", "2h")).await;
     env.fault(json!({"path_prefix": "auth/kubernetes/login", "delay_ms": 20000, "count": 1})).await;
     let mut agent = env.spawn(&config(&env, &env.url(), "", "shutdown:\n  timeout: 4s\n")).await;
-    let held = async || {
-        env.api.ok("GET", "sys/devvault/faults", None).await["data"]["faults"].as_array().is_some_and(Vec::is_empty)
-    };
-    assert!(eventually(20, held).await, "{}", agent.output());
+    assert!(eventually(20, async || faults_used_up(&env).await).await, "{}", agent.output());
     let started = std::time::Instant::now();
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
@@ -802,8 +802,8 @@ async fn sigkill_at_many_points_of_a_rotation_then_restart() {
     assert!(eventually(20, async || !agent.events("ready").is_empty()).await, "{}", agent.output());
     let app = App::start(&env);
     let users = issued(&env).users.len();
-    // Adoption, not a fresh set at every start: fewer sets than starts plus
-    // rotations would make if every start issued.
+    // The rotations went on across the kills (adoption is asserted by
+    // `a_restart_after_an_abort_adopts_the_lease` and `state::kill_9_…`).
     assert!(users >= 2, "{users}");
     // Never an orphaned role: every user Vault issued is gone at the end.
     finish(&env, agent, app, &[]).await;
