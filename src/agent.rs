@@ -35,9 +35,10 @@ pub struct Options {
 }
 
 pub fn client(config: &Config) -> anyhow::Result<VaultClient> {
-    let ca = match &config.vault.ca_cert {
-        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading vault.ca_cert {}", p.display()))?),
-        None => None,
+    let ca = match (&config.vault.ca_cert, &config.vault.ca_cert_pem) {
+        (Some(p), _) => Some(std::fs::read(p).with_context(|| format!("reading vault.ca_cert {}", p.display()))?),
+        (None, Some(pem)) => Some(pem.clone().into_bytes()),
+        (None, None) => None,
     };
     if config.vault.tls_skip_verify {
         tracing::warn!(
@@ -173,7 +174,7 @@ impl<V: Vault> Agent<V> {
     /// when the file is unchanged (SIGHUP).
     async fn reload(&mut self, force: bool) {
         let mut added = 0usize;
-        let text = match std::fs::read_to_string(&self.config_path) {
+        let text = match crate::config::read_source(&self.config_path, self.env) {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(event = "config_rejected", error = %e, "cannot read the config; keeping the running one");
@@ -274,7 +275,7 @@ fn watch_files(
     config_path: &Path,
     once: bool,
 ) -> (Option<notify::RecommendedWatcher>, mpsc::UnboundedReceiver<()>) {
-    if once {
+    if once || crate::config::env_source(config_path).is_some() {
         return (None, mpsc::unbounded_channel().1);
     }
     let templates: Vec<PathBuf> =
@@ -362,7 +363,7 @@ pub async fn run_with<V: Vault>(
         }
     }
 
-    let config_text = std::fs::read_to_string(config_path).unwrap_or_default();
+    let config_text = crate::config::read_source(config_path, opts.env).unwrap_or_default();
     let fingerprint = crate::reload::fingerprint(&config_text, &config);
     let mut agent = Agent {
         config: config.clone(),

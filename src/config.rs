@@ -43,6 +43,9 @@ pub struct VaultConfig {
     pub address: String,
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// The CA in PEM, inline (the injector delivers it so: no file to mount).
+    #[serde(default)]
+    pub ca_cert_pem: Option<String>,
     #[serde(default)]
     pub namespace: String,
     #[serde(default = "d_request_timeout", with = "humantime_serde")]
@@ -354,12 +357,26 @@ pub fn process_env(key: &str) -> Option<String> {
     std::env::var(key).ok().filter(|v| !v.is_empty())
 }
 
+/// `-c env:NAME`: the config is the value of the environment variable
+/// NAME (the injector delivers it so; the image has no shell to write a
+/// file). Such a config has no file to watch.
+pub fn env_source(path: &Path) -> Option<&str> {
+    path.to_str()?.strip_prefix("env:").filter(|n| !n.is_empty())
+}
+
+/// The config's text, from its file or (`env:NAME`) its variable.
+pub fn read_source(path: &Path, env: Env) -> Result<String, ConfigError> {
+    let err = |message: String| ConfigError { file: path.display().to_string(), key: "(file)".into(), message };
+    match env_source(path) {
+        Some(name) => env(name).ok_or_else(|| err(format!("the environment variable {name} is not set"))),
+        None => std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}"))),
+    }
+}
+
 impl Config {
     /// Reads, parses, applies environment overrides and validates.
     pub fn load(path: &Path, env: Env) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let err = |key: &str, message: String| ConfigError { file: file.clone(), key: key.to_string(), message };
-        let text = std::fs::read_to_string(path).map_err(|e| err("(file)", format!("cannot read: {e}")))?;
+        let text = read_source(path, env)?;
         Self::parse(&text, path, env)
     }
 
@@ -380,6 +397,7 @@ impl Config {
         }
         if let Some(ca) = env("VAULT_CACERT") {
             config.vault.ca_cert = Some(PathBuf::from(ca));
+            config.vault.ca_cert_pem = None;
         }
         if let Some(ns) = env("VAULT_NAMESPACE") {
             config.vault.namespace = ns;
@@ -396,6 +414,12 @@ impl Config {
         }
         if !(addr.starts_with("http://") || addr.starts_with("https://")) || reqwest::Url::parse(addr).is_err() {
             return Err(("vault.address".into(), format!("{addr:?} is not an http:// or https:// URL")));
+        }
+        if self.vault.ca_cert.is_some() && self.vault.ca_cert_pem.is_some() {
+            return fail("vault.ca_cert_pem", "set either vault.ca_cert or vault.ca_cert_pem, not both");
+        }
+        if self.vault.ca_cert_pem.as_deref().is_some_and(|p| !p.contains("-----BEGIN CERTIFICATE-----")) {
+            return fail("vault.ca_cert_pem", "is not a PEM certificate (no -----BEGIN CERTIFICATE-----)");
         }
         if self.vault.request_timeout.is_zero() {
             return fail("vault.request_timeout", "must be greater than 0");
@@ -570,6 +594,35 @@ secrets:
         let env = |k: &str| (k == "VAULT_ADDR").then(|| "https://vault:8200".to_string());
         let c = Config::parse(MINIMAL, Path::new("x.yaml"), &env).unwrap();
         assert_eq!(c.vault.address, "https://vault:8200");
+    }
+
+    #[test]
+    fn a_config_from_an_environment_variable() {
+        let env = |k: &str| (k == "LEASEHOLD_CONFIG").then(|| MINIMAL.to_string());
+        let c = Config::load(Path::new("env:LEASEHOLD_CONFIG"), &env).unwrap();
+        assert_eq!(c.secrets[0].name, "db");
+        let e = Config::load(Path::new("env:MISSING"), &env).unwrap_err();
+        assert!(e.to_string().contains("MISSING is not set"), "{e}");
+        assert_eq!(env_source(Path::new("env:")), None, "a file named `env:`");
+    }
+
+    #[test]
+    fn an_inline_ca_or_a_file_not_both() {
+        let pem = "-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n";
+        let inline = MINIMAL.replace(
+            "  address: http://127.0.0.1:8200",
+            &format!("  address: http://127.0.0.1:8200\n  ca_cert_pem: \"{pem}\""),
+        );
+        assert!(parse(&inline).unwrap().vault.ca_cert_pem.unwrap().starts_with("-----BEGIN CERTIFICATE-----\n"));
+        let both = inline.replace("  ca_cert_pem:", "  ca_cert: /ca.pem\n  ca_cert_pem:");
+        assert_eq!(error_key(&both), "vault.ca_cert_pem");
+        let junk = MINIMAL
+            .replace("  address: http://127.0.0.1:8200", "  address: http://127.0.0.1:8200\n  ca_cert_pem: nope");
+        assert_eq!(error_key(&junk), "vault.ca_cert_pem");
+        // VAULT_CACERT wins over the inline CA, as over the file.
+        let env = |k: &str| (k == "VAULT_CACERT").then(|| "/etc/ca.pem".to_string());
+        let c = Config::parse(&inline, Path::new("x.yaml"), &env).unwrap();
+        assert_eq!((c.vault.ca_cert.as_deref(), c.vault.ca_cert_pem), (Some(Path::new("/etc/ca.pem")), None));
     }
 
     fn error_key(text: &str) -> String {

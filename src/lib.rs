@@ -14,6 +14,7 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod hooks;
+pub mod injector;
 pub mod lease;
 pub mod reload;
 pub mod render;

@@ -5,7 +5,7 @@
 
 #[cfg(feature = "demo")]
 use leasehold::demo;
-use leasehold::{agent, check, config, render, shutdown, status, telemetry};
+use leasehold::{agent, check, config, injector, render, shutdown, status, telemetry};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -45,6 +45,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9102")]
         addr: String,
     },
+    /// Serve the mutating admission webhook that adds the agent to annotated pods.
+    Injector(Box<InjectorArgs>),
     /// Run a local devvault and the agent against it with short TTLs.
     #[cfg(feature = "demo")]
     Demo {
@@ -57,6 +59,46 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct InjectorArgs {
+    /// The webhook's certificate (PEM); re-read when the file changes.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: PathBuf,
+    #[arg(long, default_value = ":8443", value_name = "[HOST]:PORT")]
+    listen: String,
+    /// Vault's address, for the injected agents.
+    #[arg(long, value_name = "URL")]
+    vault_address: String,
+    /// A CA (PEM) that signs Vault's certificate; given to the agents inline.
+    #[arg(long, value_name = "FILE")]
+    vault_ca_cert: Option<PathBuf>,
+    /// Vault namespace (X-Vault-Namespace) for the agents.
+    #[arg(long, default_value = "")]
+    vault_namespace: String,
+    /// Default auth mount (auth/<mount>/login).
+    #[arg(long, default_value = "kubernetes")]
+    auth_path: String,
+    /// The agent's image.
+    #[arg(long, default_value = concat!("leasehold/leasehold:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// The cluster is older than 1.29 (no native sidecars): an `--once`
+    /// init container plus a regular sidecar.
+    #[arg(long)]
+    legacy_sidecar: bool,
+    /// Also translate vault-k8s (`vault.hashicorp.com/*`) annotations.
+    #[arg(long)]
+    vault_k8s_compat: bool,
+    /// Audience of the agents' projected ServiceAccount token (the Vault role's `audience`).
+    #[arg(long)]
+    token_audience: Option<String>,
+    /// The agents' telemetry port (probes, metrics).
+    #[arg(long, default_value_t = 9102)]
+    agent_telemetry_port: u16,
+}
+
 fn main() -> ExitCode {
     telemetry::harden();
     let cli = Cli::parse();
@@ -64,6 +106,7 @@ fn main() -> ExitCode {
         Command::Agent { config, once } => run_agent(&config, once),
         Command::Check { config } => run_check(&config),
         Command::Status { addr } => status::main(&addr),
+        Command::Injector(args) => run_injector(*args),
         #[cfg(feature = "demo")]
         Command::Demo { database_url, dir } => demo::main(database_url, dir),
     }
@@ -129,5 +172,65 @@ fn run_check(path: &Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
         Err(e) => config_failed(&e),
+    }
+}
+
+fn run_injector(a: InjectorArgs) -> ExitCode {
+    telemetry::init_logging(&config::LogConfig::default());
+    let usage = |m: String| {
+        eprintln!("leasehold injector: {m}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    let addr = match injector::listen_addr(&a.listen) {
+        Ok(a) => a,
+        Err(m) => return usage(m),
+    };
+    if !(a.vault_address.starts_with("http://") || a.vault_address.starts_with("https://")) {
+        return usage(format!("--vault-address {:?} is not an http:// or https:// URL", a.vault_address));
+    }
+    let vault_ca_pem = match &a.vault_ca_cert {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Some(pem),
+            Ok(_) => return usage(format!("--vault-ca-cert {}: not a PEM certificate", p.display())),
+            Err(e) => return usage(format!("--vault-ca-cert {}: {e}", p.display())),
+        },
+        None => None,
+    };
+    let auth_mount = match injector::plan::auth_mount("--auth-path", &a.auth_path) {
+        Ok(m) => m,
+        Err(e) => return usage(e.to_string()),
+    };
+    let tls = match injector::tls::server_config(&a.tls_cert, &a.tls_key) {
+        Ok(t) => t,
+        Err(e) => return usage(format!("TLS: {e}")),
+    };
+    let settings = injector::admit::Settings {
+        defaults: injector::plan::Defaults {
+            vault_address: a.vault_address,
+            vault_ca_pem,
+            vault_namespace: a.vault_namespace,
+            auth_mount,
+            image: a.image,
+            legacy: a.legacy_sidecar,
+            token_audience: a.token_audience,
+            telemetry_port: a.agent_telemetry_port,
+        },
+        vault_k8s_compat: a.vault_k8s_compat,
+    };
+    let result: anyhow::Result<()> = runtime().map_err(anyhow::Error::from).and_then(|rt| {
+        rt.block_on(async {
+            let signals = shutdown::install()?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("--listen {addr}: {e}"))?;
+            tracing::info!(event = "injector_listening", addr = %listener.local_addr()?, compat = settings.vault_k8s_compat, "serving /mutate, /healthz, /readyz and /metrics over HTTPS");
+            injector::serve(listener, tls, injector::router(settings), signals.shutdown.clone()).await;
+            Ok(())
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("leasehold injector: {e:#}");
+            ExitCode::from(agent::EXIT_FAILURE as u8)
+        }
     }
 }

@@ -41,6 +41,19 @@ def by_kind(docs, kind):
     return [d for d in docs if d["kind"] == kind]
 
 
+def validate_cert_manager(doc):
+    """cert-manager's CRDs are not in kubernetes-validate: the fields its
+    webhook requires, checked by hand."""
+    assert doc["apiVersion"] == "cert-manager.io/v1"
+    assert doc["metadata"]["name"]
+    spec = doc["spec"]
+    if doc["kind"] == "Certificate":
+        assert spec["secretName"] and spec["dnsNames"] and spec["issuerRef"]["name"], spec
+        assert set(spec) <= {"secretName", "duration", "renewBefore", "dnsNames", "privateKey", "issuerRef"}, spec
+    else:
+        assert doc["kind"] == "Issuer" and spec == {"selfSigned": {}}, doc
+
+
 def validate_monitoring(doc):
     """Checks a prometheus-operator object against its CRD schema (types,
     patterns, required fields); the round trip also catches unknown fields,
@@ -76,6 +89,9 @@ def test_renders_lints_and_validates(values_file):
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             validate_monitoring(doc)
+            continue
+        if doc["apiVersion"].startswith("cert-manager.io/"):
+            validate_cert_manager(doc)
             continue
         for version in KUBE_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -222,3 +238,60 @@ def test_grace_period_must_exceed_shutdown_timeout():
 def test_image_tag_follows_app_version():
     chart = helm.Chart.load(CHART)
     assert chart.values["image"]["tag"] == chart.metadata["appVersion"]
+
+
+def injector_docs(values):
+    return [d for d in render(values) if d["metadata"]["name"].endswith("-injector")]
+
+
+def test_injector_is_off_by_default():
+    assert injector_docs({}) == []
+
+
+def test_injector_with_a_secret_certificate():
+    values = load_values(os.path.join(CHART, "ci", "injector-values.yaml"))
+    docs = injector_docs(values)
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "MutatingWebhookConfiguration", "Service", "ServiceAccount"]
+    kinds = {d["kind"] for d in render(values)}
+    assert not kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}, "the webhook needs no RBAC"
+    hook = by_kind(docs, "MutatingWebhookConfiguration")[0]["webhooks"][0]
+    assert hook["sideEffects"] == "None" and hook["failurePolicy"] == "Fail" and hook["timeoutSeconds"] == 10
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["clientConfig"]["service"] == {"name": "shop-leasehold-injector", "namespace": "payments", "path": "/mutate", "port": 443}
+    assert hook["clientConfig"]["caBundle"] == values["injector"]["certs"]["caBundle"]
+    assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}]
+    assert {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", "kube-public"]} in hook["namespaceSelector"]["matchExpressions"]
+    assert {"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["injector"]} in hook["objectSelector"]["matchExpressions"]
+    deploy = by_kind(docs, "Deployment")[0]
+    pod = deploy["spec"]["template"]
+    # Its own pods are never sent to it.
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "injector"
+    container = pod["spec"]["containers"][0]
+    assert_restricted(container)
+    assert container["args"][0] == "injector" and "--vault-k8s-compat" in container["args"]
+    assert "--vault-address=https://vault.vault.svc:8200" in container["args"]
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    tls = next(v for v in pod["spec"]["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["secretName"] == "leasehold-injector-tls"
+    assert not any("subPath" in m for m in container["volumeMounts"])
+    # The app's selector does not catch the injector's pods.
+    assert not any(d["kind"] == "Deployment" and not d["metadata"]["name"].endswith("-injector") for d in render(values))
+
+
+def test_injector_with_cert_manager():
+    docs = injector_docs(load_values(os.path.join(CHART, "ci", "injector-cert-manager-values.yaml")))
+    hook_config = by_kind(docs, "MutatingWebhookConfiguration")[0]
+    assert hook_config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "payments/shop-leasehold-injector"
+    assert "caBundle" not in hook_config["webhooks"][0]["clientConfig"]
+    cert = by_kind(docs, "Certificate")[0]
+    assert "shop-leasehold-injector.payments.svc" in cert["spec"]["dnsNames"]
+    assert cert["spec"]["issuerRef"] == {"name": "shop-leasehold-injector", "kind": "Issuer"}
+    assert by_kind(docs, "Issuer")[0]["spec"] == {"selfSigned": {}}
+    app_selector = [d for d in render({}) if d["kind"] == "Deployment"][0]["spec"]["selector"]["matchLabels"]
+    labels = by_kind(docs, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert not all(labels.get(k) == v for k, v in app_selector.items())
+
+
+def test_injector_needs_a_certificate_source():
+    with pytest.raises(Exception, match="injector.certs"):
+        render({"injector": {"enabled": True}})

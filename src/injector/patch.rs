@@ -1,0 +1,182 @@
+//! The JSONPatch (RFC 6902) that adds the agent to a pod: volumes, the
+//! agent container(s), the credentials mount in the app containers, the
+//! `leasehold.dev/status: injected` mark.
+
+use serde_json::{Value, json};
+
+use super::plan::{Defaults, Mode, Plan, STATE_DIR, TOKEN_DIR, agent_config};
+
+pub const AGENT: &str = "leasehold";
+pub const AGENT_INIT: &str = "leasehold-init";
+pub const CREDENTIALS: &str = "leasehold-credentials";
+pub const STATE: &str = "leasehold-state";
+pub const TOKEN: &str = "leasehold-token";
+pub const CONFIG_ENV: &str = "LEASEHOLD_CONFIG";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PatchError {
+    #[error("the pod already has a volume or container named {0:?}")]
+    Taken(String),
+    #[error("spec.shareProcessNamespace is false, but leasehold.dev/on-change-signal needs it")]
+    NoSharedPids,
+}
+
+fn list<'a>(pod: &'a Value, ptr: &str) -> &'a [Value] {
+    pod.pointer(ptr).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default()
+}
+
+fn has_name(items: &[Value], name: &str) -> bool {
+    items.iter().any(|i| i.get("name").and_then(Value::as_str) == Some(name))
+}
+
+/// Whether the pod already has the agent (a second admission, or a pod
+/// made from an injected pod's spec).
+pub fn already_injected(pod: &Value) -> bool {
+    let annotated =
+        pod.pointer("/metadata/annotations/leasehold.dev~1status").and_then(Value::as_str) == Some("injected");
+    annotated || has_name(list(pod, "/spec/initContainers"), AGENT) || has_name(list(pod, "/spec/containers"), AGENT)
+}
+
+struct Ops(Vec<Value>);
+
+impl Ops {
+    fn add(&mut self, path: String, value: Value) {
+        self.0.push(json!({ "op": "add", "path": path, "value": value }));
+    }
+
+    /// Appends to the array at `ptr`, creating it when the pod has none.
+    fn append(&mut self, pod: &Value, ptr: &str, items: Vec<Value>) {
+        if pod.pointer(ptr).is_some_and(Value::is_array) {
+            for i in items {
+                self.add(format!("{ptr}/-"), i);
+            }
+        } else {
+            self.add(ptr.to_string(), Value::Array(items));
+        }
+    }
+}
+
+fn security_context() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": { "drop": ["ALL"] },
+        "seccompProfile": { "type": "RuntimeDefault" },
+    })
+}
+
+fn agent_container(name: &str, once: bool, plan: &Plan, d: &Defaults, config: &str) -> Value {
+    let mut args = vec!["agent", "-c", "env:LEASEHOLD_CONFIG"];
+    if once {
+        args.push("--once");
+    }
+    let mut c = json!({
+        "name": name,
+        "image": d.image,
+        "args": args,
+        "env": [{ "name": CONFIG_ENV, "value": config }],
+        "resources": {
+            "requests": { "cpu": "5m", "memory": "8Mi" },
+            "limits": { "memory": "32Mi" },
+        },
+        "securityContext": security_context(),
+        "volumeMounts": [
+            { "name": CREDENTIALS, "mountPath": plan.mount_path },
+            { "name": STATE, "mountPath": STATE_DIR },
+            { "name": TOKEN, "mountPath": TOKEN_DIR, "readOnly": true },
+        ],
+    });
+    if !once {
+        c["ports"] = json!([{ "name": "lh-telemetry", "containerPort": d.telemetry_port, "protocol": "TCP" }]);
+        c["startupProbe"] = json!({
+            "httpGet": { "path": "/readyz", "port": d.telemetry_port },
+            "periodSeconds": 1,
+            "failureThreshold": 300,
+        });
+        c["livenessProbe"] = json!({
+            "httpGet": { "path": "/healthz", "port": d.telemetry_port },
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        });
+    }
+    if plan.mode == Mode::Native && !once {
+        c["restartPolicy"] = json!("Always");
+    }
+    c
+}
+
+/// The patch for `pod` (an admission request's `object`).
+pub fn patch(pod: &Value, plan: &Plan, d: &Defaults) -> Result<Vec<Value>, PatchError> {
+    let volumes = list(pod, "/spec/volumes");
+    let inits = list(pod, "/spec/initContainers");
+    let containers = list(pod, "/spec/containers");
+    for n in [CREDENTIALS, STATE, TOKEN] {
+        if has_name(volumes, n) {
+            return Err(PatchError::Taken(n.into()));
+        }
+    }
+    for n in [AGENT, AGENT_INIT] {
+        if has_name(inits, n) || has_name(containers, n) {
+            return Err(PatchError::Taken(n.into()));
+        }
+    }
+    let share = pod.pointer("/spec/shareProcessNamespace").and_then(Value::as_bool);
+    if plan.on_change_signal.is_some() && share == Some(false) {
+        return Err(PatchError::NoSharedPids);
+    }
+    let fs_group = pod.pointer("/spec/securityContext/fsGroup").is_some_and(Value::is_number);
+    let config = agent_config(plan, d, fs_group).to_string();
+
+    let mut ops = Ops(Vec::new());
+    let mut projected = json!({ "path": "token", "expirationSeconds": 3600 });
+    if let Some(aud) = &d.token_audience {
+        projected["audience"] = json!(aud);
+    }
+    ops.append(
+        pod,
+        "/spec/volumes",
+        vec![
+            // In memory: credentials never touch the node's disk.
+            json!({ "name": CREDENTIALS, "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" } }),
+            json!({ "name": STATE, "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" } }),
+            json!({ "name": TOKEN, "projected": { "sources": [{ "serviceAccountToken": projected }] } }),
+        ],
+    );
+    // Read-only, as a directory (never subPath, which hides every update).
+    let mount = json!({ "name": CREDENTIALS, "mountPath": plan.mount_path, "readOnly": true });
+    for i in 0..containers.len() {
+        ops.append(pod, &format!("/spec/containers/{i}/volumeMounts"), vec![mount.clone()]);
+    }
+    // Init containers that run after the agent is up can read the files too.
+    if plan.init_first {
+        for i in 0..inits.len() {
+            ops.append(pod, &format!("/spec/initContainers/{i}/volumeMounts"), vec![mount.clone()]);
+        }
+    }
+    let first = match plan.mode {
+        Mode::Native => agent_container(AGENT, false, plan, d, &config),
+        Mode::Legacy | Mode::InitOnly => agent_container(AGENT_INIT, true, plan, d, &config),
+    };
+    if inits.is_empty() {
+        ops.add("/spec/initContainers".into(), json!([first]));
+    } else if plan.init_first {
+        ops.add("/spec/initContainers/0".into(), first);
+    } else {
+        ops.add("/spec/initContainers/-".into(), first);
+    }
+    if plan.mode == Mode::Legacy {
+        ops.add("/spec/containers/-".into(), agent_container(AGENT, false, plan, d, &config));
+    }
+    if plan.on_change_signal.is_some() && share.is_none() {
+        ops.add("/spec/shareProcessNamespace".into(), json!(true));
+    }
+    if pod.pointer("/metadata/annotations").is_some_and(Value::is_object) {
+        ops.add("/metadata/annotations/leasehold.dev~1status".into(), json!("injected"));
+    } else {
+        ops.add("/metadata/annotations".into(), json!({ "leasehold.dev/status": "injected" }));
+    }
+    Ok(ops.0)
+}
