@@ -69,15 +69,16 @@ struct InjectorArgs {
     tls_key: PathBuf,
     #[arg(long, default_value = ":8443", value_name = "[HOST]:PORT")]
     listen: String,
-    /// Vault's address, for the injected agents.
+    /// Vault's address, for the injected agents (default: env VAULT_ADDR).
     #[arg(long, value_name = "URL")]
-    vault_address: String,
-    /// A CA (PEM) that signs Vault's certificate; given to the agents inline.
+    vault_address: Option<String>,
+    /// A CA (PEM) that signs Vault's certificate; given to the agents inline
+    /// (default: env VAULT_CACERT).
     #[arg(long, value_name = "FILE")]
     vault_ca_cert: Option<PathBuf>,
-    /// Vault namespace (X-Vault-Namespace) for the agents.
-    #[arg(long, default_value = "")]
-    vault_namespace: String,
+    /// Vault namespace (X-Vault-Namespace) for the agents (default: env VAULT_NAMESPACE).
+    #[arg(long)]
+    vault_namespace: Option<String>,
     /// Default auth mount (auth/<mount>/login).
     #[arg(long, default_value = "kubernetes")]
     auth_path: String,
@@ -185,10 +186,15 @@ fn run_injector(a: InjectorArgs) -> ExitCode {
         Ok(a) => a,
         Err(m) => return usage(m),
     };
-    if !(a.vault_address.starts_with("http://") || a.vault_address.starts_with("https://")) {
-        return usage(format!("--vault-address {:?} is not an http:// or https:// URL", a.vault_address));
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let Some(vault_address) = a.vault_address.or_else(|| env("VAULT_ADDR")) else {
+        return usage("--vault-address (or VAULT_ADDR) is required".into());
+    };
+    if injector::plan::http_url("--vault-address", &vault_address).is_err() {
+        return usage(format!("--vault-address {vault_address:?} is not an http:// or https:// URL"));
     }
-    let vault_ca_pem = match &a.vault_ca_cert {
+    let vault_ca_cert = a.vault_ca_cert.or_else(|| env("VAULT_CACERT").map(PathBuf::from));
+    let vault_ca_pem = match &vault_ca_cert {
         Some(p) => match std::fs::read_to_string(p) {
             Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Some(pem),
             Ok(_) => return usage(format!("--vault-ca-cert {}: not a PEM certificate", p.display())),
@@ -206,9 +212,9 @@ fn run_injector(a: InjectorArgs) -> ExitCode {
     };
     let settings = injector::admit::Settings {
         defaults: injector::plan::Defaults {
-            vault_address: a.vault_address,
+            vault_address,
             vault_ca_pem,
-            vault_namespace: a.vault_namespace,
+            vault_namespace: a.vault_namespace.or_else(|| env("VAULT_NAMESPACE")).unwrap_or_default(),
             auth_mount,
             image: a.image,
             legacy: a.legacy_sidecar,

@@ -320,6 +320,30 @@ async fn compatibility_is_off_unless_asked() {
     assert!(r["allowed"] == true && r.get("patch").is_none(), "left to vault-k8s: {r}");
 }
 
+/// A cluster older than 1.29: `--once` init containers, and for a Job
+/// (pre-populate-only) nothing else, as vault-k8s does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_clusters_get_init_containers() {
+    let tls = DevTls::generate().unwrap();
+    let inj = start_injector(&tls, &["--vault-k8s-compat", "--legacy-sidecar"]).await;
+    let c = client(&tls.ca_pem);
+    let out = tempfile::tempdir().unwrap();
+    let mut pods = Vec::new();
+    for (name, sidecar) in [("plain", true), ("vault-k8s", true), ("vault-k8s-job", false)] {
+        let review = fixture(name);
+        let mut pod = patched(&review, &admit(&c, &inj, &review).await);
+        let init = named(&pod, "initContainers", "leasehold-init").unwrap_or_else(|| panic!("{name}: {pod}"));
+        assert_eq!(init["args"][3], "--once");
+        assert_eq!(named(&pod, "containers", "leasehold").is_some(), sidecar, "{name}");
+        assert!(named(&pod, "initContainers", "leasehold").is_none());
+        pod["metadata"]["name"] = json!(format!("{name}-x7k2p"));
+        let path = out.path().join(format!("{name}.json"));
+        std::fs::write(&path, pod.to_string()).unwrap();
+        pods.push(path);
+    }
+    kubernetes_validate(&pods);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_certificate_is_served_to_the_next_connection() {
     let (old, new) = (DevTls::generate().unwrap(), DevTls::generate().unwrap());
@@ -358,6 +382,13 @@ async fn bad_flags_and_files_exit_78_naming_them() {
     let out = run(&["injector", "--tls-cert", "x", "--tls-key", "y", "--vault-address", "vault:8200"]);
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vault-address"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["injector", "--tls-cert", "x", "--tls-key", "y"])
+        .env_remove("VAULT_ADDR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("VAULT_ADDR"));
 }
 
 /// The vault-k8s fixture's config, as injected, on the real server: the
