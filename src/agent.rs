@@ -96,7 +96,13 @@ impl<V: Vault> Agent<V> {
         let cancel = self.stop.child_token();
         let files: Vec<PathBuf> = cfg.files.iter().map(|f| f.path.clone()).collect();
         self.telemetry.declare(&cfg.name, &cfg.path, &files);
-        let (spec_tx, spec_rx) = watch::channel(Arc::new(SecretSpec { index, cfg: cfg.clone(), renderer }));
+        let proxy = cfg.proxy.clone().map(|p| {
+            let (feed, creds) = crate::proxy::Feed::new();
+            let stats = self.telemetry.proxy_stats(&cfg.name);
+            tokio::spawn(crate::proxy::serve(cfg.name.clone(), p, creds, stats, cancel.clone()));
+            feed
+        });
+        let (spec_tx, spec_rx) = watch::channel(Arc::new(SecretSpec { index, cfg: cfg.clone(), renderer, proxy }));
         let supervisor = Supervisor {
             spec: spec_rx,
             client: self.client.clone(),
@@ -218,8 +224,17 @@ impl<V: Vault> Agent<V> {
                     }
                     let files: Vec<PathBuf> = cfg.files.iter().map(|f| f.path.clone()).collect();
                     self.telemetry.declare(&cfg.name, &cfg.path, &files);
+                    if cfg.proxy != r.cfg.proxy {
+                        tracing::warn!(event = "restart_needed", secret = %cfg.name, "changes to `proxy` take effect after a restart");
+                    }
                     r.cfg = cfg.clone();
-                    let _ = r.spec.send(Arc::new(SecretSpec { index, cfg: cfg.clone(), renderer: renderer.clone() }));
+                    let proxy = r.spec.borrow().proxy.clone();
+                    let _ = r.spec.send(Arc::new(SecretSpec {
+                        index,
+                        cfg: cfg.clone(),
+                        renderer: renderer.clone(),
+                        proxy,
+                    }));
                 }
                 None => {
                     added += 1;

@@ -170,6 +170,32 @@ pub struct SecretConfig {
     pub files: Vec<FileConfig>,
     #[serde(default)]
     pub on_change: Option<OnChange>,
+    /// A local PostgreSQL proxy logging in with this secret's credentials.
+    #[serde(default)]
+    pub proxy: Option<ProxyConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// `HOST:PORT`, or `unix:PATH`.
+    pub listen: String,
+    /// The database, `HOST:PORT`.
+    pub upstream: String,
+    #[serde(default)]
+    pub upstream_tls: UpstreamTls,
+    /// The CA of the database's certificate (`verify-full`).
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    Disable,
+    #[default]
+    Require,
+    VerifyFull,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -471,8 +497,33 @@ impl Config {
             if s.refresh_interval.is_zero() {
                 return Err((key("refresh_interval"), "must be greater than 0".into()));
             }
-            if s.files.is_empty() {
-                return Err((key("files"), "at least one file is required".into()));
+            if s.files.is_empty() && s.proxy.is_none() {
+                return Err((key("files"), "at least one file is required (or a `proxy`)".into()));
+            }
+            if let Some(p) = &s.proxy {
+                let listen_ok = match p.listen.strip_prefix("unix:") {
+                    Some(path) => path.starts_with('/'),
+                    None => p.listen.parse::<std::net::SocketAddr>().is_ok(),
+                };
+                if !listen_ok {
+                    return Err((
+                        key("proxy.listen"),
+                        format!("{:?} is not HOST:PORT (an IP) or unix:/absolute/path", p.listen),
+                    ));
+                }
+                let port = p.upstream.rsplit_once(':').and_then(|(h, port)| (!h.is_empty()).then_some(port));
+                if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
+                    return Err((key("proxy.upstream"), format!("{:?} is not HOST:PORT", p.upstream)));
+                }
+                match (p.upstream_tls, &p.ca_cert) {
+                    (UpstreamTls::VerifyFull, None) => {
+                        return Err((key("proxy.ca_cert"), "upstream_tls: verify-full needs the database's CA".into()));
+                    }
+                    (UpstreamTls::Disable | UpstreamTls::Require, Some(_)) => {
+                        return Err((key("proxy.ca_cert"), "is used only with upstream_tls: verify-full".into()));
+                    }
+                    _ => {}
+                }
             }
             for (j, f) in s.files.iter().enumerate() {
                 let fkey = |k: &str| format!("secrets[{i}].files[{j}].{k}");
@@ -604,6 +655,33 @@ secrets:
         let e = Config::load(Path::new("env:MISSING"), &env).unwrap_err();
         assert!(e.to_string().contains("MISSING is not set"), "{e}");
         assert_eq!(env_source(Path::new("env:")), None, "a file named `env:`");
+    }
+
+    #[test]
+    fn a_proxy_is_checked() {
+        let with = |proxy: &str| MINIMAL.replace("    files:\n", &format!("    proxy:\n{proxy}    files:\n"));
+        let ok = parse(&with("      listen: 127.0.0.1:5432\n      upstream: db.prod.svc:5432\n")).unwrap();
+        let p = ok.secrets[0].proxy.clone().unwrap();
+        assert_eq!((p.upstream_tls, p.ca_cert), (UpstreamTls::Require, None));
+        for (proxy, key) in [
+            ("      listen: localhost:5432\n      upstream: db:5432\n", "secrets[0].proxy.listen"),
+            ("      listen: unix:relative.sock\n      upstream: db:5432\n", "secrets[0].proxy.listen"),
+            ("      listen: 127.0.0.1:5432\n      upstream: db\n", "secrets[0].proxy.upstream"),
+            (
+                "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      upstream_tls: verify-full\n",
+                "secrets[0].proxy.ca_cert",
+            ),
+            (
+                "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      ca_cert: /ca.pem\n",
+                "secrets[0].proxy.ca_cert",
+            ),
+            (
+                "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      upstream_tls: prefer\n",
+                "secrets[0].proxy.upstream_tls",
+            ),
+        ] {
+            assert_eq!(error_key(&with(proxy)), key, "{proxy}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod hooks;
 pub mod injector;
 pub mod lease;
+pub mod proxy;
 pub mod reload;
 pub mod render;
 pub mod secret;

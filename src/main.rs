@@ -14,6 +14,10 @@ use clap::{Parser, Subcommand};
 
 use config::{Config, ConfigError};
 
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
 /// Exit code for an invalid configuration (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
 

@@ -123,12 +123,13 @@ async fn renews_at_half_ttl_and_reissues_before_max_ttl() {
     assert!(creds.len() >= 2 && renews.len() >= 3, "creds {} renews {}", creds.len(), renews.len());
     let issued = creds[0].time;
     // Each renewal of the first lease comes 45–50 % into the TTL then granted
-    // (4 s each, until the max TTL caps it), with up to ~0.5 s of slack for
-    // a loaded 2-core machine.
+    // (4 s each, until the max TTL caps it), up to 100 ms earlier to share a
+    // wakeup with other secrets (`schedule::SLACK`), with up to ~0.5 s of
+    // slack for a loaded 2-core machine.
     let mut prev = issued;
     for r in renews.iter().filter(|r| r.time < creds[1].time).take(2) {
         let fraction = secs_between(prev, r.time) / 4.0;
-        assert!((0.44..=0.62).contains(&fraction), "renewal at {fraction:.3} of the TTL");
+        assert!((0.42..=0.62).contains(&fraction), "renewal at {fraction:.3} of the TTL");
         prev = r.time;
     }
     // New credentials exist while the old lease (max 12 s from issue) still has
@@ -233,6 +234,11 @@ async fn kv_secret_is_reread_and_rewritten_only_when_it_changed() {
     assert!(eventually(10, async || reads().await >= 3).await, "re-read every refresh_interval");
     env.api.ok("POST", "kv/data/app", Some(serde_json::json!({"data": {"api_key": "two"}}))).await;
     assert!(eventually(10, async || read(&env) == "API_KEY=two").await, "{}", agent.output());
+    // The `rendered` line is logged after the file is written.
+    let kv_renders = || -> Vec<serde_json::Value> {
+        agent.events("rendered").into_iter().filter(|e| e["secret"] == "kv" && e["changed"] == 1).collect()
+    };
+    assert!(eventually(5, async || kv_renders().len() >= 2).await, "{}", agent.output());
     let kv_renders: Vec<serde_json::Value> =
         agent.events("rendered").into_iter().filter(|e| e["secret"] == "kv").collect();
     let changed = kv_renders.iter().filter(|e| e["changed"] == 1).count();

@@ -178,7 +178,8 @@ fn supervisor(vault: &Scripted, dir: &std::path::Path, auth: watch::Receiver<Aut
     let config = Config::parse(&yaml, &path, &|_| None).unwrap();
     let renderer = Arc::new(Renderer::compile(&config, &path).unwrap());
     // The spec sender is dropped here: the supervisor then sees no reloads.
-    let (_, spec) = watch::channel(Arc::new(SecretSpec { index: 0, cfg: config.secrets[0].clone(), renderer }));
+    let (_, spec) =
+        watch::channel(Arc::new(SecretSpec { index: 0, cfg: config.secrets[0].clone(), renderer, proxy: None }));
     Supervisor {
         spec,
         client: vault.clone(),

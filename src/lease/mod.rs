@@ -46,6 +46,8 @@ pub struct SecretSpec {
     pub index: usize,
     pub cfg: SecretConfig,
     pub renderer: Arc<Renderer>,
+    /// The secret's proxy, told of new and revoked credentials.
+    pub proxy: Option<Arc<crate::proxy::Feed>>,
 }
 
 /// Credentials in hand.
@@ -149,6 +151,12 @@ pub struct Supervisor<V = VaultClient> {
     pub cancel: CancellationToken,
 }
 
+/// This process's offset on the `schedule::coalesce` grid.
+fn phase() -> Duration {
+    static PHASE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *PHASE.get_or_init(|| schedule::SLACK.mul_f64(rand::random::<f64>()))
+}
+
 /// Renewal answers meaning the lease cannot be renewed any more.
 fn lease_gone(e: &VaultError) -> bool {
     ["lease not found", "lease expired", "lease is not renewable", "invalid lease", "past the max TTL"]
@@ -186,6 +194,7 @@ impl<V: Vault> Supervisor<V> {
         let mut warned_token_bound = false;
         loop {
             let (step, due) = self.next_step(held.as_ref(), retry_at, renew_retry);
+            let due = schedule::coalesce(due, phase());
             let revoke_due = retired.iter().map(|r| r.revoke_at).min();
             let wake = revoke_due.map_or(due, |r| r.min(due));
             let wait = wake.duration_since(now()).unwrap_or_default();
@@ -487,13 +496,18 @@ impl<V: Vault> Supervisor<V> {
         let at = now();
         let before = retired.len();
         let mut keep = Vec::new();
+        let feed = self.spec.borrow().proxy.clone();
         for r in std::mem::take(retired) {
             if r.revoke_at > at {
                 keep.push(r);
-            } else if r.held.times.expires_at() <= at {
-                // Vault already revoked it at expiry.
-            } else if !self.revoke(&r.held.live(&name)).await {
+                continue;
+            }
+            // Vault already revoked it at expiry, or we do now.
+            let gone = r.held.times.expires_at() <= at || self.revoke(&r.held.live(&name)).await;
+            if !gone {
                 keep.push(Retired { revoke_at: at + Duration::from_secs(30), ..r });
+            } else if let Some(feed) = &feed {
+                feed.revoked(&r.held.secret.data);
             }
         }
         *retired = keep;
@@ -537,6 +551,9 @@ impl<V: Vault> Supervisor<V> {
         };
         match written {
             Ok(written) => {
+                if let Some(feed) = &spec.proxy {
+                    feed.publish(&h.secret.data);
+                }
                 let changed = written.iter().filter(|(_, c)| *c).count();
                 self.telemetry.rendered(&spec.cfg.name, &written, now());
                 tracing::info!(event = "rendered", secret = %spec.cfg.name, files = written.len(), changed, expires_at = %ctx.expires_at.map(crate::render::rfc3339).unwrap_or_default(), "files written");

@@ -2,7 +2,7 @@
 //! lease, unit-tested without sleeping. The supervisor loop only sleeps
 //! until the instant these return and acts.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::timing::part;
 pub use crate::timing::{Policy, renew_point, renewal_capped};
@@ -159,8 +159,47 @@ pub fn refresh_at(
     }
 }
 
+/// How much earlier a secret's next step may run, so that the steps of a
+/// process's secrets share wakeups.
+pub const SLACK: Duration = Duration::from_millis(100);
+
+/// `due` moved earlier onto the process's grid of `SLACK` cells (offset by
+/// `phase`, random per process, so that pods stay spread): the deadlines of
+/// several secrets that fall in one cell fire in one wakeup, and a wakeup
+/// costs far more CPU than a renewal's own work. Never later than `due`,
+/// less than `SLACK` earlier.
+pub fn coalesce(due: SystemTime, phase: Duration) -> SystemTime {
+    let Ok(since) = due.duration_since(UNIX_EPOCH) else { return due };
+    let grid = SLACK.as_nanos();
+    let (t, p) = (since.as_nanos(), phase.as_nanos() % grid);
+    if t < p {
+        return due;
+    }
+    let early = (t - p) % grid;
+    due - Duration::from_nanos(early as u64)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn coalesced_deadlines_move_earlier_onto_one_grid() {
+        use super::{SLACK, coalesce};
+        use std::time::{Duration, UNIX_EPOCH};
+        let phase = Duration::from_millis(37);
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        // Two secrets due 60 ms apart in one cell: one wakeup.
+        assert_eq!(coalesce(at(10_040), phase), at(10_037));
+        assert_eq!(coalesce(at(10_100), phase), at(10_037));
+        assert_eq!(coalesce(at(10_137), phase), at(10_137), "on the grid: unchanged");
+        for ms in [0u64, 5, 36, 37, 38, 99, 100, 12_345, 1_000_000_000] {
+            for phase in [Duration::ZERO, phase, Duration::from_millis(99), Duration::from_secs(7)] {
+                let c = coalesce(at(ms), phase);
+                assert!(c <= at(ms) && at(ms).duration_since(c).unwrap() < SLACK, "{ms} {phase:?}");
+            }
+        }
+        // Another process's phase: another grid.
+        assert_ne!(coalesce(at(10_040), Duration::from_millis(80)), at(10_037));
+    }
     use super::*;
 
     const POLICY: Policy = Policy { renew_at: 0.5, jitter: 0.05 };

@@ -80,6 +80,7 @@ pub struct Telemetry {
     registry: prometheus_client::registry::Registry,
     secrets: Mutex<BTreeMap<String, SecretStatus>>,
     token: Mutex<TokenStatus>,
+    proxies: Mutex<BTreeMap<String, Arc<crate::proxy::Stats>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -89,7 +90,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Telemetry {
     pub fn new() -> Arc<Telemetry> {
         let (metrics, registry) = Metrics::register();
-        Arc::new(Telemetry { metrics, registry, secrets: Mutex::default(), token: Mutex::default() })
+        Arc::new(Telemetry {
+            metrics,
+            registry,
+            secrets: Mutex::default(),
+            token: Mutex::default(),
+            proxies: Mutex::default(),
+        })
     }
 
     /// Declares a secret (at start and on reload); keeps what is known.
@@ -301,6 +308,55 @@ impl Telemetry {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
+        }
+        let proxies = self.proxy_metrics();
+        match out.strip_suffix("# EOF\n") {
+            Some(body) if !proxies.is_empty() => format!("{body}{proxies}# EOF\n"),
+            _ => out,
+        }
+    }
+
+    /// The counters of a secret's proxy (created on first use).
+    pub fn proxy_stats(&self, name: &str) -> Arc<crate::proxy::Stats> {
+        lock(&self.proxies).entry(name.to_string()).or_default().clone()
+    }
+
+    fn proxy_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering::Relaxed;
+        let proxies = lock(&self.proxies);
+        if proxies.is_empty() {
+            return String::new();
+        }
+        let mut out = String::new();
+        type Values = fn(&crate::proxy::Stats) -> Vec<(&'static str, u64)>;
+        let families: [(&str, &str, &str, Values); 4] = [
+            ("leasehold_proxy_connections_opened", "counter", "Client connections logged in upstream.", |s| {
+                vec![("", s.opened.load(Relaxed))]
+            }),
+            (
+                "leasehold_proxy_connections_failed",
+                "counter",
+                "Client connections that failed (bad client, upstream refused or unreachable).",
+                |s| vec![("", s.failed.load(Relaxed))],
+            ),
+            ("leasehold_proxy_connections_open", "gauge", "Client connections open now.", |s| {
+                vec![("", s.open.load(Relaxed))]
+            }),
+            ("leasehold_proxy_bytes", "counter", "Bytes relayed, counted when a connection ends.", |s| {
+                vec![("up", s.bytes_up.load(Relaxed)), ("down", s.bytes_down.load(Relaxed))]
+            }),
+        ];
+        for (name, kind, help, values) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let sample = if kind == "counter" { format!("{name}_total") } else { name.to_string() };
+            for (secret, stats) in proxies.iter() {
+                for (direction, v) in values(stats) {
+                    let extra =
+                        if direction.is_empty() { String::new() } else { format!(",direction=\"{direction}\"") };
+                    let _ = writeln!(out, "{sample}{{secret=\"{secret}\"{extra}}} {v}");
+                }
+            }
         }
         out
     }

@@ -1,0 +1,188 @@
+//! The PostgreSQL protocol messages the proxy itself reads and writes (the
+//! rest it relays untouched): the client's startup, `SSLRequest` and
+//! `CancelRequest`, `ErrorResponse`, `AuthenticationOk`, and the framing
+//! of the server's messages during login.
+
+use std::collections::BTreeMap;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{Io, ProxyError};
+
+const SSL_REQUEST: i32 = 80_877_103;
+const GSSENC_REQUEST: i32 = 80_877_104;
+const CANCEL_REQUEST: i32 = 80_877_102;
+const PROTOCOL_3: i32 = 196_608;
+/// Startup packets are small; a larger length is not PostgreSQL.
+const MAX_STARTUP: usize = 10_000;
+
+pub const AUTHENTICATION_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+
+pub enum Startup {
+    /// The client's parameters (`user`, `database`, `application_name`, …).
+    Session(BTreeMap<String, String>),
+    /// A `CancelRequest`'s whole packet (16 bytes).
+    Cancel(Vec<u8>),
+}
+
+/// Reads the client's startup; `SSLRequest` and `GSSENCRequest` are
+/// answered `N` (the local hop has no TLS: loopback or a pod's socket).
+pub async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(c: &mut S) -> Result<Startup, ProxyError> {
+    loop {
+        let len = c.read_i32().await.map_err(|e| ProxyError::NotPostgres(format!("no startup packet: {e}")))?;
+        let len = usize::try_from(len).ok().filter(|l| (8..=MAX_STARTUP).contains(l));
+        let Some(len) = len else { return Err(ProxyError::NotPostgres("bad startup packet length".into())) };
+        let mut body = vec![0u8; len - 4];
+        c.read_exact(&mut body).await?;
+        let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        match code {
+            SSL_REQUEST | GSSENC_REQUEST => c.write_all(b"N").await?,
+            CANCEL_REQUEST if len == 16 => {
+                let mut packet = (len as i32).to_be_bytes().to_vec();
+                packet.extend_from_slice(&body);
+                return Ok(Startup::Cancel(packet));
+            }
+            PROTOCOL_3 => return parse_params(&body[4..]).map(Startup::Session),
+            other => return Err(ProxyError::NotPostgres(format!("unsupported protocol version {other:#x}"))),
+        }
+    }
+}
+
+fn parse_params(b: &[u8]) -> Result<BTreeMap<String, String>, ProxyError> {
+    let bad = || ProxyError::NotPostgres("malformed startup parameters".into());
+    let mut parts = b.split(|c| *c == 0);
+    let mut out = BTreeMap::new();
+    loop {
+        let key = parts.next().ok_or_else(bad)?;
+        if key.is_empty() {
+            return Ok(out);
+        }
+        let value = parts.next().ok_or_else(bad)?;
+        let s = |v: &[u8]| String::from_utf8(v.to_vec()).map_err(|_| bad());
+        out.insert(s(key)?, s(value)?);
+    }
+}
+
+/// A startup message for the server.
+pub fn startup_message(params: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut body = PROTOCOL_3.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+pub fn ssl_request() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&8i32.to_be_bytes());
+    b[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
+    b
+}
+
+/// A FATAL `ErrorResponse` with `code` (SQLSTATE) and `message`.
+pub fn error_response(code: &str, message: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', message)] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = vec![b'E'];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The `M` (message) field of an `ErrorResponse` body.
+pub fn error_message(body: &[u8]) -> String {
+    let mut fields = body.split(|c| *c == 0);
+    fields
+        .find_map(|f| f.strip_prefix(b"M"))
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .unwrap_or_else(|| "an error without a message".into())
+}
+
+/// One server message: its type and body.
+pub async fn read_message<S: AsyncRead + Unpin>(s: &mut S) -> Result<(u8, Vec<u8>), ProxyError> {
+    let kind = s.read_u8().await?;
+    let len = s.read_i32().await?;
+    let len = usize::try_from(len).ok().filter(|l| (4..=1 << 20).contains(l));
+    let Some(len) = len else {
+        return Err(ProxyError::Protocol(format!("message {:?} with a bad length", kind as char)));
+    };
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).await?;
+    Ok((kind, body))
+}
+
+/// The proxy's listening socket: `HOST:PORT`, or `unix:PATH`.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    pub async fn bind(listen: &str) -> std::io::Result<Listener> {
+        match listen.strip_prefix("unix:") {
+            Some(path) => {
+                // A socket left by an earlier run would make bind fail.
+                let _ = std::fs::remove_file(path);
+                Ok(Listener::Unix(tokio::net::UnixListener::bind(path)?))
+            }
+            None => Ok(Listener::Tcp(tokio::net::TcpListener::bind(listen).await?)),
+        }
+    }
+
+    pub async fn accept(&self) -> std::io::Result<Box<dyn Io>> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(Box::new(s))
+            }
+            Listener::Unix(l) => Ok(Box::new(l.accept().await?.0)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn startup_after_ssl_request_and_the_refusal() {
+        let mut params = BTreeMap::new();
+        params.insert("user".to_string(), "app".to_string());
+        params.insert("database".to_string(), "shop".to_string());
+        let mut input = ssl_request().to_vec();
+        input.extend(startup_message(&params));
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&input).await.unwrap();
+        let Startup::Session(got) = read_startup(&mut b).await.unwrap() else { panic!("a session") };
+        assert_eq!(got, params);
+        let mut n = [0u8; 1];
+        a.read_exact(&mut n).await.unwrap();
+        assert_eq!(&n, b"N");
+    }
+
+    #[tokio::test]
+    async fn http_is_not_postgres() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        assert!(matches!(read_startup(&mut b).await, Err(ProxyError::NotPostgres(_))));
+    }
+
+    #[test]
+    fn error_responses_carry_the_message() {
+        let e = error_response("08006", "no upstream");
+        assert_eq!(e[0], b'E');
+        assert_eq!(error_message(&e[5..]), "no upstream");
+    }
+}
