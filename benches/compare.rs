@@ -81,6 +81,116 @@ build: `LEASEHOLD_BIN=target/release/leasehold`).
 ";
 const WINDOW: Duration = Duration::from_secs(20);
 
+// ---- pgbench through the proxy -----------------------------------------
+
+const PGBENCH_CLIENTS: u32 = 4;
+const PGBENCH_SECS: u32 = 5;
+const PGBENCH_RUNS: usize = 3;
+
+/// (latency average ms, tps) from pgbench's output.
+fn pgbench(args: &[String], password: Option<&str>) -> Option<(f64, f64)> {
+    let bin = devvault::testing::pg_bindir().ok()?.join("pgbench");
+    let mut c = std::process::Command::new(bin);
+    c.args(args).env_remove("PGPASSWORD");
+    if let Some(p) = password {
+        c.env("PGPASSWORD", p);
+    }
+    let out = c.output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        eprintln!("pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let num = |prefix: &str| {
+        text.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+    };
+    Some((num("latency average = ")?, num("tps = ")?))
+}
+
+async fn proxy_bench(world: &World) -> Vec<String> {
+    world.roles(1, "1h", "2h").await;
+    let dir = world.dir.path().join("proxy");
+    std::fs::create_dir_all(dir.join("config")).expect("dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
+    let creds = dir.join("db.json");
+    let yaml = format!(
+        "vault:\n  address: {}\nauth:\n  kubernetes:\n    role: lh\n    token_path: {}\nsecrets:\n  - name: db\n    path: database/creds/app-0\n    files:\n      - path: {}\n        format: json\n    proxy:\n      listen: 127.0.0.1:{port}\n      upstream: 127.0.0.1:{}\n      upstream_tls: disable\ntelemetry:\n  listen: 127.0.0.1:0\nlog:\n  level: warn\n",
+        world.bao.url(),
+        world.jwt().display(),
+        creds.display(),
+        world.pg.port
+    );
+    let config = dir.join("config/leasehold.yaml");
+    std::fs::write(&config, yaml).expect("config");
+    let log = std::fs::File::create(dir.join("log")).expect("log");
+    let mut agent = std::process::Command::new(&world.leasehold)
+        .args(["agent", "-c"])
+        .arg(&config)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("leasehold");
+    let started = Instant::now();
+    while !creds.exists() && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let file: serde_json::Value =
+        std::fs::read_to_string(&creds).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    let (user, password) =
+        (file["username"].as_str().unwrap_or_default(), file["password"].as_str().unwrap_or_default());
+    // The tables, as the administrator (the agent's users may only read).
+    let admin =
+        ["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", &world.pg.port.to_string(), "-U", "postgres", "postgres"];
+    let init = pgbench(&admin.map(String::from), Some(world.pg.admin_password()));
+    let mut rows = Vec::new();
+    if init.is_none() || user.is_empty() {
+        rows.push("| pgbench could not run (see the bench's output) | | | |".to_string());
+    } else {
+        for connect_each in [false, true] {
+            let mut direct = (Vec::new(), Vec::new());
+            let mut proxied = (Vec::new(), Vec::new());
+            for _ in 0..PGBENCH_RUNS {
+                for (host_port, who, pass, into) in
+                    [(world.pg.port, user, Some(password), &mut direct), (port, "anyone", None, &mut proxied)]
+                {
+                    let mut args: Vec<String> =
+                        ["-S", "-n", "-c", &PGBENCH_CLIENTS.to_string(), "-j", "2", "-T", &PGBENCH_SECS.to_string()]
+                            .map(String::from)
+                            .to_vec();
+                    if connect_each {
+                        args.push("-C".into());
+                    }
+                    args.extend(
+                        ["-h", "127.0.0.1", "-p", &host_port.to_string(), "-U", who, "postgres"].map(String::from),
+                    );
+                    if let Some((lat, tps)) = pgbench(&args, pass) {
+                        into.0.push(lat);
+                        into.1.push(tps);
+                    }
+                }
+            }
+            let label = if connect_each { " (-C: a new connection per transaction)" } else { "" };
+            let (dl, pl) = (median(&mut direct.0.clone()), median(&mut proxied.0.clone()));
+            rows.push(format!(
+                "| latency per query ms{label} | {} | {} | {:+.3} ms |",
+                mmm(&direct.0, 3),
+                mmm(&proxied.0, 3),
+                pl - dl
+            ));
+            let (dt, pt) = (median(&mut direct.1.clone()), median(&mut proxied.1.clone()));
+            rows.push(format!(
+                "| transactions per second{label} | {} | {} | {:+.0} % |",
+                mmm(&direct.1, 0),
+                mmm(&proxied.1, 0),
+                (pt / dt - 1.0) * 100.0
+            ));
+        }
+    }
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = agent.wait();
+    rows
+}
+
 // ---- /proc -------------------------------------------------------------
 
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
@@ -564,6 +674,7 @@ struct Figures {
     cpu_per_renewal_us: BTreeMap<Kind, Vec<f64>>,
     cpu_per_reissue_us: BTreeMap<Kind, Vec<f64>>,
     fleet: Vec<String>,
+    proxy: Vec<String>,
 }
 
 fn svg(fig: &Figures, sizes: &[usize]) -> String {
@@ -842,6 +953,10 @@ async fn main() {
         a.stop();
     }
 
+    // 4. The PostgreSQL proxy: pgbench through it and direct.
+    eprintln!("[{:>4.0}s] pgbench through the proxy and direct", t0.elapsed().as_secs_f64());
+    fig.proxy = proxy_bench(&world).await;
+
     // ---- write the report
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1024.0 / 1024.0).unwrap_or(0.0);
     let bao_bin = devvault::testing::bao_bin().expect("bao");
@@ -977,6 +1092,11 @@ async fn main() {
         md,
         "\n## A fleet: 100 leasehold agents started at once on one OpenBao\n\n| | |\n|---|---|\n{}\n",
         fig.fleet.join("\n")
+    );
+    let _ = writeln!(
+        md,
+        "## The PostgreSQL proxy: pgbench through it and direct\n\nOne leasehold with `proxy:` (docs/proxy.md) in front of the same PostgreSQL; `pgbench -S` (select-only, {PGBENCH_CLIENTS} clients, {PGBENCH_SECS} s) as the agent's database user, direct with its password and through the proxy with none; {PGBENCH_RUNS} runs each, median (min–max). `-C` opens a connection per transaction, so the proxy's upstream login (SCRAM-SHA-256) is in every one.\n\n| | direct | through the proxy | added |\n|---|---|---|---|\n{}\n",
+        fig.proxy.join("\n")
     );
     let after = [
         format!("{:.1} MiB", med(fig.steady.get(&(Kind::Leasehold, 1)))),

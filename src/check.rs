@@ -35,6 +35,7 @@ pub fn check(config: &Config, config_path: &Path) -> Result<Vec<String>, ConfigE
             lease_duration: Duration::from_secs(3600),
             issued_at: crate::clock::wall(),
             expires_at: Some(crate::clock::wall() + Duration::from_secs(3600)),
+            previous: Some(&data),
         };
         let known_shape = secret.path.trim_start_matches('/').contains("/creds/");
         let renderer = if known_shape { &strict } else { &lenient };

@@ -36,6 +36,8 @@ pub struct Context<'a> {
     pub lease_duration: Duration,
     pub issued_at: SystemTime,
     pub expires_at: Option<SystemTime>,
+    /// The credentials being replaced, until their lease is revoked.
+    pub previous: Option<&'a SecretData>,
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
@@ -53,6 +55,16 @@ impl Context<'_> {
             "lease_duration": self.lease_duration.as_secs(),
             "issued_at": rfc3339(self.issued_at),
             "expires_at": self.expires_at.map(rfc3339),
+            // Always there, empty without one: `{{ previous.username }}`
+            // renders "" instead of failing the strict template.
+            "previous": match self.previous {
+                Some(p) => json!({
+                    "username": p.str("username").unwrap_or_default(),
+                    "password": p.str("password").unwrap_or_default(),
+                    "data": Value::Object(p.expose().clone()),
+                }),
+                None => json!({ "username": "", "password": "", "data": {} }),
+            },
         })
     }
 }
@@ -387,6 +399,7 @@ mod tests {
             lease_duration: Duration::from_secs(60),
             issued_at: SystemTime::UNIX_EPOCH,
             expires_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(60)),
+            previous: None,
         };
         let v: Value = serde_json::from_str(&json_format(&ctx)).unwrap();
         assert_eq!(v["username"], "v-app");
@@ -456,6 +469,7 @@ mod tests {
             lease_duration: Duration::from_secs(60),
             issued_at: SystemTime::UNIX_EPOCH,
             expires_at: None,
+            previous: None,
         };
         for template in ["{% include '/etc/passwd' %}", "{{ env.HOME }}", "{{ range(10000000) | list | length }}"] {
             let r = Renderer::compile(&cfg(template), Path::new("t.yaml"));

@@ -97,6 +97,26 @@ impl SecretData {
     }
 }
 
+impl SecretData {
+    /// How long until Vault rotates a static role's password: the `ttl` of
+    /// `database/static-creds/<role>`, which carries `last_vault_rotation`
+    /// beside it and no lease.
+    pub fn rotates_in(&self) -> Option<std::time::Duration> {
+        if !self.0.get("last_vault_rotation").is_some_and(Value::is_string) {
+            return None;
+        }
+        let ttl = self.0.get("ttl").and_then(Value::as_u64)?;
+        Some(std::time::Duration::from_secs(ttl).min(crate::vault::MAX_TTL))
+    }
+
+    /// The same static-role credentials (only `ttl` moved on).
+    pub fn same_static_credentials(&self, other: &SecretData) -> bool {
+        self.rotates_in().is_some()
+            && other.rotates_in().is_some()
+            && ["username", "password", "last_vault_rotation"].iter().all(|k| self.0.get(*k) == other.0.get(*k))
+    }
+}
+
 impl fmt::Debug for SecretData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SecretData(keys: {:?})", self.0.keys().collect::<Vec<_>>())

@@ -19,7 +19,7 @@ use crate::backoff::Backoff;
 use crate::clock::now;
 use crate::config::{Method, SecretConfig};
 use crate::render::{Context, Renderer, write_all};
-use crate::secret::LeaseId;
+use crate::secret::{LeaseId, SecretData};
 use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
 use crate::telemetry::Telemetry;
 use crate::vault::{Secret, Vault, VaultClient, VaultError};
@@ -181,7 +181,7 @@ impl<V: Vault> Supervisor<V> {
         if let Some(h) = &held {
             self.telemetry.adopted(&name, &h.secret.lease_id, h.times.ttl, h.times.renewable, h.times.granted_at);
             // Files may be missing or stale after a restart.
-            let _ = self.render(h).await;
+            let _ = self.render(h, None).await;
             let _ = self.events.send(Event::Rendered { secret: name.clone() });
             self.persist(&held, &retired);
         }
@@ -208,13 +208,17 @@ impl<V: Vault> Supervisor<V> {
                 changed = self.spec.changed(), if spec_open => {
                     spec_open = changed.is_ok();
                     if let Some(h) = &held {
-                        let _ = self.render(h).await;
+                        let _ = self.render(h, retired.last().map(|r| &r.held.secret.data)).await;
                     }
                     continue;
                 }
             }
             if self.revoke_retired(&mut retired).await {
                 self.persist(&held, &retired);
+                // `previous` is gone from templates once its lease is.
+                if let Some(h) = &held {
+                    let _ = self.render(h, retired.last().map(|r| &r.held.secret.data)).await;
+                }
             }
             if now() < due {
                 continue;
@@ -302,6 +306,9 @@ impl<V: Vault> Supervisor<V> {
         let Some(h) = held else { return (Step::Issue, retry_at.unwrap_or_else(now)) };
         let cfg = self.cfg();
         let policy = Policy { renew_at: cfg.renew_at, jitter: cfg.jitter };
+        if let Some(ttl) = h.secret.data.rotates_in().filter(|_| !h.has_lease()) {
+            return (Step::Refresh, later(schedule::static_reread_at(h.times.granted_at, ttl, h.sample)));
+        }
         if !h.has_lease() {
             let at = schedule::refresh_at(
                 h.times.granted_at,
@@ -416,7 +423,8 @@ impl<V: Vault> Supervisor<V> {
         // a kill -9 from here on leaves a lease the next start adopts, not an
         // orphan. The old one is recorded as retired until then.
         self.persist_leases(Some(&fresh), retired.iter().map(|r| &r.held).chain(held.as_ref()));
-        match self.render(&fresh).await {
+        let replaced = held.as_ref().filter(|h| h.has_lease()).map(|h| &h.secret.data);
+        match self.render(&fresh, replaced).await {
             Rendered::All => {}
             Rendered::Nothing => {
                 tracing::error!(event = "render_failed", secret = %name, "revoking the new lease and keeping the old files");
@@ -445,7 +453,12 @@ impl<V: Vault> Supervisor<V> {
     /// Secrets without a lease (KV): re-read and re-render when changed.
     async fn refresh(&mut self, held: &mut Option<Held>) -> Result<(), Option<Duration>> {
         let Some(fresh) = self.fetch("refresh_failed", None).await else { return Err(None) };
-        if self.render(&fresh).await == Rendered::Nothing {
+        // A static role read again before its rotation: only `ttl` moved,
+        // and the files stay as they are.
+        let unchanged = held.as_ref().is_some_and(|h| h.secret.data.same_static_credentials(&fresh.secret.data));
+        if unchanged {
+            tracing::debug!(event = "unchanged", secret = %self.name(), "the static role's password has not rotated yet");
+        } else if self.render(&fresh, None).await == Rendered::Nothing {
             return Err(None);
         }
         *held = Some(fresh);
@@ -533,7 +546,9 @@ impl<V: Vault> Supervisor<V> {
 
     /// Renders every file, then notifies the application if any changed.
     /// False when a file could not be rendered or written (logged).
-    async fn render(&self, h: &Held) -> Rendered {
+    /// `previous`: the credentials being replaced, for templates that give
+    /// the app both.
+    async fn render(&self, h: &Held, previous: Option<&SecretData>) -> Rendered {
         let spec = self.spec.borrow().clone();
         let ctx = Context {
             name: &spec.cfg.name,
@@ -542,6 +557,7 @@ impl<V: Vault> Supervisor<V> {
             lease_duration: h.times.ttl,
             issued_at: h.issued_at,
             expires_at: h.expires_at(),
+            previous,
         };
         // Everything is rendered in memory first: a failing template writes
         // nothing; then every file is staged before any is renamed.

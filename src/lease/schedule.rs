@@ -159,6 +159,14 @@ pub fn refresh_at(
     }
 }
 
+/// When to re-read a static role (`database/static-creds`): right after
+/// Vault rotates its password, `rotates_in` after the read, plus 1–2 s
+/// (random per read, so the pods sharing a role do not read at once), not
+/// every `refresh_interval`.
+pub fn static_reread_at(fetched_at: SystemTime, rotates_in: Duration, sample: f64) -> SystemTime {
+    fetched_at + rotates_in + Duration::from_secs(1) + Duration::from_secs_f64(sample.clamp(0.0, 1.0))
+}
+
 /// How much earlier a secret's next step may run, so that the steps of a
 /// process's secrets share wakeups.
 pub const SLACK: Duration = Duration::from_millis(100);
@@ -326,6 +334,15 @@ mod tests {
         assert_eq!(token_first, Next { action: Action::Reissue(Bound::Token), at: t(7.5) });
         let lease_first = next(&lease, Some(t(11.5)), &POLICY, 0.0, None);
         assert_eq!(lease_first, Next { action: Action::Reissue(Bound::Lease), at: t(8.0) });
+    }
+
+    #[test]
+    fn static_roles_are_reread_just_after_their_rotation() {
+        use super::static_reread_at;
+        assert_eq!(static_reread_at(t(10.0), s(30.0), 0.0), t(41.0));
+        assert_eq!(static_reread_at(t(10.0), s(30.0), 0.5), t(41.5));
+        // Being rotated now (ttl 0): soon, not in a loop.
+        assert_eq!(static_reread_at(t(10.0), s(0.0), 0.99), t(11.99));
     }
 
     #[test]

@@ -21,6 +21,7 @@ use serde_json::Value;
 /// the path form, under the role's own prefixes only.
 pub const POLICY: &str = r#"
 path "database/creds/app" { capabilities = ["read"] }
+path "database/static-creds/app-static" { capabilities = ["read"] }
 path "sys/leases/renew/database/creds/app/*" { capabilities = ["update"] }
 path "sys/leases/revoke/database/creds/app/*" { capabilities = ["update"] }
 path "sys/leases/revoke/pki/issue/web/*" { capabilities = ["update"] }

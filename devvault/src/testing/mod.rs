@@ -32,6 +32,12 @@ pub struct PgCluster {
 
 pub const ADMIN_USER: &str = "postgres";
 
+/// PostgreSQL's programs (`initdb`, `pgbench`, …): `PG_BINDIR`, or the
+/// newest under /usr/lib/postgresql.
+pub fn pg_bindir() -> Result<PathBuf, String> {
+    bindir()
+}
+
 fn bindir() -> Result<PathBuf, String> {
     if let Ok(dir) = std::env::var("PG_BINDIR") {
         return Ok(PathBuf::from(dir));
