@@ -72,6 +72,15 @@ The first run of this bench missed most targets. What it took:
     to; the bench now keeps it in its own directory.
   Still above 0.3 ms; at one renewal per lease every half TTL that is a few
   milliseconds of CPU an hour, and OpenBao Agent spends three times more.
+- **Resident memory with 1 secret rose above 4 MiB again** (3.77 → about
+  4.07 MiB) with the injector and the proxy: most of it is the binary's own
+  pages (`Pss_File` 3.27 → 3.52 MB; the kernel maps code 64 KiB around each
+  page the agent touches, so code it never runs still counts), and dlmalloc
+  keeps 0.11 MiB more heap than musl's allocator. The proxy's SCRAM is now
+  our own on ring instead of postgres-protocol's (its SASLprep tables and
+  SHA-2: the binary 4.99 → 4.81 MB), which did not move the resident figure.
+  Building the injector out of the sidecar's binary did not either (tried:
+  4.12 MiB).
 
 Profile a run yourself: `BENCH_PROFILE=<secrets> BENCH_TTL=4s
 BENCH_SECONDS=30 BENCH_WRAP='perf record -g -o perf.data' scripts/bench`

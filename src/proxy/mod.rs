@@ -8,8 +8,10 @@
 //! key reach the client unchanged, so a cancel names the right backend.
 //!
 //! - `wire.rs`: the few protocol messages the proxy reads and writes;
-//! - `upstream.rs`: connecting, TLS and authenticating upstream.
+//! - `upstream.rs`: connecting, TLS and authenticating upstream;
+//! - `scram.rs`: SCRAM-SHA-256's client side.
 
+pub mod scram;
 pub mod upstream;
 pub mod wire;
 

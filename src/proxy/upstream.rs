@@ -7,11 +7,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::scram::Scram;
 use super::wire::{self, error_message, read_message};
 use super::{Io, ProxyError};
 use crate::config::{ProxyConfig, UpstreamTls};
@@ -88,7 +88,7 @@ pub async fn open(
     }
     let mut s = connect(cfg, tls).await?;
     s.write_all(&wire::startup_message(&params)).await?;
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<Scram> = None;
     loop {
         let (kind, body) = read_message(&mut s).await?;
         match kind {
@@ -101,17 +101,15 @@ pub async fn open(
                     3 => send(&mut s, b'p', &cstr(password)).await?,
                     5 if rest.len() == 4 => {
                         let salt = [rest[0], rest[1], rest[2], rest[3]];
-                        let hash =
-                            postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
-                        send(&mut s, b'p', &cstr(&hash)).await?;
+                        send(&mut s, b'p', &cstr(&md5_password(user, password, salt))).await?;
                     }
                     10 => {
                         let offers = rest.split(|c| *c == 0).any(|m| m == b"SCRAM-SHA-256");
                         if !offers {
                             return Err(ProxyError::Protocol("the server offers no SCRAM-SHA-256".into()));
                         }
-                        let sc = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                        let first = sc.message().to_vec();
+                        let sc = Scram::new(password);
+                        let first = sc.first();
                         let mut msg = cstr("SCRAM-SHA-256");
                         msg.extend_from_slice(&(first.len() as i32).to_be_bytes());
                         msg.extend_from_slice(&first);
@@ -120,12 +118,11 @@ pub async fn open(
                     }
                     11 => {
                         let sc = scram.as_mut().ok_or_else(|| ProxyError::Protocol("SASL continue first".into()))?;
-                        sc.update(rest).map_err(|e| ProxyError::Refused(format!("SCRAM: {e}")))?;
-                        let reply = sc.message().to_vec();
+                        let reply = sc.respond(rest).map_err(|e| ProxyError::Refused(format!("SCRAM: {e}")))?;
                         send(&mut s, b'p', &reply).await?;
                     }
                     12 => {
-                        let mut sc = scram.take().ok_or_else(|| ProxyError::Protocol("SASL final first".into()))?;
+                        let sc = scram.take().ok_or_else(|| ProxyError::Protocol("SASL final first".into()))?;
                         sc.finish(rest).map_err(|e| ProxyError::Refused(format!("SCRAM: the server's proof: {e}")))?;
                     }
                     other => return Err(ProxyError::Protocol(format!("authentication method {other}"))),
@@ -147,6 +144,14 @@ pub async fn cancel(
     s.write_all(packet).await?;
     let _ = s.shutdown().await;
     Ok(())
+}
+
+/// PostgreSQL's md5 password: `md5` + md5(md5(password + user) + salt), in hex.
+fn md5_password(user: &str, password: &str, salt: [u8; 4]) -> String {
+    use md5::{Digest, Md5};
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let inner = hex(&Md5::new().chain_update(password).chain_update(user).finalize());
+    format!("md5{}", hex(&Md5::new().chain_update(inner).chain_update(salt).finalize()))
 }
 
 fn cstr(s: &str) -> Vec<u8> {
@@ -201,5 +206,15 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// As libpq computes it (`pg_md5_encrypt` twice): user "postgres",
+    /// password "secret", salt 01 02 03 04 (the figure from Python's hashlib).
+    #[test]
+    fn md5_passwords_are_libpqs() {
+        assert_eq!(super::md5_password("postgres", "secret", [1, 2, 3, 4]), "md5bb41a296aab6baccb36ff243a562abff");
     }
 }
