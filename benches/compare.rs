@@ -96,20 +96,38 @@ const PGBENCH_CLIENTS: u32 = 4;
 const PGBENCH_SECS: u32 = 5;
 const PGBENCH_RUNS: usize = 3;
 
-/// (latency average ms, tps) from pgbench's output.
-fn pgbench(args: &[String], password: Option<&str>) -> Option<(f64, f64)> {
-    let bin = devvault::testing::pg_bindir().ok()?.join("pgbench");
+/// pgbench's output, or None (the reason printed).
+fn pgbench_out(args: &[String], password: Option<&str>) -> Option<String> {
+    let bin = match devvault::testing::pg_bindir() {
+        Ok(dir) => dir.join("pgbench"),
+        Err(e) => {
+            eprintln!("pgbench: {e}");
+            return None;
+        }
+    };
     let mut c = std::process::Command::new(bin);
     c.args(args).env_remove("PGPASSWORD");
     if let Some(p) = password {
         c.env("PGPASSWORD", p);
     }
-    let out = c.output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let out = match c.output() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("pgbench: {e}");
+            return None;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        eprintln!("pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("pgbench {args:?} failed: {text}{}", String::from_utf8_lossy(&out.stderr));
         return None;
     }
+    Some(text)
+}
+
+/// (latency average ms, tps) from a pgbench run.
+fn pgbench(args: &[String], password: Option<&str>) -> Option<(f64, f64)> {
+    let text = pgbench_out(args, password)?;
     let num = |prefix: &str| {
         text.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
     };
@@ -150,8 +168,14 @@ async fn proxy_bench(world: &World) -> Vec<String> {
     // The tables, as the administrator (the agent's users may only read).
     let admin =
         ["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", &world.pg.port.to_string(), "-U", "postgres", "postgres"];
-    let init = pgbench(&admin.map(String::from), Some(world.pg.admin_password()));
+    let init = pgbench_out(&admin.map(String::from), Some(world.pg.admin_password()));
     let mut rows = Vec::new();
+    if user.is_empty() {
+        eprintln!(
+            "the proxy bench's agent wrote no credentials:\n{}",
+            std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+        );
+    }
     if init.is_none() || user.is_empty() {
         rows.push("| pgbench could not run (see the bench's output) | | | |".to_string());
     } else {
@@ -778,6 +802,12 @@ async fn main() {
     let world = World::start().await;
     let mut fig = Figures::default();
     let sizes = [1usize, 10, 100, 1000];
+
+    // BENCH_PROXY_ONLY=1: only the proxy's pgbench, printed.
+    if std::env::var("BENCH_PROXY_ONLY").is_ok() {
+        println!("{}", proxy_bench(&world).await.join("\n"));
+        return;
+    }
 
     // Profile mode (BENCH_PROFILE=<secrets>, BENCH_WRAP=<profiler argv>):
     // one leasehold for BENCH_SECONDS (default 30), leases of BENCH_TTL
