@@ -63,8 +63,16 @@ async fn a_static_role_is_reread_right_after_each_rotation_not_polled() {
     let last = env.read_json("static.json").unwrap();
     env.pg.connect(&user, last["password"].as_str().unwrap()).await.expect("the file's password logs in");
 
-    let reads = env.requests().await.iter().filter(|r| r.path == "database/static-creds/app-static").count();
-    assert!(reads <= passwords.len() + 3, "read {reads} times for {} passwords: not polled", passwords.len());
+    // Not polled: reads come at the rotations. OpenBao's rotation queue may
+    // run a rotation a few seconds late (`ttl` 0 meanwhile, each read then
+    // 1–2 s after the last), but never in a tight loop.
+    let reads: Vec<_> =
+        env.requests().await.into_iter().filter(|r| r.path == "database/static-creds/app-static").collect();
+    assert!(reads.len() <= 4 * passwords.len(), "read {} times for {} passwords", reads.len(), passwords.len());
+    for pair in reads.windows(2) {
+        let gap = common::secs_between(pair[0].time, pair[1].time);
+        assert!(gap >= 0.9, "two reads {gap:.2} s apart: {:?}", reads.iter().map(|r| r.time).collect::<Vec<_>>());
+    }
     // Files are rewritten only when the password changed.
     let written = agent.events("rendered").iter().filter(|e| e["secret"] == "static" && e["changed"] == 1).count();
     assert!(written <= passwords.len() + 1, "{written} writes for {} passwords", passwords.len());
