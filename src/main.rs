@@ -190,7 +190,7 @@ fn run_injector(a: InjectorArgs) -> ExitCode {
         Ok(a) => a,
         Err(m) => return usage(m),
     };
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let env = config::process_env;
     let Some(vault_address) = a.vault_address.or_else(|| env("VAULT_ADDR")) else {
         return usage("--vault-address (or VAULT_ADDR) is required".into());
     };

@@ -309,7 +309,6 @@ async fn fixtures_get_their_answers_and_patched_pods_validate() {
         let line = format!("leasehold_injector_admissions_total{{result=\"{result}\"}} {n}");
         assert!(text.contains(&line), "{line} in\n{text}");
     }
-    drop(inj.dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -335,10 +335,10 @@ pub fn agent_config(plan: &Plan, defaults: &Defaults, fs_group: bool) -> Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    pub fn defaults() -> Defaults {
+    pub(crate) fn defaults() -> Defaults {
         Defaults {
             vault_address: "https://vault:8200".into(),
             vault_ca_pem: None,

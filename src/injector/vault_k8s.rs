@@ -166,16 +166,7 @@ mod tests {
     use super::*;
 
     fn defaults(legacy: bool) -> Defaults {
-        Defaults {
-            vault_address: "https://vault:8200".into(),
-            vault_ca_pem: None,
-            vault_namespace: String::new(),
-            auth_mount: "kubernetes".into(),
-            image: "leasehold:test".into(),
-            legacy,
-            token_audience: None,
-            telemetry_port: 9102,
-        }
+        Defaults { legacy, ..crate::injector::plan::tests::defaults() }
     }
 
     fn plan(pairs: &[(&str, &str)], legacy: bool) -> Result<Plan, AnnotationError> {
