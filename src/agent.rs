@@ -97,9 +97,8 @@ impl<V: Vault> Agent<V> {
         let files: Vec<PathBuf> = cfg.files.iter().map(|f| f.path.clone()).collect();
         self.telemetry.declare(&cfg.name, &cfg.path, &files);
         let proxy = cfg.proxy.clone().map(|p| {
-            let (feed, creds) = crate::proxy::Feed::new();
-            let stats = self.telemetry.proxy_stats(&cfg.name);
-            tokio::spawn(crate::proxy::serve(cfg.name.clone(), p, creds, stats, cancel.clone()));
+            let (feed, creds) = crate::proxy::Feed::new(&p, self.telemetry.proxy_stats(&cfg.name));
+            tokio::spawn(crate::proxy::serve(cfg.name.clone(), p, feed.clone(), creds, cancel.clone()));
             feed
         });
         let (spec_tx, spec_rx) = watch::channel(Arc::new(SecretSpec { index, cfg: cfg.clone(), renderer, proxy }));

@@ -36,6 +36,7 @@ pub fn check(config: &Config, config_path: &Path) -> Result<Vec<String>, ConfigE
             issued_at: crate::clock::wall(),
             expires_at: Some(crate::clock::wall() + Duration::from_secs(3600)),
             previous: Some(&data),
+            proxy: secret.proxy.as_ref().map(|p| (p.listen.as_str(), p.local_password.then_some("sample"))),
         };
         let known_shape = secret.path.trim_start_matches('/').contains("/creds/");
         let renderer = if known_shape { &strict } else { &lenient };

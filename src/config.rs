@@ -187,6 +187,25 @@ pub struct ProxyConfig {
     /// The CA of the database's certificate (`verify-full`).
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// What happens to connections of replaced credentials.
+    #[serde(default)]
+    pub replaced_connections: ReplacedConnections,
+    /// Clients must give a password the agent makes up at start
+    /// (`{{ proxy.password }}` in templates).
+    #[serde(default)]
+    pub local_password: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplacedConnections {
+    /// Closed between transactions once `revoke_replaced_after` has passed,
+    /// then the old lease is revoked.
+    #[default]
+    Close,
+    /// Kept until the client closes them, the old lease renewed meanwhile
+    /// (closed between transactions only before the lease ends for good).
+    Keep,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -663,7 +682,17 @@ secrets:
         let ok = parse(&with("      listen: 127.0.0.1:5432\n      upstream: db.prod.svc:5432\n")).unwrap();
         let p = ok.secrets[0].proxy.clone().unwrap();
         assert_eq!((p.upstream_tls, p.ca_cert), (UpstreamTls::Require, None));
+        assert_eq!((p.replaced_connections, p.local_password), (ReplacedConnections::Close, false));
+        let keep = with(
+            "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      replaced_connections: keep\n      local_password: true\n",
+        );
+        let p = parse(&keep).unwrap().secrets[0].proxy.clone().unwrap();
+        assert_eq!((p.replaced_connections, p.local_password), (ReplacedConnections::Keep, true));
         for (proxy, key) in [
+            (
+                "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      replaced_connections: drain\n",
+                "secrets[0].proxy.replaced_connections",
+            ),
             ("      listen: localhost:5432\n      upstream: db:5432\n", "secrets[0].proxy.listen"),
             ("      listen: unix:relative.sock\n      upstream: db:5432\n", "secrets[0].proxy.listen"),
             ("      listen: 127.0.0.1:5432\n      upstream: db\n", "secrets[0].proxy.upstream"),

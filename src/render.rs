@@ -38,6 +38,8 @@ pub struct Context<'a> {
     pub expires_at: Option<SystemTime>,
     /// The credentials being replaced, until their lease is revoked.
     pub previous: Option<&'a SecretData>,
+    /// The secret's proxy: its address, and the local password if any.
+    pub proxy: Option<(&'a str, Option<&'a str>)>,
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
@@ -64,6 +66,10 @@ impl Context<'_> {
                     "data": Value::Object(p.expose().clone()),
                 }),
                 None => json!({ "username": "", "password": "", "data": {} }),
+            },
+            "proxy": {
+                "listen": self.proxy.map_or("", |p| p.0),
+                "password": self.proxy.and_then(|p| p.1).unwrap_or_default(),
             },
         })
     }
@@ -400,6 +406,7 @@ mod tests {
             issued_at: SystemTime::UNIX_EPOCH,
             expires_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(60)),
             previous: None,
+            proxy: None,
         };
         let v: Value = serde_json::from_str(&json_format(&ctx)).unwrap();
         assert_eq!(v["username"], "v-app");
@@ -470,6 +477,7 @@ mod tests {
             issued_at: SystemTime::UNIX_EPOCH,
             expires_at: None,
             previous: None,
+            proxy: None,
         };
         for template in ["{% include '/etc/passwd' %}", "{{ env.HOME }}", "{{ range(10000000) | list | length }}"] {
             let r = Renderer::compile(&cfg(template), Path::new("t.yaml"));

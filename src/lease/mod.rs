@@ -17,13 +17,13 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AuthState, HeldToken};
 use crate::backoff::Backoff;
 use crate::clock::now;
-use crate::config::{Method, SecretConfig};
+use crate::config::{Method, ReplacedConnections, SecretConfig};
 use crate::render::{Context, Renderer, write_all};
 use crate::secret::{LeaseId, SecretData};
 use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
 use crate::telemetry::Telemetry;
 use crate::vault::{Secret, Vault, VaultClient, VaultError};
-use schedule::{Action, Bound, LeaseTimes, Policy};
+use schedule::{Action, Bound, LeaseTimes, Policy, RetiredAction, RetiredLease};
 
 /// A lease the agent is responsible for, as reported when a supervisor stops.
 #[derive(Debug, Clone)]
@@ -113,11 +113,14 @@ impl Held {
     }
 }
 
-/// A replaced lease waiting for `revoke_replaced_after`.
+/// A replaced lease waiting for `revoke_replaced_after` (and, with a proxy,
+/// for its connections).
 #[derive(Clone)]
 pub struct Retired {
     pub held: Held,
     pub revoke_at: SystemTime,
+    /// When its proxied connections were asked to close.
+    pub draining_since: Option<SystemTime>,
 }
 
 /// How far a render got.
@@ -195,12 +198,21 @@ impl<V: Vault> Supervisor<V> {
         loop {
             let (step, due) = self.next_step(held.as_ref(), retry_at, renew_retry);
             let due = schedule::coalesce(due, phase());
-            let revoke_due = retired.iter().map(|r| r.revoke_at).min();
-            let wake = revoke_due.map_or(due, |r| r.min(due));
+            let retired_due = retired.iter().map(|r| self.retired_step(r, now()).1).min();
+            let wake = retired_due.map_or(due, |r| r.min(due));
             let wait = wake.duration_since(now()).unwrap_or_default();
+            let feed = self.spec.borrow().proxy.clone();
+            let replaced_closed = async {
+                match &feed {
+                    Some(f) => f.replaced_closed().notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
+                // The last connection of a replaced lease may have ended.
+                _ = replaced_closed, if !retired.is_empty() => {}
                 changed = self.auth.changed(), if auth_open => {
                     auth_open = changed.is_ok();
                     continue;
@@ -213,7 +225,7 @@ impl<V: Vault> Supervisor<V> {
                     continue;
                 }
             }
-            if self.revoke_retired(&mut retired).await {
+            if self.tend_retired(&mut retired).await {
                 self.persist(&held, &retired);
                 // `previous` is gone from templates once its lease is.
                 if let Some(h) = &held {
@@ -444,7 +456,7 @@ impl<V: Vault> Supervisor<V> {
         if let Some(old) = held.take().filter(Held::has_lease) {
             let revoke_at = at + cfg.revoke_replaced_after;
             tracing::info!(event = "replaced", secret = %name, old_lease = %old.secret.lease_id, revoke_in_secs = cfg.revoke_replaced_after.as_secs(), "credentials replaced; old lease revoked later");
-            retired.push(Retired { held: old, revoke_at });
+            retired.push(Retired { held: old, revoke_at, draining_since: None });
         }
         *held = Some(fresh);
         Ok(())
@@ -503,28 +515,83 @@ impl<V: Vault> Supervisor<V> {
         }
     }
 
-    /// Revokes the retired leases that are due; true when any left the list.
-    async fn revoke_retired(&mut self, retired: &mut Vec<Retired>) -> bool {
+    /// A replaced lease's next step (`schedule::retired`).
+    fn retired_step(&self, r: &Retired, at: SystemTime) -> (RetiredAction, SystemTime) {
+        let spec = self.spec.borrow();
+        let keep = spec.cfg.proxy.as_ref().is_some_and(|p| p.replaced_connections == ReplacedConnections::Keep);
+        let open = spec.proxy.as_ref().map_or(0, |f| f.open_as(&r.held.secret.data));
+        let safe_end = r.held.times.safe_end();
+        let end = self.auth.borrow().token_end(&r.held.token_accessor).map_or(safe_end, |t| t.min(safe_end));
+        let policy = Policy { renew_at: spec.cfg.renew_at, jitter: spec.cfg.jitter };
+        let lease = RetiredLease {
+            times: r.held.times,
+            revoke_at: r.revoke_at,
+            draining_since: r.draining_since,
+            sample: r.held.sample,
+        };
+        schedule::retired(at, &lease, open, keep, end, &policy)
+    }
+
+    /// Drains, renews and revokes the replaced leases that are due; true
+    /// when any left the list.
+    async fn tend_retired(&mut self, retired: &mut Vec<Retired>) -> bool {
         let name = self.name();
         let at = now();
         let before = retired.len();
         let mut keep = Vec::new();
         let feed = self.spec.borrow().proxy.clone();
-        for r in std::mem::take(retired) {
-            if r.revoke_at > at {
-                keep.push(r);
-                continue;
-            }
-            // Vault already revoked it at expiry, or we do now.
-            let gone = r.held.times.expires_at() <= at || self.revoke(&r.held.live(&name)).await;
-            if !gone {
-                keep.push(Retired { revoke_at: at + Duration::from_secs(30), ..r });
-            } else if let Some(feed) = &feed {
-                feed.revoked(&r.held.secret.data);
+        for mut r in std::mem::take(retired) {
+            match self.retired_step(&r, at).0 {
+                RetiredAction::Wait => keep.push(r),
+                RetiredAction::Drain => {
+                    tracing::info!(event = "draining", secret = %name, old_lease = %r.held.secret.lease_id, "closing the proxied connections of replaced credentials between transactions");
+                    if let Some(feed) = &feed {
+                        feed.close_when_idle(&r.held.secret.data);
+                    }
+                    r.draining_since = Some(at);
+                    keep.push(r);
+                }
+                RetiredAction::Renew => {
+                    self.renew_retired(&mut r.held).await;
+                    keep.push(r);
+                }
+                RetiredAction::Revoke => {
+                    // Vault already revoked it at expiry, or we do now.
+                    let gone = r.held.times.expires_at() <= at || self.revoke(&r.held.live(&name)).await;
+                    if !gone {
+                        keep.push(Retired { revoke_at: at + Duration::from_secs(30), draining_since: None, ..r });
+                    } else if let Some(feed) = &feed {
+                        feed.revoked(&r.held.secret.data);
+                    }
+                }
             }
         }
         *retired = keep;
         retired.len() != before
+    }
+
+    /// Keeps a replaced lease alive for the proxied connections that still
+    /// use it (`replaced_connections: keep`). A failed renewal is not
+    /// retried: the connections are closed before the lease ends instead.
+    async fn renew_retired(&mut self, h: &mut Held) {
+        let name = self.name();
+        let Some(token) = self.current_token().await else { return };
+        match self.client.renew_lease(&token.token.secret, &h.secret.lease_id, h.times.first_ttl).await {
+            Ok(r) => {
+                h.times = h.times.renewed(now(), r.lease_duration, r.renewable, &r.warnings);
+                h.sample = rand::random();
+                tracing::info!(event = "renewed_replaced", secret = %name, lease = %h.secret.lease_id, ttl_secs = r.lease_duration.as_secs(), "renewed replaced credentials that proxied connections still use");
+            }
+            Err(e) => {
+                let error = h.secret.lease_id.redact(&e.to_string());
+                tracing::warn!(event = "renew_failed", secret = %name, lease = %h.secret.lease_id, error = %error, "renewing replaced credentials failed; their connections close before the lease ends");
+                h.times.capped = true;
+                if lease_gone(&e) {
+                    h.times.ttl = Duration::ZERO;
+                    h.times.granted_at = now();
+                }
+            }
+        }
     }
 
     async fn revoke(&mut self, lease: &LiveLease) -> bool {
@@ -558,6 +625,11 @@ impl<V: Vault> Supervisor<V> {
             issued_at: h.issued_at,
             expires_at: h.expires_at(),
             previous,
+            proxy: spec
+                .cfg
+                .proxy
+                .as_ref()
+                .map(|p| (p.listen.as_str(), spec.proxy.as_ref().and_then(|f| f.local_password()))),
         };
         // Everything is rendered in memory first: a failing template writes
         // nothing; then every file is staged before any is renamed.

@@ -167,6 +167,78 @@ pub fn static_reread_at(fetched_at: SystemTime, rotates_in: Duration, sample: f6
     fetched_at + rotates_in + Duration::from_secs(1) + Duration::from_secs_f64(sample.clamp(0.0, 1.0))
 }
 
+/// What to do with a replaced lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetiredAction {
+    /// Nothing until the instant returned (or a proxied connection of it ends).
+    Wait,
+    /// Ask its proxied connections to close between transactions.
+    Drain,
+    Renew,
+    Revoke,
+}
+
+/// A replaced lease as `retired` weighs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetiredLease {
+    pub times: LeaseTimes,
+    /// `revoke_replaced_after` after the replacement.
+    pub revoke_at: SystemTime,
+    /// When its connections were asked to close.
+    pub draining_since: Option<SystemTime>,
+    pub sample: f64,
+}
+
+/// How long proxied connections of a replaced lease get to finish their
+/// transaction before the lease is revoked under them: 5 s, or an eighth
+/// of the lease's TTL when that is shorter.
+pub fn drain_time(first_ttl: Duration) -> Duration {
+    Duration::from_secs(5).min(first_ttl / 8)
+}
+
+/// The next step for a replaced lease, and when. `open`: its proxied
+/// connections; `keep`: `replaced_connections: keep`, where they stay until
+/// the client closes them and the lease is renewed meanwhile; `end`: when
+/// the lease ends for good (its safe end, or its token's if sooner).
+///
+/// Without connections it is revoked at `revoke_at`. With them, they are
+/// asked to close then (`close`), or only `drain_time` before `end`
+/// (`keep`), and it is revoked when the last one closed or `drain_time`
+/// later.
+pub fn retired(
+    now: SystemTime,
+    r: &RetiredLease,
+    open: u64,
+    keep: bool,
+    end: SystemTime,
+    policy: &Policy,
+) -> (RetiredAction, SystemTime) {
+    use RetiredAction::*;
+    let drain = drain_time(r.times.first_ttl);
+    if let Some(since) = r.draining_since {
+        let until = (since + drain).min(end);
+        return if open == 0 || now >= until { (Revoke, now) } else { (Wait, until) };
+    }
+    let last_call = end.checked_sub(drain).unwrap_or(UNIX_EPOCH);
+    let renew = (keep && r.times.renewable && !r.times.capped)
+        .then(|| renew_point(r.times.granted_at, r.times.ttl, policy, r.sample));
+    let renew_or_wait = |until: SystemTime| match renew {
+        Some(at) if at <= now => (Renew, now),
+        Some(at) => (Wait, at.min(until)),
+        None => (Wait, until),
+    };
+    if now < r.revoke_at {
+        return renew_or_wait(r.revoke_at);
+    }
+    if open == 0 {
+        return (Revoke, now);
+    }
+    if !keep || now >= last_call {
+        return (Drain, now);
+    }
+    renew_or_wait(last_call)
+}
+
 /// How much earlier a secret's next step may run, so that the steps of a
 /// process's secrets share wakeups.
 pub const SLACK: Duration = Duration::from_millis(100);
@@ -211,6 +283,69 @@ mod tests {
     use super::*;
 
     const POLICY: Policy = Policy { renew_at: 0.5, jitter: 0.05 };
+
+    /// A replaced lease granted 60 s at 0 (renewable), revoke_at 10 s.
+    fn replaced(renewable: bool, draining_since: Option<SystemTime>) -> RetiredLease {
+        RetiredLease {
+            times: LeaseTimes::issued(t(0.0), s(60.0), renewable),
+            revoke_at: t(10.0),
+            draining_since,
+            sample: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_replaced_lease_without_connections_is_revoked_at_revoke_at() {
+        use RetiredAction::*;
+        let r = replaced(true, None);
+        for keep in [false, true] {
+            assert_eq!(retired(t(9.0), &r, 0, keep, t(59.0), &POLICY), (Wait, t(10.0)));
+            assert_eq!(retired(t(10.0), &r, 0, keep, t(59.0), &POLICY), (Revoke, t(10.0)), "keep {keep}");
+        }
+    }
+
+    #[test]
+    fn close_drains_connections_at_revoke_at_then_revokes() {
+        use RetiredAction::*;
+        let r = replaced(true, None);
+        assert_eq!(retired(t(9.0), &r, 3, false, t(59.0), &POLICY), (Wait, t(10.0)), "no renewal in close mode");
+        assert_eq!(retired(t(10.0), &r, 3, false, t(59.0), &POLICY), (Drain, t(10.0)));
+        let d = replaced(true, Some(t(10.0)));
+        assert_eq!(
+            retired(t(11.0), &d, 1, false, t(59.0), &POLICY),
+            (Wait, t(10.0) + drain_time(s(60.0))),
+            "a transaction runs"
+        );
+        assert_eq!(retired(t(11.0), &d, 0, false, t(59.0), &POLICY), (Revoke, t(11.0)), "the last one closed");
+        assert_eq!(
+            retired(t(10.0) + drain_time(s(60.0)), &d, 1, false, t(59.0), &POLICY),
+            (Revoke, t(10.0) + drain_time(s(60.0))),
+            "no longer"
+        );
+        // Never past the lease's own end.
+        assert_eq!(retired(t(11.0), &d, 1, false, t(12.0), &POLICY), (Wait, t(12.0)));
+    }
+
+    #[test]
+    fn keep_renews_while_connections_stay_and_drains_before_the_end() {
+        use RetiredAction::*;
+        let r = replaced(true, None);
+        // Renewed at half its TTL, before or after revoke_at.
+        assert_eq!(retired(t(10.0), &r, 2, true, t(59.0), &POLICY), (Wait, t(30.0)));
+        assert_eq!(retired(t(30.0), &r, 2, true, t(59.0), &POLICY), (Renew, t(30.0)));
+        let short = RetiredLease { revoke_at: t(40.0), ..r };
+        assert_eq!(retired(t(31.0), &short, 2, true, t(59.0), &POLICY), (Renew, t(31.0)), "before revoke_at too");
+        // Capped or not renewable: left alone until its drain time before its end.
+        let capped = RetiredLease { times: LeaseTimes { capped: true, ..r.times }, ..r };
+        assert_eq!(retired(t(10.0), &capped, 2, true, t(59.0), &POLICY), (Wait, t(59.0) - drain_time(s(60.0))));
+        assert_eq!(
+            retired(t(59.0) - drain_time(s(60.0)), &capped, 2, true, t(59.0), &POLICY),
+            (Drain, t(59.0) - drain_time(s(60.0)))
+        );
+        assert_eq!(drain_time(s(8.0)), s(1.0), "short leases drain for an eighth of their TTL");
+        let fixed = replaced(false, None);
+        assert_eq!(retired(t(54.0), &fixed, 1, true, t(59.0), &POLICY), (Drain, t(54.0)));
+    }
 
     fn t(secs: f64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs_f64(1_000_000.0 + secs)

@@ -17,6 +17,22 @@ const PROTOCOL_3: i32 = 196_608;
 const MAX_STARTUP: usize = 10_000;
 
 pub const AUTHENTICATION_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+const AUTHENTICATION_CLEARTEXT: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 3];
+pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
+/// Asks the client for the local password (cleartext: the hop is the
+/// loopback or a socket inside the pod) and checks it in constant time.
+pub async fn check_password<S: AsyncRead + AsyncWrite + Unpin>(c: &mut S, want: &str) -> Result<(), ProxyError> {
+    c.write_all(&AUTHENTICATION_CLEARTEXT).await?;
+    let (kind, body) = read_message(c).await?;
+    if kind != b'p' {
+        return Err(ProxyError::NotPostgres(format!("message {:?} instead of a password", kind as char)));
+    }
+    let given = body.strip_suffix(&[0]).unwrap_or(&body);
+    // Constant time in the content (the length is no secret: always 32).
+    let same = given.len() == want.len() && given.iter().zip(want.as_bytes()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0;
+    if same { Ok(()) } else { Err(ProxyError::LocalPassword) }
+}
 
 pub enum Startup {
     /// The client's parameters (`user`, `database`, `application_name`, …).
@@ -177,6 +193,25 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1024);
         a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
         assert!(matches!(read_startup(&mut b).await, Err(ProxyError::NotPostgres(_))));
+    }
+
+    #[tokio::test]
+    async fn the_local_password_is_asked_and_checked() {
+        for (given, ok) in [("s3cret", true), ("wrong", false), ("", false)] {
+            let (mut a, mut b) = tokio::io::duplex(1024);
+            let mut asked = [0u8; 9];
+            let client = async {
+                a.read_exact(&mut asked).await.unwrap();
+                let mut p = vec![b'p'];
+                p.extend_from_slice(&((given.len() + 5) as i32).to_be_bytes());
+                p.extend_from_slice(given.as_bytes());
+                p.push(0);
+                a.write_all(&p).await.unwrap();
+            };
+            let (_, got) = tokio::join!(client, check_password(&mut b, "s3cret"));
+            assert_eq!(asked, AUTHENTICATION_CLEARTEXT);
+            assert_eq!(got.is_ok(), ok, "{given:?}");
+        }
     }
 
     #[test]

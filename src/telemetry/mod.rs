@@ -83,7 +83,9 @@ pub struct Telemetry {
     proxies: Mutex<BTreeMap<String, Arc<crate::proxy::Stats>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// A panic aborts the process (panic = "abort"): a poisoned lock's data is
+/// as good as any.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -329,8 +331,9 @@ impl Telemetry {
             return String::new();
         }
         let mut out = String::new();
+        // Each value with its labels after `secret`.
         type Values = fn(&crate::proxy::Stats) -> Vec<(&'static str, u64)>;
-        let families: [(&str, &str, &str, Values); 4] = [
+        let families: [(&str, &str, &str, Values); 5] = [
             ("leasehold_proxy_connections_opened", "counter", "Client connections logged in upstream.", |s| {
                 vec![("", s.opened.load(Relaxed))]
             }),
@@ -340,21 +343,34 @@ impl Telemetry {
                 "Client connections that failed (bad client, upstream refused or unreachable).",
                 |s| vec![("", s.failed.load(Relaxed))],
             ),
-            ("leasehold_proxy_connections_open", "gauge", "Client connections open now.", |s| {
-                vec![("", s.open.load(Relaxed))]
-            }),
-            ("leasehold_proxy_bytes", "counter", "Bytes relayed, counted when a connection ends.", |s| {
-                vec![("up", s.bytes_up.load(Relaxed)), ("down", s.bytes_down.load(Relaxed))]
+            (
+                "leasehold_proxy_connections_open",
+                "gauge",
+                "Client connections open now, by credential generation: the current one, or replaced ones.",
+                |s| {
+                    let (current, replaced) = s.open();
+                    vec![(",generation=\"current\"", current), (",generation=\"replaced\"", replaced)]
+                },
+            ),
+            (
+                "leasehold_proxy_credential_generation",
+                "gauge",
+                "How many credentials the proxy has logged in with (1 for the first), counting the current.",
+                |s| vec![("", s.generation.load(Relaxed))],
+            ),
+            ("leasehold_proxy_bytes", "counter", "Bytes relayed.", |s| {
+                vec![
+                    (",direction=\"up\"", s.bytes_up.load(Relaxed)),
+                    (",direction=\"down\"", s.bytes_down.load(Relaxed)),
+                ]
             }),
         ];
         for (name, kind, help, values) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             let sample = if kind == "counter" { format!("{name}_total") } else { name.to_string() };
             for (secret, stats) in proxies.iter() {
-                for (direction, v) in values(stats) {
-                    let extra =
-                        if direction.is_empty() { String::new() } else { format!(",direction=\"{direction}\"") };
-                    let _ = writeln!(out, "{sample}{{secret=\"{secret}\"{extra}}} {v}");
+                for (labels, v) in values(stats) {
+                    let _ = writeln!(out, "{sample}{{secret=\"{secret}\"{labels}}} {v}");
                 }
             }
         }
