@@ -1,13 +1,17 @@
 //! The local PostgreSQL proxy of a database secret (`proxy:`): the app
-//! connects to `listen` with any user name and no password that matters;
-//! every connection is opened upstream with the secret's **current**
-//! credentials (SCRAM-SHA-256, md5 or cleartext, as the server asks), then
-//! the bytes are relayed both ways. After a rotation new connections log in
-//! as the new user; a connection of a replaced user is closed when its lease
-//! is revoked. Cancel requests pass through: the server's own process id and
-//! key reach the client unchanged, so a cancel names the right backend.
+//! connects to `listen` with any user name, and no password or the local
+//! one (`local_password`); every connection is opened upstream with the
+//! secret's **current** credentials (SCRAM-SHA-256, md5 or cleartext, as
+//! the server asks), then the bytes are relayed both ways. After a rotation
+//! new connections log in as the new user; a connection of a replaced user
+//! is closed between transactions when the supervisor drains its lease, and
+//! at once when the lease is revoked. Cancel requests pass through: the
+//! server's own process id and key reach the client unchanged, so a cancel
+//! names the right backend.
 //!
 //! - `wire.rs`: the few protocol messages the proxy reads and writes;
+//! - `relay.rs`: relaying while following the framing, to know when a
+//!   session is idle;
 //! - `upstream.rs`: connecting, TLS and authenticating upstream;
 //! - `scram.rs`: SCRAM-SHA-256's client side.
 
