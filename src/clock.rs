@@ -9,13 +9,21 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::sync::OnceLock;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 fn anchor() -> &'static (SystemTime, Instant) {
     static ANCHOR: OnceLock<(SystemTime, Instant)> = OnceLock::new();
     ANCHOR.get_or_init(|| (SystemTime::now(), Instant::now()))
+}
+
+/// Fixes the anchor. Called just before the runtime is built, so that the
+/// anchor is at most a few microseconds before tokio's own timer epoch:
+/// deadlines a whole number of `schedule::SLACK` cells after it then fall
+/// on the timer wheel's 64 ms slot boundaries (see `sleep_until`).
+pub fn start() {
+    anchor();
 }
 
 /// The process's clock: the wall time at start plus the monotonic time since.
@@ -29,6 +37,28 @@ pub fn instant() -> Instant {
     Instant::now()
 }
 
+/// The monotonic instant at which `now()` reads `at` (the anchor's for a
+/// time before it).
+pub fn instant_at(at: SystemTime) -> Instant {
+    let (wall, mono) = anchor();
+    *mono + at.duration_since(*wall).unwrap_or_default()
+}
+
+/// Sleeps until `now()` reads `at`. Straight from the anchor rather than
+/// `sleep(at - now())`, which lands a few microseconds late: past a slot
+/// boundary of tokio's timer wheel, that costs one more wakeup.
+pub async fn sleep_until(at: SystemTime) {
+    tokio::time::sleep_until(instant_at(at)).await
+}
+
+/// This process's offset on a grid of `cell`s: the anchor's wall time, so
+/// that the grid's lines are whole cells after the anchor (and processes
+/// started apart are on different grids).
+pub fn grid_phase(cell: Duration) -> Duration {
+    let since = anchor().0.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Duration::from_nanos((since.as_nanos() % cell.as_nanos().max(1)) as u64)
+}
+
 /// The system's wall clock, for edges without deadlines.
 pub fn wall() -> SystemTime {
     SystemTime::now()
@@ -37,7 +67,6 @@ pub fn wall() -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn now_follows_the_monotonic_clock_not_the_system_one() {

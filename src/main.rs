@@ -128,7 +128,11 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     // One thread is plenty for a sidecar and keeps its footprint small.
-    tokio::runtime::Builder::new_current_thread().enable_all().build()
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_all();
+    // The clock's anchor just before tokio's timer epoch (`clock::start`).
+    leasehold::clock::start();
+    builder.build()
 }
 
 fn run_agent(path: &Path, once: bool) -> ExitCode {

@@ -154,10 +154,11 @@ pub struct Supervisor<V = VaultClient> {
     pub cancel: CancellationToken,
 }
 
-/// This process's offset on the `schedule::coalesce` grid.
+/// This process's offset on the `schedule::coalesce` grid: its lines are
+/// whole cells after the clock's anchor, on slot boundaries of tokio's
+/// timer wheel (`clock::start`).
 fn phase() -> Duration {
-    static PHASE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *PHASE.get_or_init(|| schedule::SLACK.mul_f64(rand::random::<f64>()))
+    crate::clock::grid_phase(schedule::SLACK)
 }
 
 /// Renewal answers meaning the lease cannot be renewed any more.
@@ -200,7 +201,6 @@ impl<V: Vault> Supervisor<V> {
             let due = schedule::coalesce(due, phase());
             let retired_due = retired.iter().map(|r| self.retired_step(r, now()).1).min();
             let wake = retired_due.map_or(due, |r| r.min(due));
-            let wait = wake.duration_since(now()).unwrap_or_default();
             let feed = self.spec.borrow().proxy.clone();
             let replaced_closed = async {
                 match &feed {
@@ -210,7 +210,7 @@ impl<V: Vault> Supervisor<V> {
             };
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
-                _ = tokio::time::sleep(wait) => {}
+                _ = crate::clock::sleep_until(wake) => {}
                 // The last connection of a replaced lease may have ended.
                 _ = replaced_closed, if !retired.is_empty() => {}
                 changed = self.auth.changed(), if auth_open => {

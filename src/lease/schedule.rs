@@ -240,11 +240,13 @@ pub fn retired(
 }
 
 /// How much earlier a secret's next step may run, so that the steps of a
-/// process's secrets share wakeups.
-pub const SLACK: Duration = Duration::from_millis(100);
+/// process's secrets share wakeups. Two of the 64 ms slots of tokio's timer
+/// wheel: a deadline on a slot boundary fires at the wheel's first wakeup
+/// for it instead of being re-filed into a finer level and woken again.
+pub const SLACK: Duration = Duration::from_millis(128);
 
 /// `due` moved earlier onto the process's grid of `SLACK` cells (offset by
-/// `phase`, random per process, so that pods stay spread): the deadlines of
+/// `phase`, per process, so that pods stay spread): the deadlines of
 /// several secrets that fall in one cell fire in one wakeup, and a wakeup
 /// costs far more CPU than a renewal's own work. Never later than `due`,
 /// less than `SLACK` earlier.
@@ -268,17 +270,18 @@ mod tests {
         let phase = Duration::from_millis(37);
         let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
         // Two secrets due 60 ms apart in one cell: one wakeup.
-        assert_eq!(coalesce(at(10_040), phase), at(10_037));
-        assert_eq!(coalesce(at(10_100), phase), at(10_037));
-        assert_eq!(coalesce(at(10_137), phase), at(10_137), "on the grid: unchanged");
-        for ms in [0u64, 5, 36, 37, 38, 99, 100, 12_345, 1_000_000_000] {
-            for phase in [Duration::ZERO, phase, Duration::from_millis(99), Duration::from_secs(7)] {
+        // 10_021 = 37 + 78 cells of 128 ms.
+        assert_eq!(coalesce(at(10_040), phase), at(10_021));
+        assert_eq!(coalesce(at(10_100), phase), at(10_021));
+        assert_eq!(coalesce(at(10_149), phase), at(10_149), "on the grid: unchanged");
+        for ms in [0u64, 5, 36, 37, 38, 99, 100, 127, 128, 12_345, 1_000_000_000] {
+            for phase in [Duration::ZERO, phase, Duration::from_millis(127), Duration::from_secs(7)] {
                 let c = coalesce(at(ms), phase);
                 assert!(c <= at(ms) && at(ms).duration_since(c).unwrap() < SLACK, "{ms} {phase:?}");
             }
         }
         // Another process's phase: another grid.
-        assert_ne!(coalesce(at(10_040), Duration::from_millis(80)), at(10_037));
+        assert_ne!(coalesce(at(10_040), Duration::from_millis(80)), at(10_021));
     }
     use super::*;
 
