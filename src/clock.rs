@@ -68,6 +68,18 @@ pub fn wall() -> SystemTime {
 mod tests {
     use super::*;
 
+    #[test]
+    fn coalesced_deadlines_are_whole_grid_cells_after_the_anchor() {
+        // So that they fall on slot boundaries of tokio's timer wheel.
+        let cell = crate::lease::schedule::SLACK;
+        for ms in [0u64, 1, 127, 128, 5_300, 1_999_999] {
+            let due = now() + Duration::from_millis(ms);
+            let line = crate::lease::schedule::coalesce(due, grid_phase(cell));
+            let after = instant_at(line) - anchor().1;
+            assert_eq!(after.as_nanos() % cell.as_nanos(), 0, "{ms} ms: {after:?}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn now_follows_the_monotonic_clock_not_the_system_one() {
         let before = now();
