@@ -87,7 +87,9 @@ async fn exec(secret: &str, argv: &[String], data: &SecretData) -> Result<(), Ho
 async fn call(url: &str, method: &str) -> Result<(), HookError> {
     let fail = |m: String| HookError::Http(m);
     let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| fail(format!("bad method {method}")))?;
-    let client = reqwest::Client::builder().timeout(HTTP_TIMEOUT).build().map_err(|e| fail(e.to_string()))?;
+    let client = crate::vault::without_unused_roots(reqwest::Client::builder().timeout(HTTP_TIMEOUT), url)
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     let mut last = String::new();
     for attempt in 0..HTTP_ATTEMPTS {

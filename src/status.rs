@@ -10,8 +10,8 @@ pub fn main(addr: &str) -> ExitCode {
     let fetched =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string()).and_then(|rt| {
             rt.block_on(async {
-                let client =
-                    reqwest::Client::builder().timeout(Duration::from_secs(5)).build().map_err(|e| e.to_string())?;
+                let builder = reqwest::Client::builder().timeout(Duration::from_secs(5));
+                let client = crate::vault::without_unused_roots(builder, &url).build().map_err(|e| e.to_string())?;
                 let resp = client.get(&url).send().await.map_err(|e| format!("cannot reach {url}: {e}"))?;
                 resp.json::<Value>().await.map_err(|e| format!("{url} did not answer with status JSON: {e}"))
             })

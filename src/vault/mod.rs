@@ -184,8 +184,8 @@ impl VaultClient {
                 return Err(setup("the CA file holds no PEM certificate".into()));
             }
             builder = builder.tls_certs_only(certs);
-        } else if !system_roots_needed(&cfg.address) {
-            builder = builder.tls_certs_only(Vec::new());
+        } else {
+            builder = without_unused_roots(builder, &cfg.address);
         }
         if cfg.tls_skip_verify {
             builder = builder.tls_danger_accept_invalid_certs(true);
@@ -638,6 +638,12 @@ impl Vault for VaultClient {
 /// MiB of a 4 MiB agent).
 fn system_roots_needed(address: &str) -> bool {
     address.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
+
+/// `builder` without the system's roots when requests to `address` cannot
+/// use them (every HTTP client of the process: Vault, hooks, `status`).
+pub(crate) fn without_unused_roots(builder: reqwest::ClientBuilder, address: &str) -> reqwest::ClientBuilder {
+    if system_roots_needed(address) { builder } else { builder.tls_certs_only(Vec::new()) }
 }
 
 #[cfg(test)]
