@@ -106,6 +106,8 @@ struct InjectorArgs {
 
 fn main() -> ExitCode {
     telemetry::harden();
+    // Before any HTTP client: `status` and hooks build their own.
+    leasehold::vault::install_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
         Command::Agent { config, once } => run_agent(&config, once),

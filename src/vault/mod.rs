@@ -154,9 +154,7 @@ const MAX_IN_FLIGHT: usize = 16;
 
 impl VaultClient {
     pub fn new(cfg: ClientConfig) -> Result<Self, VaultError> {
-        // ring, for every TLS client of the process; an error only says a
-        // provider was installed already (by an earlier client).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         let setup = |reason: String| VaultError::Setup { op: "client setup", reason };
         let downgrade_guard = reqwest::redirect::Policy::custom(|attempt| {
             // Follow one standby redirect; never from https to http.
@@ -638,6 +636,13 @@ impl Vault for VaultClient {
 /// MiB of a 4 MiB agent).
 fn system_roots_needed(address: &str) -> bool {
     address.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
+
+/// ring, for every TLS client of the process (reqwest is built without a
+/// provider of its own, and panics at `build` without one). Called first
+/// thing by every command; an error only says it was installed already.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// `builder` without the system's roots when requests to `address` cannot
