@@ -19,9 +19,11 @@ fn anchor() -> &'static (SystemTime, Instant) {
 }
 
 /// Fixes the anchor. Called just before the runtime is built, so that the
-/// anchor is at most a few microseconds before tokio's own timer epoch:
-/// deadlines a whole number of `schedule::SLACK` cells after it then fall
-/// on the timer wheel's 64 ms slot boundaries (see `sleep_until`).
+/// anchor is before tokio's own timer epoch by (normally) well under a
+/// millisecond: deadlines a whole number of `schedule::SLACK` cells after
+/// it then fall on the timer wheel's 64 ms slot boundaries (see
+/// `sleep_until`). When the build takes longer, a step costs one more
+/// wake-up, nothing else.
 pub fn start() {
     anchor();
 }

@@ -202,8 +202,9 @@ impl VaultClient {
         })
     }
 
-    /// `<address>/v1/<path>`: only the path is parsed per request (a whole
-    /// URL's parse is a fifth of a renewal's instructions).
+    /// `<address>/v1/<path>`: only the path is parsed per request (reqwest
+    /// parses the whole URL once more; the two were a quarter of a
+    /// renewal's instructions).
     fn url(&self, path: &str) -> reqwest::Url {
         let mut url = self.base.clone();
         url.set_path(&format!("{}/v1/{}", self.base.path().trim_end_matches('/'), path.trim_start_matches('/')));
@@ -630,10 +631,10 @@ impl Vault for VaultClient {
     }
 }
 
-/// Whether the system's root certificates can be of use: an `https://`
-/// address without a CA file. Otherwise they are not loaded (a PEM bundle of
-/// some 200 KB parsed at start, whose peak heap the allocator keeps: 0.45
-/// MiB of a 4 MiB agent).
+/// Whether the system's root certificates can be of use: only for an
+/// `https://` address (a CA file, when given, replaces them: the caller's
+/// part). Otherwise they are not loaded (a PEM bundle of some 200 KB parsed
+/// at start, whose peak heap the allocator keeps: 0.45 MiB of a 4 MiB agent).
 fn system_roots_needed(address: &str) -> bool {
     address.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"))
 }
