@@ -3,22 +3,29 @@
 
 #![forbid(unsafe_code)]
 
-#[cfg(feature = "demo")]
-use leasehold::demo;
-use leasehold::{agent, check, config, injector, render, shutdown, status, telemetry};
+mod cmd;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use agent::teardown::Outcome;
 use clap::{Parser, Subcommand};
-
-use config::{Config, ConfigError};
+use config::ConfigError;
 
 #[cfg(target_env = "musl")]
 #[global_allocator]
 static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 
-/// Exit code for an invalid configuration (sysexits EX_CONFIG).
+// Every exit code of the process (docs/cli.md). A second SIGTERM or
+// SIGINT during the teardown exits 130 from the signal task itself
+// (`agent::signals::EXIT_SECOND_SIGNAL`).
+
+/// Done: every lease revoked (or kept as configured), or `--once` rendered.
+const EXIT_OK: u8 = 0;
+/// The agent failed: it could not start, `--once` did not render every
+/// secret, or a lease may be left alive.
+const EXIT_FAILURE: u8 = 1;
+/// An invalid configuration (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
@@ -64,59 +71,64 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-struct InjectorArgs {
+pub struct InjectorArgs {
     /// The webhook's certificate (PEM); re-read when the file changes.
     #[arg(long, value_name = "FILE")]
-    tls_cert: PathBuf,
+    pub tls_cert: PathBuf,
     /// Its private key (PEM).
     #[arg(long, value_name = "FILE")]
-    tls_key: PathBuf,
+    pub tls_key: PathBuf,
     #[arg(long, default_value = ":8443", value_name = "[HOST]:PORT")]
-    listen: String,
+    pub listen: String,
     /// Vault's address, for the injected agents (default: env VAULT_ADDR).
     #[arg(long, value_name = "URL")]
-    vault_address: Option<String>,
+    pub vault_address: Option<String>,
     /// A CA (PEM) that signs Vault's certificate; given to the agents inline
     /// (default: env VAULT_CACERT).
     #[arg(long, value_name = "FILE")]
-    vault_ca_cert: Option<PathBuf>,
+    pub vault_ca_cert: Option<PathBuf>,
     /// Vault namespace (X-Vault-Namespace) for the agents (default: env VAULT_NAMESPACE).
     #[arg(long)]
-    vault_namespace: Option<String>,
+    pub vault_namespace: Option<String>,
     /// Default auth mount (auth/<mount>/login).
     #[arg(long, default_value = "kubernetes")]
-    auth_path: String,
+    pub auth_path: String,
     /// The agent's image.
     #[arg(long, default_value = concat!("leasehold/leasehold:", env!("CARGO_PKG_VERSION")))]
-    image: String,
+    pub image: String,
     /// The cluster is older than 1.29 (no native sidecars): an `--once`
     /// init container plus a regular sidecar.
     #[arg(long)]
-    legacy_sidecar: bool,
+    pub legacy_sidecar: bool,
     /// Also translate vault-k8s (`vault.hashicorp.com/*`) annotations.
     #[arg(long)]
     vault_k8s_compat: bool,
     /// Audience of the agents' projected ServiceAccount token (the Vault role's `audience`).
     #[arg(long)]
-    token_audience: Option<String>,
+    pub token_audience: Option<String>,
     /// The agents' telemetry port (probes, metrics).
     #[arg(long, default_value_t = 9102)]
-    agent_telemetry_port: u16,
+    pub agent_telemetry_port: u16,
 }
 
 fn main() -> ExitCode {
-    telemetry::harden();
+    agent::telemetry::harden();
     // Before any HTTP client: `status` and hooks build their own.
-    leasehold::vault::install_crypto_provider();
+    vault::install_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
-        Command::Agent { config, once } => run_agent(&config, once),
-        Command::Check { config } => run_check(&config),
-        Command::Status { addr } => status::main(&addr),
-        Command::Injector(args) => run_injector(*args),
+        Command::Agent { config, once } => cmd::agent::main(&config, once),
+        Command::Check { config } => cmd::check::main(&config),
+        Command::Status { addr } => cmd::status::main(&addr),
+        Command::Injector(args) => cmd::injector::main(*args),
         #[cfg(feature = "demo")]
-        Command::Demo { database_url, dir } => demo::main(database_url, dir),
+        Command::Demo { database_url, dir } => cmd::demo::main(database_url, dir),
     }
+}
+
+/// The exit code of how the agent ended.
+fn exit_code(outcome: Outcome) -> ExitCode {
+    ExitCode::from(if outcome.is_success() { EXIT_OK } else { EXIT_FAILURE })
 }
 
 fn config_failed(e: &ConfigError) -> ExitCode {
@@ -124,129 +136,11 @@ fn config_failed(e: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn load(path: &Path) -> Result<Config, ExitCode> {
-    Config::load(path, &config::process_env).map_err(|e| config_failed(&e))
-}
-
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     // One thread is plenty for a sidecar and keeps its footprint small.
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
     // The clock's anchor just before tokio's timer epoch (`clock::start`).
-    leasehold::clock::start();
+    agent::clock::start();
     builder.build()
-}
-
-fn run_agent(path: &Path, once: bool) -> ExitCode {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    if let Err(e) = render::Renderer::compile(&config, path) {
-        return config_failed(&e);
-    }
-    telemetry::init_logging(&config.log);
-    let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
-        rt.block_on(async {
-            let signals = shutdown::install()?;
-            agent::run(config, path, signals, agent::Options { once, env: &config::process_env }).await
-        })
-    });
-    match result {
-        Ok(code) => ExitCode::from(code as u8),
-        Err(e) => {
-            tracing::error!(event = "fatal", error = format!("{e:#}"), "agent failed");
-            eprintln!("leasehold: {e:#}");
-            ExitCode::from(agent::EXIT_FAILURE as u8)
-        }
-    }
-}
-
-fn run_check(path: &Path) -> ExitCode {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    for w in check::chown_warnings(&config) {
-        eprintln!("leasehold: warning: {}: {w}", path.display());
-    }
-    match check::check(&config, path) {
-        Ok(problems) if problems.is_empty() => {
-            let files: usize = config.secrets.iter().map(|s| s.files.len()).sum();
-            println!("{}: ok ({} secrets, {files} files)", path.display(), config.secrets.len());
-            ExitCode::SUCCESS
-        }
-        Ok(problems) => {
-            for p in problems {
-                eprintln!("leasehold: {p}");
-            }
-            ExitCode::from(EXIT_CONFIG)
-        }
-        Err(e) => config_failed(&e),
-    }
-}
-
-fn run_injector(a: InjectorArgs) -> ExitCode {
-    telemetry::init_logging(&config::LogConfig::default());
-    let usage = |m: String| {
-        eprintln!("leasehold injector: {m}");
-        ExitCode::from(EXIT_CONFIG)
-    };
-    let addr = match injector::listen_addr(&a.listen) {
-        Ok(a) => a,
-        Err(m) => return usage(m),
-    };
-    let env = config::process_env;
-    let Some(vault_address) = a.vault_address.or_else(|| env("VAULT_ADDR")) else {
-        return usage("--vault-address (or VAULT_ADDR) is required".into());
-    };
-    if injector::plan::http_url("--vault-address", &vault_address).is_err() {
-        return usage(format!("--vault-address {vault_address:?} is not an http:// or https:// URL"));
-    }
-    let vault_ca_cert = a.vault_ca_cert.or_else(|| env("VAULT_CACERT").map(PathBuf::from));
-    let vault_ca_pem = match &vault_ca_cert {
-        Some(p) => match std::fs::read_to_string(p) {
-            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Some(pem),
-            Ok(_) => return usage(format!("--vault-ca-cert {}: not a PEM certificate", p.display())),
-            Err(e) => return usage(format!("--vault-ca-cert {}: {e}", p.display())),
-        },
-        None => None,
-    };
-    let auth_mount = match injector::plan::auth_mount("--auth-path", &a.auth_path) {
-        Ok(m) => m,
-        Err(e) => return usage(e.to_string()),
-    };
-    let tls = match injector::tls::server_config(&a.tls_cert, &a.tls_key) {
-        Ok(t) => t,
-        Err(e) => return usage(format!("TLS: {e}")),
-    };
-    let settings = injector::admit::Settings {
-        defaults: injector::plan::Defaults {
-            vault_address,
-            vault_ca_pem,
-            vault_namespace: a.vault_namespace.or_else(|| env("VAULT_NAMESPACE")).unwrap_or_default(),
-            auth_mount,
-            image: a.image,
-            legacy: a.legacy_sidecar,
-            token_audience: a.token_audience,
-            telemetry_port: a.agent_telemetry_port,
-        },
-        vault_k8s_compat: a.vault_k8s_compat,
-    };
-    let result: anyhow::Result<()> = runtime().map_err(anyhow::Error::from).and_then(|rt| {
-        rt.block_on(async {
-            let signals = shutdown::install()?;
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("--listen {addr}: {e}"))?;
-            tracing::info!(event = "injector_listening", addr = %listener.local_addr()?, compat = settings.vault_k8s_compat, "serving /mutate, /healthz, /readyz and /metrics over HTTPS");
-            injector::serve(listener, tls, injector::router(settings), signals.shutdown.clone()).await;
-            Ok(())
-        })
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("leasehold injector: {e:#}");
-            ExitCode::from(agent::EXIT_FAILURE as u8)
-        }
-    }
 }

@@ -330,44 +330,8 @@ fn issue(core: &Arc<Core>, req: &Request, mount: &str, role_name: &str, token: O
         let ca = m.ca.as_ref().ok_or_else(no_issuer)?;
         (role, ca.not_after)
     };
-    let cn = f.str("common_name")?;
-    if cn.is_empty() {
-        return Err(bad(
-            "the common_name field is required, or must be provided in a CSR with \"use_csr_common_name\" set to \
-             true, unless \"require_cn\" is set to false",
-        ));
-    }
-    if !name_allowed(&role, &cn) {
-        return Err(bad(format!("common name {cn} not allowed by this role")));
-    }
-    let alt_names = comma_list(&f, "alt_names")?;
-    if let Some(bad_name) = alt_names.iter().find(|n| !name_allowed(&role, n)) {
-        return Err(bad(format!("subject alternate name {bad_name} not allowed by this role")));
-    }
-    let ip_sans = comma_list(&f, "ip_sans")?;
-    if !ip_sans.is_empty() && !role.allow_ip_sans {
-        return Err(bad(format!(
-            "IP Subject Alternative Names are not allowed in this role, but was provided {}",
-            ip_sans.join(",")
-        )));
-    }
-    let mut ips = Vec::new();
-    for ip in &ip_sans {
-        ips.push(ip.parse::<IpAddr>().map_err(|_| bad(format!("the value {ip:?} is not a valid IP address")))?);
-    }
-    // Request ttl, else the role's, else the mount default; capped by the
-    // role's max_ttl (else the mount max) with Vault's warning.
-    let mut ttl = [f.duration("ttl")?, role.ttl, SYSTEM_TTL].into_iter().find(|t| *t > 0).unwrap_or(SYSTEM_TTL);
-    let max_ttl = if role.max_ttl > 0 { role.max_ttl } else { SYSTEM_TTL };
-    let mut warnings = Vec::new();
-    if ttl > max_ttl {
-        warnings.push(format!(
-            "TTL \"{}\" is longer than permitted maxTTL \"{}\", so maxTTL is being used",
-            go_duration(ttl),
-            go_duration(max_ttl)
-        ));
-        ttl = max_ttl;
-    }
+    let (cn, alt_names, ips) = requested_names(&f, &role)?;
+    let (ttl, warnings) = granted_ttl(&f, &role)?;
     let not_after = now + Duration::seconds(ttl);
     if not_after > ca_not_after {
         let fmt = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
@@ -445,6 +409,55 @@ fn issue(core: &Arc<Core>, req: &Request, mount: &str, role_name: &str, token: O
         env.lease_duration = ttl;
     }
     Ok(Core::with_ignored(Reply::Envelope(env), &f, &["common_name", "alt_names", "ip_sans", "ttl", "format"]))
+}
+
+/// The certificate's common name, alternative names and IP SANs, as the
+/// request gives them and the role allows.
+fn requested_names(f: &Fields, role: &Role) -> Result<(String, Vec<String>, Vec<IpAddr>), Failure> {
+    let cn = f.str("common_name")?;
+    if cn.is_empty() {
+        return Err(bad(
+            "the common_name field is required, or must be provided in a CSR with \"use_csr_common_name\" set to \
+             true, unless \"require_cn\" is set to false",
+        ));
+    }
+    if !name_allowed(role, &cn) {
+        return Err(bad(format!("common name {cn} not allowed by this role")));
+    }
+    let alt_names = comma_list(f, "alt_names")?;
+    if let Some(bad_name) = alt_names.iter().find(|n| !name_allowed(role, n)) {
+        return Err(bad(format!("subject alternate name {bad_name} not allowed by this role")));
+    }
+    let ip_sans = comma_list(f, "ip_sans")?;
+    if !ip_sans.is_empty() && !role.allow_ip_sans {
+        return Err(bad(format!(
+            "IP Subject Alternative Names are not allowed in this role, but was provided {}",
+            ip_sans.join(",")
+        )));
+    }
+    let mut ips = Vec::new();
+    for ip in &ip_sans {
+        ips.push(ip.parse::<IpAddr>().map_err(|_| bad(format!("the value {ip:?} is not a valid IP address")))?);
+    }
+    Ok((cn, alt_names, ips))
+}
+
+/// The certificate's TTL and Vault's warnings about it.
+fn granted_ttl(f: &Fields, role: &Role) -> Result<(i64, Vec<String>), Failure> {
+    // Request ttl, else the role's, else the mount default; capped by the
+    // role's max_ttl (else the mount max) with Vault's warning.
+    let mut ttl = [f.duration("ttl")?, role.ttl, SYSTEM_TTL].into_iter().find(|t| *t > 0).unwrap_or(SYSTEM_TTL);
+    let max_ttl = if role.max_ttl > 0 { role.max_ttl } else { SYSTEM_TTL };
+    let mut warnings = Vec::new();
+    if ttl > max_ttl {
+        warnings.push(format!(
+            "TTL \"{}\" is longer than permitted maxTTL \"{}\", so maxTTL is being used",
+            go_duration(ttl),
+            go_duration(max_ttl)
+        ));
+        ttl = max_ttl;
+    }
+    Ok((ttl, warnings))
 }
 
 fn read_cert(core: &Arc<Core>, mount: &str, serial: &str) -> Outcome {

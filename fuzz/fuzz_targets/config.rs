@@ -8,7 +8,7 @@ use std::path::Path;
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let path = Path::new("/nonexistent/leasehold.yaml");
-    if let Ok(config) = leasehold::config::Config::parse(text, path, &|_| None) {
-        let _ = leasehold::render::Renderer::compile(&config, path);
+    if let Ok(config) = config::Config::parse(text, path, &|_| None) {
+        let _ = agent::render::Renderer::compile(&config, path);
     }
 });

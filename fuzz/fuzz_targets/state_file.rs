@@ -9,10 +9,10 @@ fuzz_target!(|data: &[u8]| {
     if std::fs::write(dir.path().join("state.json"), data).is_err() {
         return;
     }
-    let Ok((store, _warning)) = leasehold::state::StateStore::open(dir.path()) else { return };
+    let Ok((store, _warning)) = agent::state::StateStore::open(dir.path()) else { return };
     let state = store.snapshot();
     for t in &state.tokens {
-        let _ = leasehold::state::time(t.granted_at) + leasehold::state::secs(t.ttl);
+        let _ = agent::state::time(t.granted_at) + agent::state::secs(t.ttl);
     }
     for s in state.secrets.values() {
         for r in s.current.iter().chain(&s.retired) {

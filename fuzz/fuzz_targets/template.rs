@@ -6,8 +6,8 @@ use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use leasehold::render::{Context, Renderer};
-use leasehold::secret::{LeaseId, SecretData};
+use agent::render::{Context, Renderer};
+use vault::secret::{LeaseId, SecretData};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         serde_json::Value::String(template.to_string())
     );
     let path = Path::new("/nonexistent/leasehold.yaml");
-    let Ok(config) = leasehold::config::Config::parse(&yaml, path, &|_| None) else { return };
+    let Ok(config) = config::Config::parse(&yaml, path, &|_| None) else { return };
     let Ok(renderer) = Renderer::compile(&config, path) else { return };
     let data = SecretData::new(map);
     let lease = LeaseId::new("p/x".into());
@@ -30,6 +30,8 @@ fuzz_target!(|data: &[u8]| {
         lease_duration: Duration::from_secs(60),
         issued_at: SystemTime::UNIX_EPOCH,
         expires_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(60)),
+        previous: Some(&data),
+        proxy: None,
     };
-    let _ = renderer.render(0, &ctx);
+    let _ = renderer.templates("s").render(&ctx);
 });

@@ -6,5 +6,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = leasehold::vault::decode_every_answer(data);
+    let at = agent::clock::now();
+    for ttl in vault::decode_every_answer(data).into_iter().flatten() {
+        let _ = agent::lease::schedule::LeaseTimes::issued(at, ttl, true).safe_end();
+    }
 });

@@ -1,0 +1,140 @@
+//! App notification (`on_change`): after every file of a secret was written
+//! and at least one changed. A failing hook is logged, never fatal; its
+//! output is logged with the secret's values scrubbed out, and the secret's
+//! values are never put in its environment.
+
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::backoff::Backoff;
+use config::OnChange;
+use vault::secret::SecretData;
+
+const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+const HTTP_ATTEMPTS: usize = 3;
+/// How much of a hook's output reaches the log.
+const OUTPUT_LIMIT: usize = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("signal: {0}")]
+    Signal(String),
+    #[error("exec: {0}")]
+    Exec(String),
+    #[error("http: {0}")]
+    Http(String),
+}
+
+/// Runs every configured hook; returns each hook's name and whether it
+/// succeeded (failures are logged here).
+pub async fn run(secret: &str, hooks: &OnChange, data: &SecretData) -> Vec<(&'static str, bool)> {
+    let mut outcomes = Vec::new();
+    if let Some(sig) = &hooks.signal {
+        record(secret, "signal", signal(&sig.pid_file, &sig.signal), &mut outcomes);
+    }
+    if let Some(argv) = &hooks.exec {
+        record(secret, "exec", exec(secret, argv, data).await, &mut outcomes);
+    }
+    if let Some(http) = &hooks.http {
+        record(secret, "http", call(&http.url, &http.method).await, &mut outcomes);
+    }
+    outcomes
+}
+
+fn record(secret: &str, hook: &'static str, result: Result<(), HookError>, outcomes: &mut Vec<(&'static str, bool)>) {
+    match &result {
+        Ok(()) => tracing::info!(event = "notified", secret, hook, "application notified"),
+        Err(e) => tracing::warn!(event = "notify_failed", secret, hook, error = %e, "notifying the application failed"),
+    }
+    outcomes.push((hook, result.is_ok()));
+}
+
+fn signal(pid_file: &std::path::Path, name: &str) -> Result<(), HookError> {
+    let fail = |m: String| HookError::Signal(m);
+    let text = std::fs::read_to_string(pid_file).map_err(|e| fail(format!("reading {}: {e}", pid_file.display())))?;
+    let pid: i32 = text.trim().parse().map_err(|_| fail(format!("{} does not hold a pid", pid_file.display())))?;
+    if pid <= 1 {
+        return Err(fail(format!("refusing to signal pid {pid}")));
+    }
+    let sig: Signal = name.parse().map_err(|_| fail(format!("unknown signal {name}")))?;
+    kill(Pid::from_raw(pid), sig).map_err(|e| fail(format!("kill {pid} {name}: {e}")))
+}
+
+async fn exec(secret: &str, argv: &[String], data: &SecretData) -> Result<(), HookError> {
+    let fail = |m: String| HookError::Exec(m);
+    let (program, args) = argv.split_first().ok_or_else(|| fail("empty argv".into()))?;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .env("LEASEHOLD_SECRET", secret)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(EXEC_TIMEOUT, child)
+        .await
+        .map_err(|_| fail(format!("{program} did not finish within {EXEC_TIMEOUT:?}")))?
+        .map_err(|e| fail(format!("starting {program}: {e}")))?;
+    let output =
+        scrub(&format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)), data);
+    if !output.trim().is_empty() {
+        tracing::info!(event = "hook_output", secret, output = %output.trim(), "exec hook output");
+    }
+    if out.status.success() { Ok(()) } else { Err(fail(format!("{program} exited with {}", out.status))) }
+}
+
+async fn call(url: &str, method: &str) -> Result<(), HookError> {
+    let fail = |m: String| HookError::Http(m);
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| fail(format!("bad method {method}")))?;
+    let client = vault::without_unused_roots(reqwest::Client::builder().timeout(HTTP_TIMEOUT), url)
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    let mut last = String::new();
+    for attempt in 0..HTTP_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        match client.request(method.clone(), url).send().await {
+            Ok(resp) if resp.status().is_success() => return Ok(()),
+            Ok(resp) => last = format!("{url} answered {}", resp.status()),
+            Err(e) => last = format!("{url}: {}", if e.is_timeout() { "timed out" } else { "request failed" }),
+        }
+    }
+    Err(fail(last))
+}
+
+/// Replaces every secret value (4 characters or more) in `text`, then cuts
+/// it to `OUTPUT_LIMIT` characters: cut first, a secret straddling the cut
+/// would keep its first characters.
+fn scrub(text: &str, data: &SecretData) -> String {
+    let mut out = text.to_string();
+    for value in data.expose().values().filter_map(|v| v.as_str()).filter(|v| v.len() >= 4) {
+        out = out.replace(value, "[redacted]");
+    }
+    out.chars().take(OUTPUT_LIMIT).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn scrub_removes_secret_values() {
+        let data =
+            SecretData::new(json!({"username": "v-app-user", "password": "Hunter2-Pass"}).as_object().unwrap().clone());
+        assert_eq!(scrub("user v-app-user pw Hunter2-Pass", &data), "user [redacted] pw [redacted]");
+    }
+
+    #[test]
+    fn a_secret_across_the_output_limit_leaks_nothing() {
+        let data = SecretData::new(json!({"password": "Hunter2-Pass"}).as_object().unwrap().clone());
+        // The password starts 4 characters before the cut.
+        let text = format!("{}Hunter2-Pass tail", "x".repeat(OUTPUT_LIMIT - 4));
+        let out = scrub(&text, &data);
+        assert!(!out.contains("Hunt"), "{}", &out[out.len() - 20..]);
+        assert_eq!(out.chars().count(), OUTPUT_LIMIT);
+    }
+}

@@ -1,0 +1,668 @@
+//! The lease supervisor: one task per secret. It obtains the secret (or
+//! adopts the lease recorded in the state file), renders its files, renews
+//! the lease at `renew_at` of its TTL, re-issues before the lease (or the
+//! token that created it) ends, and revokes a replaced lease
+//! `revoke_replaced_after` later. Decisions come from `schedule`; this loop
+//! sleeps until the instant it names and acts.
+
+pub mod schedule;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use reqwest::Method as HttpMethod;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthState, HeldToken};
+use crate::backoff::Backoff;
+use crate::clock::now;
+use crate::files::write_all;
+use crate::render::{Context, Templates};
+use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
+use crate::telemetry::Telemetry;
+use config::{Method, ReplacedConnections, SecretConfig};
+use schedule::{Action, Bound, LeaseTimes, Policy, RetiredAction, RetiredLease};
+use vault::secret::{LeaseId, SecretData};
+use vault::{Secret, Vault, VaultClient, VaultError};
+
+/// A lease the agent is responsible for, as reported when a supervisor stops.
+#[derive(Debug, Clone)]
+pub struct LiveLease {
+    pub secret: String,
+    pub lease_id: LeaseId,
+    pub token_accessor: String,
+}
+
+/// Something the rest of the agent wants to know about.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Every file of the secret has been written with live credentials.
+    Rendered { secret: String },
+}
+
+/// A secret's configuration and the templates compiled for it; replaced
+/// on reload.
+pub struct SecretSpec {
+    pub cfg: SecretConfig,
+    pub templates: Arc<Templates>,
+    /// The secret's proxy, told of new and revoked credentials.
+    pub proxy: Option<Arc<pgproxy::Feed>>,
+}
+
+/// Credentials in hand.
+#[derive(Clone)]
+pub struct Held {
+    pub secret: Secret,
+    pub times: LeaseTimes,
+    pub token_accessor: String,
+    pub issued_at: SystemTime,
+    /// Where in the jitter window this grant's next action falls.
+    pub sample: f64,
+}
+
+impl Held {
+    fn has_lease(&self) -> bool {
+        !self.secret.lease_id.is_empty() && !self.times.first_ttl.is_zero()
+    }
+
+    /// The lease's end, or for a secret without one the `expiration` its
+    /// data may carry (PKI certificates).
+    fn expires_at(&self) -> Option<SystemTime> {
+        if self.has_lease() { Some(self.times.expires_at()) } else { self.secret.data.expiration() }
+    }
+
+    fn live(&self, name: &str) -> LiveLease {
+        LiveLease {
+            secret: name.to_string(),
+            lease_id: self.secret.lease_id.clone(),
+            token_accessor: self.token_accessor.clone(),
+        }
+    }
+
+    pub fn record(&self, path: &str) -> LeaseRecord {
+        LeaseRecord {
+            path: path.to_string(),
+            lease_id: self.secret.lease_id.clone(),
+            token_accessor: self.token_accessor.clone(),
+            issued_at: unix(self.issued_at),
+            first_ttl: self.times.first_ttl.as_secs_f64(),
+            granted_at: unix(self.times.granted_at),
+            ttl: self.times.ttl.as_secs_f64(),
+            renewable: self.times.renewable,
+            capped: self.times.capped,
+            data: self.secret.data.clone(),
+        }
+    }
+
+    /// A recorded lease that Vault confirmed alive with `ttl` left.
+    pub fn adopted(r: &LeaseRecord, ttl: Duration, renewable: bool) -> Held {
+        Held {
+            secret: Secret {
+                lease_id: r.lease_id.clone(),
+                lease_duration: ttl,
+                renewable,
+                data: r.data.clone(),
+                warnings: vec![],
+            },
+            times: LeaseTimes { first_ttl: secs(r.first_ttl), granted_at: now(), ttl, renewable, capped: r.capped },
+            token_accessor: r.token_accessor.clone(),
+            issued_at: time(r.issued_at),
+            sample: rand::random(),
+        }
+    }
+}
+
+/// A replaced lease waiting for `revoke_replaced_after` (and, with a proxy,
+/// for its connections).
+#[derive(Clone)]
+pub struct Retired {
+    pub held: Held,
+    pub revoke_at: SystemTime,
+    /// When its proxied connections were asked to close.
+    pub draining_since: Option<SystemTime>,
+}
+
+/// How far a render got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rendered {
+    All,
+    /// Nothing was replaced.
+    Nothing,
+    /// Some files were replaced before one failed.
+    Partly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Issue,
+    Refresh,
+    Renew,
+    Reissue(Bound),
+}
+
+pub struct Supervisor<V = VaultClient> {
+    pub spec: watch::Receiver<Arc<SecretSpec>>,
+    pub client: V,
+    pub auth: watch::Receiver<AuthState>,
+    pub relogin: Arc<Notify>,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub store: Option<Arc<StateStore>>,
+    /// A lease adopted from the state file.
+    pub adopted: Option<Held>,
+    pub telemetry: Arc<Telemetry>,
+    pub cancel: CancellationToken,
+}
+
+/// This process's offset on the `schedule::coalesce` grid: its lines are
+/// whole cells after the clock's anchor, on slot boundaries of tokio's
+/// timer wheel (`clock::start`).
+fn phase() -> Duration {
+    crate::clock::grid_phase(schedule::SLACK)
+}
+
+/// Renewal answers meaning the lease cannot be renewed any more.
+fn lease_gone(e: &VaultError) -> bool {
+    ["lease not found", "lease expired", "lease is not renewable", "invalid lease", "past the max TTL"]
+        .iter()
+        .any(|t| e.mentions(t))
+}
+
+impl<V: Vault> Supervisor<V> {
+    fn cfg(&self) -> SecretConfig {
+        self.spec.borrow().cfg.clone()
+    }
+
+    fn name(&self) -> String {
+        self.spec.borrow().cfg.name.clone()
+    }
+
+    /// Runs until cancelled; returns the leases still alive.
+    pub async fn run(mut self) -> Vec<LiveLease> {
+        let name = self.name();
+        let mut held: Option<Held> = self.adopted.take();
+        let mut retired: Vec<Retired> = Vec::new();
+        if let Some(h) = &held {
+            self.telemetry.adopted(&name, &h.secret.lease_id, h.times.ttl, h.times.renewable, h.times.granted_at);
+            // Files may be missing or stale after a restart.
+            let _ = self.render(h, None).await;
+            let _ = self.events.send(Event::Rendered { secret: name.clone() });
+            self.persist(&held, &retired);
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut retry_at: Option<SystemTime> = None;
+        // Set while renewals of the current lease fail: when to try again.
+        let mut renew_retry: Option<SystemTime> = None;
+        let mut auth_open = true;
+        let mut spec_open = true;
+        let mut warned_token_bound = false;
+        loop {
+            let (step, due) = self.next_step(held.as_ref(), retry_at, renew_retry);
+            let due = schedule::coalesce(due, phase());
+            let retired_due = retired.iter().map(|r| self.retired_step(r, now()).1).min();
+            let wake = retired_due.map_or(due, |r| r.min(due));
+            let feed = self.spec.borrow().proxy.clone();
+            let replaced_closed = async {
+                match &feed {
+                    Some(f) => f.replaced_closed().notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = crate::clock::sleep_until(wake) => {}
+                // The last connection of a replaced lease may have ended.
+                _ = replaced_closed, if !retired.is_empty() => {}
+                changed = self.auth.changed(), if auth_open => {
+                    auth_open = changed.is_ok();
+                    continue;
+                }
+                changed = self.spec.changed(), if spec_open => {
+                    spec_open = changed.is_ok();
+                    if let Some(h) = &held {
+                        let _ = self.render(h, retired.last().map(|r| &r.held.secret.data)).await;
+                    }
+                    continue;
+                }
+            }
+            if self.tend_retired(&mut retired).await {
+                self.persist(&held, &retired);
+                // `previous` is gone from templates once its lease is.
+                if let Some(h) = &held {
+                    let _ = self.render(h, retired.last().map(|r| &r.held.secret.data)).await;
+                }
+            }
+            if now() < due {
+                continue;
+            }
+            if step == Step::Reissue(Bound::Refused) {
+                tracing::warn!(event = "renewals_failing", secret = %name, "renewals keep failing; issuing new credentials before the lease ends");
+            }
+            if step == Step::Reissue(Bound::Token) && !warned_token_bound {
+                warned_token_bound = true;
+                self.warn_token_bound(held.as_ref());
+            }
+            let outcome = match step {
+                // An issue in flight is let finish (the teardown bounds it):
+                // dropped, it could leave a lease nothing records.
+                Step::Issue | Step::Reissue(_) => self.issue_and_render(&mut held, &mut retired).await,
+                Step::Refresh => self.refresh(&mut held).await,
+                // A renewal is dropped at shutdown: the lease gets revoked.
+                Step::Renew => {
+                    let cancel = self.cancel.clone();
+                    tokio::select! {
+                        r = self.renew(&mut held) => r,
+                        _ = cancel.cancelled() => break,
+                    }
+                }
+            };
+            self.persist(&held, &retired);
+            match (outcome, step) {
+                (Ok(()), _) => {
+                    backoff.reset();
+                    retry_at = None;
+                    renew_retry = None;
+                }
+                // The schedule weighs a renewal retry against replacing the lease.
+                (Err(_), Step::Renew) => renew_retry = Some(now() + backoff.next_delay()),
+                (Err(delay), _) => retry_at = Some(now() + delay.unwrap_or_else(|| backoff.next_delay())),
+            }
+        }
+        let mut live: Vec<LiveLease> = retired.into_iter().map(|r| r.held.live(&name)).collect();
+        if let Some(h) = held.filter(Held::has_lease) {
+            live.push(h.live(&name));
+        }
+        live
+    }
+
+    fn persist(&self, held: &Option<Held>, retired: &[Retired]) {
+        self.persist_leases(held.as_ref(), retired.iter().map(|r| &r.held));
+    }
+
+    fn persist_leases<'a>(&self, current: Option<&Held>, retired: impl Iterator<Item = &'a Held>) {
+        let Some(store) = &self.store else { return };
+        let cfg = self.cfg();
+        let record = SecretRecord {
+            current: current.filter(|h| h.has_lease()).map(|h| h.record(&cfg.path)),
+            retired: retired.filter(|h| h.has_lease()).map(|h| h.record(&cfg.path)).collect(),
+        };
+        if let Err(e) = store.set_secret(&cfg.name, record) {
+            tracing::error!(event = "state_write_failed", secret = %cfg.name, error = %e, "recording state failed");
+        }
+    }
+
+    /// Once per run: credentials replaced early because their token ends
+    /// first is a Vault setup problem (the complaint about Vault Agent
+    /// re-issuing on every re-login), so say how to fix it.
+    fn warn_token_bound(&self, held: Option<&Held>) {
+        let Some(h) = held else { return };
+        let token_end = self.auth.borrow().token_end(&h.token_accessor);
+        tracing::warn!(
+            event = "token_bounds_lease",
+            secret = %self.name(),
+            lease = %h.secret.lease_id,
+            token_expires_at = %token_end.map(crate::clock::rfc3339).unwrap_or_default(),
+            lease_expires_at = %crate::clock::rfc3339(h.times.expires_at()),
+            "the Vault token that created these credentials expires for good before they could; issuing new ones early. \
+             Set the auth role's token_max_ttl to at least the database role's max_ttl"
+        );
+    }
+
+    fn next_step(
+        &self,
+        held: Option<&Held>,
+        retry_at: Option<SystemTime>,
+        renew_retry: Option<SystemTime>,
+    ) -> (Step, SystemTime) {
+        let later = |t: SystemTime| retry_at.map_or(t, |r| r.max(t));
+        let Some(h) = held else { return (Step::Issue, retry_at.unwrap_or_else(now)) };
+        let cfg = self.cfg();
+        let policy = Policy { renew_at: cfg.renew_at, jitter: cfg.jitter };
+        if let Some(ttl) = h.secret.data.rotates_in().filter(|_| !h.has_lease()) {
+            return (Step::Refresh, later(schedule::static_reread_at(h.times.granted_at, ttl, h.sample)));
+        }
+        if !h.has_lease() {
+            let at = schedule::refresh_at(
+                h.times.granted_at,
+                h.secret.data.expiration(),
+                cfg.refresh_interval,
+                &policy,
+                h.sample,
+            );
+            return (Step::Refresh, later(at));
+        }
+        let token_end = self.auth.borrow().token_end(&h.token_accessor);
+        let next = schedule::next(&h.times, token_end, &policy, h.sample, renew_retry);
+        let step = match next.action {
+            Action::Renew => Step::Renew,
+            Action::Reissue(bound) => Step::Reissue(bound),
+        };
+        (step, later(next.at))
+    }
+
+    async fn current_token(&mut self) -> Option<Arc<HeldToken>> {
+        self.token_other_than(None).await
+    }
+
+    /// The current token, once there is one other than `avoid` (the final
+    /// token that bounds the lease being replaced: credentials issued under
+    /// it would die with it too). Asks the auth loop for a new login first.
+    /// None when stopped.
+    async fn token_other_than(&mut self, avoid: Option<&str>) -> Option<Arc<HeldToken>> {
+        let usable = |s: &AuthState| s.current.as_ref().is_some_and(|c| Some(c.token.accessor.as_str()) != avoid);
+        if avoid.is_some() && !usable(&self.auth.borrow()) {
+            self.relogin.notify_one();
+        }
+        let cancel = self.cancel.clone();
+        tokio::select! {
+            state = self.auth.wait_for(usable) => state.ok()?.current.clone(),
+            _ = cancel.cancelled() => None,
+        }
+    }
+
+    async fn read(&mut self, avoid: Option<&str>) -> Result<(Secret, String), VaultError> {
+        let cfg = self.cfg();
+        let token = self
+            .token_other_than(avoid)
+            .await
+            .ok_or(VaultError::Setup { op: "read secret", reason: "no Vault token".into() })?;
+        let method = match cfg.method {
+            Method::Get => HttpMethod::GET,
+            Method::Post => HttpMethod::POST,
+        };
+        let result = self.client.read_secret(&token.token.secret, method, &cfg.path, cfg.body.as_ref()).await;
+        if let Err(e) = &result
+            && e.is_permission_denied()
+        {
+            self.relogin.notify_one();
+        }
+        result.map(|s| (s, token.token.accessor.clone()))
+    }
+
+    /// Reads the secret and counts it; a failure is counted and logged as
+    /// `failed_event`.
+    async fn fetch(&mut self, failed_event: &'static str, avoid: Option<&str>) -> Option<Held> {
+        let name = self.name();
+        match self.read(avoid).await {
+            Ok((secret, accessor)) => {
+                let at = now();
+                let fresh = Held {
+                    times: LeaseTimes::issued(at, secret.lease_duration, secret.renewable),
+                    secret,
+                    token_accessor: accessor,
+                    issued_at: at,
+                    sample: rand::random(),
+                };
+                let t = &fresh.times;
+                self.telemetry.issued(&name, &fresh.secret.lease_id, t.ttl, t.renewable, at, fresh.expires_at());
+                Some(fresh)
+            }
+            Err(e) => {
+                self.telemetry.failed(&name, "issue", &e.to_string());
+                tracing::warn!(event = failed_event, secret = %name, error = %e, "reading the secret from Vault failed");
+                None
+            }
+        }
+    }
+
+    /// Obtains new credentials and renders them. A previous lease is retired
+    /// (revoked later); if writing fails the new lease is revoked instead and
+    /// the old credentials stay in place.
+    async fn issue_and_render(
+        &mut self,
+        held: &mut Option<Held>,
+        retired: &mut Vec<Retired>,
+    ) -> Result<(), Option<Duration>> {
+        let cfg = self.cfg();
+        let name = cfg.name.clone();
+        // Replacing credentials that die with a final token: not under it.
+        let avoid = held.as_ref().filter(|h| self.auth.borrow().token_end(&h.token_accessor).is_some());
+        let avoid = avoid.map(|h| h.token_accessor.clone());
+        let Some(fresh) = self.fetch("issue_failed", avoid.as_deref()).await else { return Err(None) };
+        let at = fresh.issued_at;
+        tracing::info!(
+            event = "issued",
+            secret = %name,
+            lease = %fresh.secret.lease_id,
+            username = fresh.secret.data.str("username").unwrap_or(""),
+            ttl_secs = fresh.times.ttl.as_secs(),
+            expires_at = %crate::clock::rfc3339(fresh.times.expires_at()),
+            renewable = fresh.times.renewable,
+            warnings = %fresh.secret.warnings.join("; "),
+            "obtained credentials"
+        );
+        // Write-ahead: the new lease is on disk before any file names it, so
+        // a kill -9 from here on leaves a lease the next start adopts, not an
+        // orphan. The old one is recorded as retired until then.
+        self.persist_leases(Some(&fresh), retired.iter().map(|r| &r.held).chain(held.as_ref()));
+        let replaced = held.as_ref().filter(|h| h.has_lease()).map(|h| &h.secret.data);
+        match self.render(&fresh, replaced).await {
+            Rendered::All => {}
+            Rendered::Nothing => {
+                tracing::error!(event = "render_failed", secret = %name, "revoking the new lease and keeping the old files");
+                if fresh.has_lease() {
+                    self.revoke(&fresh.live(&name)).await;
+                }
+                return Err(None);
+            }
+            // Some files name the new credentials, others the old: both stay
+            // alive (the new one current, the old retired as after any
+            // replacement); the next render completes the set.
+            Rendered::Partly => {
+                tracing::error!(event = "render_partial", secret = %name, "some files hold the new credentials: keeping both leases");
+            }
+        }
+        let _ = self.events.send(Event::Rendered { secret: name.clone() });
+        if let Some(old) = held.take().filter(Held::has_lease) {
+            let revoke_at = at + cfg.revoke_replaced_after;
+            tracing::info!(event = "replaced", secret = %name, old_lease = %old.secret.lease_id, revoke_in_secs = cfg.revoke_replaced_after.as_secs(), "credentials replaced; old lease revoked later");
+            retired.push(Retired { held: old, revoke_at, draining_since: None });
+        }
+        *held = Some(fresh);
+        Ok(())
+    }
+
+    /// Secrets without a lease (KV): re-read and re-render when changed.
+    async fn refresh(&mut self, held: &mut Option<Held>) -> Result<(), Option<Duration>> {
+        let Some(fresh) = self.fetch("refresh_failed", None).await else { return Err(None) };
+        // A static role read again before its rotation: only `ttl` moved,
+        // and the files stay as they are.
+        let unchanged = held.as_ref().is_some_and(|h| h.secret.data.same_static_credentials(&fresh.secret.data));
+        if unchanged {
+            tracing::debug!(event = "unchanged", secret = %self.name(), "the static role's password has not rotated yet");
+        } else if self.render(&fresh, None).await == Rendered::Nothing {
+            return Err(None);
+        }
+        *held = Some(fresh);
+        Ok(())
+    }
+
+    async fn renew(&mut self, held: &mut Option<Held>) -> Result<(), Option<Duration>> {
+        let name = self.name();
+        let Some(h) = held.as_mut() else { return Ok(()) };
+        let Some(token) = self.current_token().await else { return Err(None) };
+        match self.client.renew_lease(&token.token.secret, &h.secret.lease_id, h.times.first_ttl).await {
+            Ok(r) => {
+                let at = now();
+                h.times = h.times.renewed(at, r.lease_duration, r.renewable, &r.warnings);
+                self.telemetry.renewed(&name, r.lease_duration, r.renewable, at);
+                h.sample = rand::random();
+                tracing::info!(event = "renewed", secret = %name, lease = %h.secret.lease_id, ttl_secs = r.lease_duration.as_secs(), capped = h.times.capped, "renewed lease");
+                if h.times.capped {
+                    tracing::info!(event = "capped", secret = %name, lease = %h.secret.lease_id, "lease reached its max TTL; new credentials will be issued before it ends");
+                }
+                Ok(())
+            }
+            Err(e) if lease_gone(&e) => {
+                let error = h.secret.lease_id.redact(&e.to_string());
+                self.telemetry.lease_ended(&name, now(), &error);
+                tracing::warn!(event = "lease_gone", secret = %name, lease = %h.secret.lease_id, error = %error, "lease can no longer be renewed; issuing new credentials");
+                // The old lease is dead: it ends now, so the schedule re-issues.
+                h.times.renewable = false;
+                h.times.ttl = Duration::ZERO;
+                h.times.granted_at = now();
+                Ok(())
+            }
+            Err(e) => {
+                if e.is_permission_denied() {
+                    self.relogin.notify_one();
+                }
+                let error = h.secret.lease_id.redact(&e.to_string());
+                self.telemetry.failed(&name, "renew", &error);
+                tracing::warn!(event = "renew_failed", secret = %name, lease = %h.secret.lease_id, error = %error, "renewing the lease failed; retrying with backoff, or issuing new credentials in time");
+                Err(None)
+            }
+        }
+    }
+
+    /// A replaced lease's next step (`schedule::retired`).
+    fn retired_step(&self, r: &Retired, at: SystemTime) -> (RetiredAction, SystemTime) {
+        let spec = self.spec.borrow();
+        let keep = spec.cfg.proxy.as_ref().is_some_and(|p| p.replaced_connections == ReplacedConnections::Keep);
+        let open = spec.proxy.as_ref().map_or(0, |f| f.open_as(&r.held.secret.data));
+        let safe_end = r.held.times.safe_end();
+        let end = self.auth.borrow().token_end(&r.held.token_accessor).map_or(safe_end, |t| t.min(safe_end));
+        let policy = Policy { renew_at: spec.cfg.renew_at, jitter: spec.cfg.jitter };
+        let lease = RetiredLease {
+            times: r.held.times,
+            revoke_at: r.revoke_at,
+            draining_since: r.draining_since,
+            sample: r.held.sample,
+        };
+        schedule::retired(at, &lease, open, keep, end, &policy)
+    }
+
+    /// Drains, renews and revokes the replaced leases that are due; true
+    /// when any left the list.
+    async fn tend_retired(&mut self, retired: &mut Vec<Retired>) -> bool {
+        let name = self.name();
+        let at = now();
+        let before = retired.len();
+        let mut keep = Vec::new();
+        let feed = self.spec.borrow().proxy.clone();
+        for mut r in std::mem::take(retired) {
+            match self.retired_step(&r, at).0 {
+                RetiredAction::Wait => keep.push(r),
+                RetiredAction::Drain => {
+                    tracing::info!(event = "draining", secret = %name, old_lease = %r.held.secret.lease_id, "closing the proxied connections of replaced credentials between transactions");
+                    if let Some(feed) = &feed {
+                        feed.close_when_idle(&r.held.secret.data);
+                    }
+                    r.draining_since = Some(at);
+                    keep.push(r);
+                }
+                RetiredAction::Renew => {
+                    self.renew_retired(&mut r.held).await;
+                    keep.push(r);
+                }
+                RetiredAction::Revoke => {
+                    // Vault already revoked it at expiry, or we do now.
+                    let gone = r.held.times.expires_at() <= at || self.revoke(&r.held.live(&name)).await;
+                    if !gone {
+                        keep.push(Retired { revoke_at: at + Duration::from_secs(30), draining_since: None, ..r });
+                    } else if let Some(feed) = &feed {
+                        feed.revoked(&r.held.secret.data);
+                    }
+                }
+            }
+        }
+        *retired = keep;
+        retired.len() != before
+    }
+
+    /// Keeps a replaced lease alive for the proxied connections that still
+    /// use it (`replaced_connections: keep`). A failed renewal is not
+    /// retried: the connections are closed before the lease ends instead.
+    async fn renew_retired(&mut self, h: &mut Held) {
+        let name = self.name();
+        let Some(token) = self.current_token().await else { return };
+        match self.client.renew_lease(&token.token.secret, &h.secret.lease_id, h.times.first_ttl).await {
+            Ok(r) => {
+                h.times = h.times.renewed(now(), r.lease_duration, r.renewable, &r.warnings);
+                h.sample = rand::random();
+                tracing::info!(event = "renewed_replaced", secret = %name, lease = %h.secret.lease_id, ttl_secs = r.lease_duration.as_secs(), "renewed replaced credentials that proxied connections still use");
+            }
+            Err(e) => {
+                let error = h.secret.lease_id.redact(&e.to_string());
+                tracing::warn!(event = "renew_failed", secret = %name, lease = %h.secret.lease_id, error = %error, "renewing replaced credentials failed; their connections close before the lease ends");
+                h.times.capped = true;
+                if lease_gone(&e) {
+                    h.times.ttl = Duration::ZERO;
+                    h.times.granted_at = now();
+                }
+            }
+        }
+    }
+
+    async fn revoke(&mut self, lease: &LiveLease) -> bool {
+        let Some(token) = self.current_token().await else { return false };
+        match self.client.revoke_lease(&token.token.secret, &lease.lease_id).await {
+            Ok(()) => {
+                self.telemetry.revoked(&lease.secret, true);
+                tracing::info!(event = "revoked", secret = %lease.secret, lease = %lease.lease_id, "revoked lease");
+                true
+            }
+            Err(e) => {
+                self.telemetry.revoked(&lease.secret, false);
+                let e = lease.lease_id.redact(&e.to_string());
+                tracing::warn!(event = "revoke_failed", secret = %lease.secret, lease = %lease.lease_id, error = %e, "revoking a replaced lease failed");
+                false
+            }
+        }
+    }
+
+    /// Renders every file, then notifies the application if any changed.
+    /// False when a file could not be rendered or written (logged).
+    /// `previous`: the credentials being replaced, for templates that give
+    /// the app both.
+    async fn render(&self, h: &Held, previous: Option<&SecretData>) -> Rendered {
+        let spec = self.spec.borrow().clone();
+        let ctx = Context {
+            name: &spec.cfg.name,
+            data: &h.secret.data,
+            lease_id: &h.secret.lease_id,
+            lease_duration: h.times.ttl,
+            issued_at: h.issued_at,
+            expires_at: h.expires_at(),
+            previous,
+            proxy: spec
+                .cfg
+                .proxy
+                .as_ref()
+                .map(|p| (p.listen.as_str(), spec.proxy.as_ref().and_then(|f| f.local_password()))),
+        };
+        // Everything is rendered in memory first: a failing template writes
+        // nothing; then every file is staged before any is renamed.
+        let written = match spec.templates.render(&ctx) {
+            Ok(files) => write_all(&files).map_err(|e| (e.to_string(), e.partial)),
+            Err(error) => Err((error.to_string(), false)),
+        };
+        match written {
+            Ok(written) => {
+                if let Some(feed) = &spec.proxy {
+                    feed.publish(&h.secret.data);
+                }
+                let changed = written.iter().filter(|(_, c)| *c).count();
+                self.telemetry.rendered(&spec.cfg.name, &written, now());
+                tracing::info!(event = "rendered", secret = %spec.cfg.name, files = written.len(), changed, expires_at = %ctx.expires_at.map(crate::clock::rfc3339).unwrap_or_default(), "files written");
+                if changed > 0
+                    && let Some(hooks) = &spec.cfg.on_change
+                {
+                    for (hook, ok) in crate::hooks::run(&spec.cfg.name, hooks, &h.secret.data).await {
+                        self.telemetry.notified(&spec.cfg.name, hook, ok);
+                    }
+                }
+                Rendered::All
+            }
+            Err((e, partial)) => {
+                self.telemetry.render_failed(&spec.cfg.name, &e);
+                if partial {
+                    tracing::error!(event = "render_failed", secret = %spec.cfg.name, error = %e, "writing files failed after some were replaced");
+                    return Rendered::Partly;
+                }
+                tracing::error!(event = "render_failed", secret = %spec.cfg.name, error = %e, "writing files failed; files left as they were");
+                Rendered::Nothing
+            }
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Rendering credentials into files: minijinja templates in a sandbox
+//! (strict undefined, fuel limit, no loader), the built-in `json` and `env`
+//! formats, and atomic replacement so a reader sees the old file or the new
+//! one, never a partial one.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use minijinja::value::Serde;
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
+use serde_json::{Map, Value, json};
+use zeroize::Zeroizing;
+
+use config::{Config, ConfigError, FileConfig, Format};
+use vault::secret::{LeaseId, SecretData};
+
+use crate::clock::rfc3339;
+use crate::files::Target;
+
+/// Instructions a single render may execute; stops runaway templates.
+const FUEL: u64 = 50_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("{file}: template failed: {reason}")]
+    Template { file: PathBuf, reason: String },
+}
+
+/// What a template sees.
+pub struct Context<'a> {
+    pub name: &'a str,
+    pub data: &'a SecretData,
+    pub lease_id: &'a LeaseId,
+    pub lease_duration: Duration,
+    pub issued_at: SystemTime,
+    pub expires_at: Option<SystemTime>,
+    /// The credentials being replaced, until their lease is revoked.
+    pub previous: Option<&'a SecretData>,
+    /// The secret's proxy: its address, and the local password if any.
+    pub proxy: Option<(&'a str, Option<&'a str>)>,
+}
+
+impl Context<'_> {
+    fn to_json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "username": self.data.str("username"),
+            "password": self.data.str("password"),
+            "data": Value::Object(self.data.expose().clone()),
+            "lease_id": self.lease_id.expose(),
+            "lease_duration": self.lease_duration.as_secs(),
+            "issued_at": rfc3339(self.issued_at),
+            "expires_at": self.expires_at.map(rfc3339),
+            // Always there, empty without one: `{{ previous.username }}`
+            // renders "" instead of failing the strict template.
+            "previous": match self.previous {
+                Some(p) => json!({
+                    "username": p.str("username").unwrap_or_default(),
+                    "password": p.str("password").unwrap_or_default(),
+                    "data": Value::Object(p.expose().clone()),
+                }),
+                None => json!({ "username": "", "password": "", "data": {} }),
+            },
+            "proxy": {
+                "listen": self.proxy.map_or("", |p| p.0),
+                "password": self.proxy.and_then(|p| p.1).unwrap_or_default(),
+            },
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Json,
+    Env,
+    Template(String),
+}
+
+#[derive(Debug, Clone)]
+struct FilePlan {
+    target: Target,
+    kind: Kind,
+}
+
+/// One secret's files: how each is made and the templates compiled for
+/// them. Travels in the secret's `SecretSpec`, so a supervisor renders
+/// with what its own config compiled, whatever a reload does to the others.
+pub struct Templates {
+    /// Shared by every secret of one compile (one sandbox, its filters).
+    env: Arc<Environment<'static>>,
+    plans: Vec<FilePlan>,
+}
+
+/// Every secret's `Templates`, by secret name.
+pub struct Renderer {
+    secrets: HashMap<String, Arc<Templates>>,
+}
+
+fn sandbox(undefined: UndefinedBehavior) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(undefined);
+    env.set_fuel(Some(FUEL));
+    // Credentials files are not HTML: never escape.
+    env.set_auto_escape_callback(|_| AutoEscape::None);
+    env.add_filter("urlencode", urlencode);
+    env.add_filter("shell_quote", |s: String| shell_quote(&s));
+    env.add_filter("pgpass_escape", |s: String| pgpass_escape(&s));
+    env
+}
+
+impl Renderer {
+    /// Compiles every template (inline or `template_file`). Errors name the
+    /// config key of the template.
+    pub fn compile(config: &Config, config_path: &Path) -> Result<Renderer, ConfigError> {
+        Self::compile_with(config, config_path, UndefinedBehavior::Strict)
+    }
+
+    /// `leasehold check` renders secrets whose data shape it cannot know
+    /// (e.g. KV) with lenient undefined values.
+    pub fn compile_lenient(config: &Config, config_path: &Path) -> Result<Renderer, ConfigError> {
+        Self::compile_with(config, config_path, UndefinedBehavior::Chainable)
+    }
+
+    fn compile_with(
+        config: &Config,
+        config_path: &Path,
+        undefined: UndefinedBehavior,
+    ) -> Result<Renderer, ConfigError> {
+        let mut env = sandbox(undefined);
+        let mut plans = Vec::new();
+        for (i, secret) in config.secrets.iter().enumerate() {
+            let mut secret_plans = Vec::new();
+            for (j, file) in secret.files.iter().enumerate() {
+                let kind = template_kind(&mut env, file, i, j, config_path)?;
+                let target = Target { path: file.path.clone(), mode: file.mode, owner: file.owner, group: file.group };
+                secret_plans.push(FilePlan { target, kind });
+            }
+            plans.push((secret.name.clone(), secret_plans));
+        }
+        let env = Arc::new(env);
+        let secrets =
+            plans.into_iter().map(|(name, plans)| (name, Arc::new(Templates { env: env.clone(), plans }))).collect();
+        Ok(Renderer { secrets })
+    }
+
+    /// The templates of secret `name` (none for a secret not in the config).
+    pub fn templates(&self, name: &str) -> Arc<Templates> {
+        self.secrets.get(name).cloned().unwrap_or_else(|| Arc::new(Templates::none()))
+    }
+}
+
+impl Templates {
+    /// No files (a proxy-only secret, or one the config does not name).
+    pub fn none() -> Templates {
+        Templates { env: Arc::new(Environment::empty()), plans: Vec::new() }
+    }
+
+    /// Renders the secret's files in memory.
+    pub fn render(&self, ctx: &Context) -> Result<Vec<(Target, Zeroizing<String>)>, RenderError> {
+        let value = ctx.to_json();
+        let mut out = Vec::new();
+        for plan in &self.plans {
+            let fail = |reason: String| RenderError::Template { file: plan.target.path.clone(), reason };
+            let text = match &plan.kind {
+                Kind::Json => json_format(ctx),
+                Kind::Env => env_format(ctx.data),
+                Kind::Template(name) => {
+                    let tmpl = self.env.get_template(name).map_err(|e| fail(e.to_string()))?;
+                    tmpl.render(minijinja::Value::from(Serde(&value))).map_err(|e| fail(describe(&e)))?
+                }
+            };
+            out.push((plan.target.clone(), Zeroizing::new(text)));
+        }
+        Ok(out)
+    }
+}
+
+fn template_kind(
+    env: &mut Environment<'static>,
+    file: &FileConfig,
+    i: usize,
+    j: usize,
+    config_path: &Path,
+) -> Result<Kind, ConfigError> {
+    let err = |key: &str, message: String| ConfigError {
+        file: config_path.display().to_string(),
+        key: format!("secrets[{i}].files[{j}].{key}"),
+        message,
+    };
+    let name = format!("secrets[{i}].files[{j}]");
+    let (key, source) = match (&file.template, &file.template_file) {
+        (Some(t), _) => ("template", t.clone()),
+        (None, Some(p)) => (
+            "template_file",
+            fs::read_to_string(p).map_err(|e| err("template_file", format!("cannot read {}: {e}", p.display())))?,
+        ),
+        (None, None) => {
+            return Ok(match file.format {
+                Some(Format::Env) => Kind::Env,
+                _ => Kind::Json,
+            });
+        }
+    };
+    env.add_template_owned(name.clone(), source).map_err(|e| err(key, describe(&e)))?;
+    Ok(Kind::Template(name))
+}
+
+/// minijinja's message plus the line, without the template source.
+fn describe(e: &minijinja::Error) -> String {
+    match (e.detail(), e.line()) {
+        (Some(d), Some(l)) => format!("{} (line {l}): {d}", e.kind()),
+        (Some(d), None) => format!("{}: {d}", e.kind()),
+        (None, Some(l)) => format!("{} (line {l})", e.kind()),
+        (None, None) => e.kind().to_string(),
+    }
+}
+
+/// `format: json`: the keys of `data` plus `lease_id`, `lease_duration`,
+/// `expires_at`, one flat object.
+fn json_format(ctx: &Context) -> String {
+    let mut m: Map<String, Value> = ctx.data.expose().clone();
+    m.insert("lease_id".into(), json!(ctx.lease_id.expose()));
+    m.insert("lease_duration".into(), json!(ctx.lease_duration.as_secs()));
+    m.insert("expires_at".into(), json!(ctx.expires_at.map(rfc3339)));
+    let mut text = serde_json::to_string_pretty(&Value::Object(m)).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// `format: env`: `KEY='value'` for each key of `data`, upper-cased, values
+/// shell-quoted. Keys that are not valid variable names are skipped.
+fn env_format(data: &SecretData) -> String {
+    let mut out = String::new();
+    for (k, v) in data.expose() {
+        let key: String =
+            k.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+        if key.is_empty() || key.starts_with(|c: char| c.is_ascii_digit()) {
+            continue;
+        }
+        let value = match v {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        out.push_str(&format!("{key}={}\n", shell_quote(&value)));
+    }
+    out
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, so the
+/// result is safe in any URL part (user info, path, query).
+fn urlencode(s: String) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// `.pgpass` fields escape `\` and `:` with a backslash.
+fn pgpass_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace(':', "\\:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> SecretData {
+        SecretData::new(json!({"username": "v-app", "password": "p@ss:w/rd'x"}).as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn filters_escape_for_their_targets() {
+        assert_eq!(urlencode("p@ss:w/rd".into()), "p%40ss%3Aw%2Frd");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(pgpass_escape("a:b\\c"), "a\\:b\\\\c");
+    }
+
+    #[test]
+    fn env_and_json_formats() {
+        let d = data();
+        let env = env_format(&d);
+        assert!(env.contains("USERNAME='v-app'\n"));
+        assert!(env.contains("PASSWORD='p@ss:w/rd'\\''x'\n"));
+        let lease = LeaseId::new("database/creds/app/abc".into());
+        let ctx = Context {
+            name: "db",
+            data: &d,
+            lease_id: &lease,
+            lease_duration: Duration::from_secs(60),
+            issued_at: SystemTime::UNIX_EPOCH,
+            expires_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(60)),
+            previous: None,
+            proxy: None,
+        };
+        let v: Value = serde_json::from_str(&json_format(&ctx)).unwrap();
+        assert_eq!(v["username"], "v-app");
+        assert_eq!(v["lease_duration"], 60);
+        assert_eq!(v["expires_at"], "1970-01-01T00:01:00Z");
+    }
+
+    #[test]
+    fn templates_are_strict_and_fuelled() {
+        let mut env = sandbox(UndefinedBehavior::Strict);
+        env.add_template_owned("t", "{{ username|urlencode }}:{{ password|urlencode }}").unwrap();
+        let value = json!({"username": "u", "password": "a b"});
+        assert_eq!(env.get_template("t").unwrap().render(minijinja::Value::from(Serde(&value))).unwrap(), "u:a%20b");
+        env.add_template_owned("missing", "{{ nope }}").unwrap();
+        assert!(env.get_template("missing").unwrap().render(minijinja::Value::from(Serde(&value))).is_err());
+        env.add_template_owned(
+            "loop",
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        assert!(env.get_template("loop").unwrap().render(minijinja::Value::from(Serde(&value))).is_err());
+    }
+
+    #[test]
+    fn templates_cannot_read_files_or_the_environment() {
+        let cfg = |template: &str| {
+            let yaml = format!(
+                "vault:\n  address: http://v:8200\nauth:\n  kubernetes:\n    role: r\nsecrets:\n  - name: db\n    path: database/creds/r\n    files:\n      - path: /tmp/x\n        template: {template:?}\n"
+            );
+            Config::parse(&yaml, Path::new("t.yaml"), &|_| None).unwrap()
+        };
+        let ctx_data = data();
+        let lease = LeaseId::new("database/creds/r/x".into());
+        let ctx = Context {
+            name: "db",
+            data: &ctx_data,
+            lease_id: &lease,
+            lease_duration: Duration::from_secs(60),
+            issued_at: SystemTime::UNIX_EPOCH,
+            expires_at: None,
+            previous: None,
+            proxy: None,
+        };
+        for template in ["{% include '/etc/passwd' %}", "{{ env.HOME }}", "{{ range(10000000) | list | length }}"] {
+            let r = Renderer::compile(&cfg(template), Path::new("t.yaml"));
+            let rendered = r.ok().and_then(|r| r.templates("db").render(&ctx).ok());
+            assert!(rendered.is_none(), "{template} rendered: {:?}", rendered.map(|f| f[0].1.to_string()));
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! Telemetry: what the agent knows about each secret (for `/readyz`,
+//! `/v1/status` and `/metrics`), logging setup, and process hardening.
+//! Nothing here ever holds a secret value: lease ids are stored shortened.
+
+mod logging;
+pub mod metrics;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::clock::rfc3339;
+#[cfg(feature = "demo")]
+pub use logging::init_demo_logging;
+pub use logging::init_logging;
+use metrics::{Metrics, secret, secret_result};
+use vault::RequestObserver;
+use vault::secret::LeaseId;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileStatus {
+    pub path: PathBuf,
+    pub last_write: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SecretStatus {
+    pub name: String,
+    pub path: String,
+    pub ready: bool,
+    pub reason: Option<String>,
+    /// Shortened so that it cannot be used.
+    pub lease: Option<String>,
+    pub renewable: bool,
+    pub ttl_secs: u64,
+    pub issued_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub last_renewal: Option<String>,
+    pub renewals: u64,
+    pub issues: u64,
+    pub consecutive_failures: u64,
+    pub last_error: Option<String>,
+    pub files: Vec<FileStatus>,
+    #[serde(skip)]
+    rendered: bool,
+    #[serde(skip)]
+    expires: Option<SystemTime>,
+}
+
+impl SecretStatus {
+    /// Ready: files written with credentials that have not expired.
+    fn evaluate(&self, now: SystemTime) -> (bool, Option<String>) {
+        if !self.rendered {
+            let why = match &self.last_error {
+                Some(e) => format!("not rendered yet; last error: {e}"),
+                None => "not rendered yet".to_string(),
+            };
+            return (false, Some(why));
+        }
+        match self.expires {
+            Some(t) if t <= now => (false, Some(format!("credentials expired at {}", rfc3339(t)))),
+            _ => (true, None),
+        }
+    }
+}
+
+#[derive(Default)]
+struct TokenStatus {
+    accessor: String,
+    expires_at: Option<SystemTime>,
+}
+
+pub struct Telemetry {
+    pub metrics: Metrics,
+    registry: prometheus_client::registry::Registry,
+    secrets: Mutex<BTreeMap<String, SecretStatus>>,
+    token: Mutex<TokenStatus>,
+    proxies: Mutex<BTreeMap<String, Arc<pgproxy::Stats>>>,
+}
+
+/// A panic aborts the process (panic = "abort"): a poisoned lock's data is
+/// as good as any.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Telemetry {
+    pub fn new() -> Arc<Telemetry> {
+        let (metrics, registry) = Metrics::register();
+        Arc::new(Telemetry {
+            metrics,
+            registry,
+            secrets: Mutex::default(),
+            token: Mutex::default(),
+            proxies: Mutex::default(),
+        })
+    }
+
+    /// Declares a secret (at start and on reload); keeps what is known.
+    pub fn declare(&self, name: &str, path: &str, files: &[PathBuf]) {
+        let mut secrets = lock(&self.secrets);
+        let entry = secrets
+            .entry(name.to_string())
+            .or_insert_with(|| SecretStatus { name: name.to_string(), ..Default::default() });
+        if entry.path != path {
+            *entry = SecretStatus { name: name.to_string(), path: path.to_string(), ..Default::default() };
+        }
+        let old: Vec<FileStatus> = std::mem::take(&mut entry.files);
+        entry.files = files
+            .iter()
+            .map(|p| {
+                old.iter().find(|f| &f.path == p).cloned().unwrap_or(FileStatus { path: p.clone(), last_write: None })
+            })
+            .collect();
+    }
+
+    pub fn remove(&self, name: &str) {
+        lock(&self.secrets).remove(name);
+        self.metrics.lease_expiry.remove(&secret(name));
+        self.metrics.ready.remove(&secret(name));
+        self.metrics.consecutive_failures.remove(&secret(name));
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut SecretStatus)) {
+        if let Some(s) = lock(&self.secrets).get_mut(name) {
+            f(s);
+        }
+    }
+
+    fn set_expiry(&self, name: &str, expires: Option<SystemTime>) {
+        let gauge = self.metrics.lease_expiry.get_or_create(&secret(name));
+        gauge.set(expires.map(crate::clock::unix).unwrap_or(0.0));
+    }
+
+    /// New credentials; `expires` is when they end (none for a KV secret).
+    pub fn issued(
+        &self,
+        name: &str,
+        lease: &LeaseId,
+        ttl: Duration,
+        renewable: bool,
+        at: SystemTime,
+        expires: Option<SystemTime>,
+    ) {
+        self.metrics.issued.get_or_create(&secret_result(name, true)).inc();
+        self.set_expiry(name, expires);
+        self.metrics.consecutive_failures.get_or_create(&secret(name)).set(0);
+        self.update(name, |s| {
+            s.issues += 1;
+            s.lease = (!lease.is_empty()).then(|| lease.short());
+            s.renewable = renewable;
+            s.ttl_secs = ttl.as_secs();
+            s.issued_at = Some(rfc3339(at));
+            s.expires_at = expires.map(rfc3339);
+            s.expires = expires;
+            s.consecutive_failures = 0;
+            s.last_error = None;
+        });
+    }
+
+    /// A lease adopted from the state file: its files count as rendered once
+    /// the supervisor re-renders them.
+    pub fn adopted(&self, name: &str, lease: &LeaseId, ttl: Duration, renewable: bool, at: SystemTime) {
+        let expires = at + ttl;
+        self.set_expiry(name, Some(expires));
+        self.update(name, |s| {
+            s.lease = Some(lease.short());
+            s.renewable = renewable;
+            s.ttl_secs = ttl.as_secs();
+            s.expires_at = Some(rfc3339(expires));
+            s.expires = Some(expires);
+        });
+    }
+
+    pub fn failed(&self, name: &str, what: &str, error: &str) {
+        match what {
+            "issue" => self.metrics.issued.get_or_create(&secret_result(name, false)).inc(),
+            _ => self.metrics.renewals.get_or_create(&secret_result(name, false)).inc(),
+        };
+        let n = self.metrics.consecutive_failures.get_or_create(&secret(name)).inc() + 1;
+        self.update(name, |s| {
+            s.consecutive_failures = n as u64;
+            s.last_error = Some(format!("{what}: {error}"));
+        });
+    }
+
+    pub fn renewed(&self, name: &str, ttl: Duration, renewable: bool, at: SystemTime) {
+        self.metrics.renewals.get_or_create(&secret_result(name, true)).inc();
+        self.metrics.consecutive_failures.get_or_create(&secret(name)).set(0);
+        let expires = at + ttl;
+        self.set_expiry(name, Some(expires));
+        self.update(name, |s| {
+            s.renewals += 1;
+            s.renewable = renewable;
+            s.ttl_secs = ttl.as_secs();
+            s.last_renewal = Some(rfc3339(at));
+            s.expires_at = Some(rfc3339(expires));
+            s.expires = Some(expires);
+            s.consecutive_failures = 0;
+            s.last_error = None;
+        });
+    }
+
+    /// The lease ended early (Vault said it is gone).
+    pub fn lease_ended(&self, name: &str, at: SystemTime, error: &str) {
+        self.set_expiry(name, Some(at));
+        self.update(name, |s| {
+            s.expires = Some(at);
+            s.expires_at = Some(rfc3339(at));
+            s.last_error = Some(format!("renew: {error}"));
+        });
+    }
+
+    pub fn revoked(&self, name: &str, ok: bool) {
+        self.metrics.revocations.get_or_create(&secret_result(name, ok)).inc();
+    }
+
+    pub fn rendered(&self, name: &str, written: &[(PathBuf, bool)], at: SystemTime) {
+        self.update(name, |s| {
+            s.rendered = true;
+            for (path, changed) in written {
+                if let Some(f) = s.files.iter_mut().find(|f| &f.path == path)
+                    && (*changed || f.last_write.is_none())
+                {
+                    f.last_write = Some(rfc3339(at));
+                }
+            }
+        });
+    }
+
+    pub fn render_failed(&self, name: &str, error: &str) {
+        self.update(name, |s| s.last_error = Some(format!("render: {error}")));
+    }
+
+    pub fn notified(&self, name: &str, hook: &str, ok: bool) {
+        let labels = metrics::HookLabels {
+            secret: name.to_string(),
+            hook: hook.to_string(),
+            result: if ok { "success" } else { "failure" }.to_string(),
+        };
+        self.metrics.notifications.get_or_create(&labels).inc();
+    }
+
+    pub fn login(&self, ok: bool) {
+        self.metrics.logins.get_or_create(&metrics::result(ok)).inc();
+    }
+
+    pub fn token_renewed(&self, ok: bool) {
+        self.metrics.token_renewals.get_or_create(&metrics::result(ok)).inc();
+    }
+
+    pub fn token(&self, accessor: &str, expires_at: SystemTime) {
+        self.metrics.token_expiry.set(crate::clock::unix(expires_at));
+        let mut t = lock(&self.token);
+        t.accessor = accessor.to_string();
+        t.expires_at = Some(expires_at);
+    }
+
+    pub fn reloaded(&self, ok: bool) {
+        let label = metrics::ResultLabel { result: if ok { "success" } else { "rejected" }.to_string() };
+        self.metrics.reloads.get_or_create(&label).inc();
+    }
+
+    /// Every secret ready, and the reasons of those that are not.
+    pub fn readiness(&self) -> (bool, Vec<String>) {
+        let now = crate::clock::now();
+        let secrets = lock(&self.secrets);
+        let reasons: Vec<String> = secrets
+            .values()
+            .filter_map(|s| match s.evaluate(now) {
+                (true, _) => None,
+                (false, why) => Some(format!("{}: {}", s.name, why.unwrap_or_default())),
+            })
+            .collect();
+        (reasons.is_empty() && !secrets.is_empty(), reasons)
+    }
+
+    pub fn status_json(&self) -> Value {
+        let now = crate::clock::now();
+        let secrets: Vec<SecretStatus> = lock(&self.secrets)
+            .values()
+            .map(|s| {
+                let (ready, reason) = s.evaluate(now);
+                SecretStatus { ready, reason, ..s.clone() }
+            })
+            .collect();
+        let token = lock(&self.token);
+        json!({
+            "ready": !secrets.is_empty() && secrets.iter().all(|s| s.ready),
+            "version": env!("CARGO_PKG_VERSION"),
+            "token": {
+                "accessor": token.accessor,
+                "expires_at": token.expires_at.map(rfc3339),
+            },
+            "secrets": secrets,
+        })
+    }
+
+    /// OpenMetrics text; readiness gauges are refreshed first.
+    pub fn encode_metrics(&self) -> String {
+        let now = crate::clock::now();
+        for s in lock(&self.secrets).values() {
+            self.metrics.ready.get_or_create(&secret(&s.name)).set(s.evaluate(now).0 as i64);
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        let proxies = self.proxy_metrics();
+        match out.strip_suffix("# EOF\n") {
+            Some(body) if !proxies.is_empty() => format!("{body}{proxies}# EOF\n"),
+            _ => out,
+        }
+    }
+
+    /// The counters of a secret's proxy (created on first use).
+    pub fn proxy_stats(&self, name: &str) -> Arc<pgproxy::Stats> {
+        lock(&self.proxies).entry(name.to_string()).or_default().clone()
+    }
+
+    fn proxy_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering::Relaxed;
+        let proxies = lock(&self.proxies);
+        if proxies.is_empty() {
+            return String::new();
+        }
+        let mut out = String::new();
+        // Each value with its labels after `secret`.
+        type Values = fn(&pgproxy::Stats) -> Vec<(&'static str, u64)>;
+        let families: [(&str, &str, &str, Values); 5] = [
+            ("leasehold_proxy_connections_opened", "counter", "Client connections logged in upstream.", |s| {
+                vec![("", s.opened.load(Relaxed))]
+            }),
+            (
+                "leasehold_proxy_connections_failed",
+                "counter",
+                "Client connections that failed (bad client, upstream refused or unreachable).",
+                |s| vec![("", s.failed.load(Relaxed))],
+            ),
+            (
+                "leasehold_proxy_connections_open",
+                "gauge",
+                "Client connections open now, by credential generation: the current one, or replaced ones.",
+                |s| {
+                    let (current, replaced) = s.open();
+                    vec![(",generation=\"current\"", current), (",generation=\"replaced\"", replaced)]
+                },
+            ),
+            (
+                "leasehold_proxy_credential_generation",
+                "gauge",
+                "How many credentials the proxy has logged in with (1 for the first), counting the current.",
+                |s| vec![("", s.generation.load(Relaxed))],
+            ),
+            ("leasehold_proxy_bytes", "counter", "Bytes relayed.", |s| {
+                vec![
+                    (",direction=\"up\"", s.bytes_up.load(Relaxed)),
+                    (",direction=\"down\"", s.bytes_down.load(Relaxed)),
+                ]
+            }),
+        ];
+        for (name, kind, help, values) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let sample = if kind == "counter" { format!("{name}_total") } else { name.to_string() };
+            for (secret, stats) in proxies.iter() {
+                for (labels, v) in values(stats) {
+                    let _ = writeln!(out, "{sample}{{secret=\"{secret}\"{labels}}} {v}");
+                }
+            }
+        }
+        out
+    }
+}
+
+impl RequestObserver for Telemetry {
+    fn observe(&self, op: &'static str, code: u16, elapsed: Duration) {
+        let labels = metrics::OpCode { op: op.to_string(), code: code.to_string() };
+        self.metrics.vault_requests.get_or_create(&labels).inc();
+        self.metrics
+            .vault_duration
+            .get_or_create(&metrics::OpLabel { op: op.to_string() })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// No core dumps (they would hold secrets), and panic messages that cannot
+/// carry one: only literal messages and the location are printed.
+pub fn harden() {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("leasehold: cannot disable core dumps (prctl): {e}");
+    }
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&'static str>()
+            .copied()
+            .unwrap_or("(message withheld: it may hold a secret)");
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("leasehold: internal error at {location}: {message}");
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_render_and_expiry() {
+        let t = Telemetry::new();
+        t.declare("db", "database/creds/app", &[PathBuf::from("/x/db.json")]);
+        let (ready, reasons) = t.readiness();
+        assert!(!ready);
+        assert_eq!(reasons, vec!["db: not rendered yet"]);
+        let lease = LeaseId::new("database/creds/app/AbCdEfGhIjKlMnOpQrStUvWx".into());
+        let past = crate::clock::now() - Duration::from_secs(120);
+        t.issued("db", &lease, Duration::from_secs(60), true, past, Some(past + Duration::from_secs(60)));
+        t.rendered("db", &[(PathBuf::from("/x/db.json"), true)], past);
+        let (ready, reasons) = t.readiness();
+        assert!(!ready && reasons[0].starts_with("db: credentials expired at"), "{reasons:?}");
+        t.renewed("db", Duration::from_secs(60), true, crate::clock::now());
+        assert!(t.readiness().0);
+        let status = t.status_json().to_string();
+        assert!(status.contains("database/creds/app/AbCd…") && !status.contains("EfGh"));
+        let metrics = t.encode_metrics();
+        assert!(metrics.contains("leasehold_lease_renewals_total{secret=\"db\",result=\"success\"} 1"), "{metrics}");
+        assert!(metrics.contains("leasehold_secret_ready{secret=\"db\"} 1"));
+    }
+}

@@ -1,0 +1,433 @@
+//! The real auth and lease loops, in-process, against a scripted Vault
+//! under tokio's paused clock: hours of token and lease life in
+//! milliseconds, no sleeps, no timing windows. (`clock::now()` follows
+//! tokio's clock, so the loops' deadlines move with `advance`.)
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use agent::auth::{AuthLoop, AuthState, HeldToken};
+use agent::clock;
+use agent::lease::{SecretSpec, Supervisor};
+use agent::render::Renderer;
+use agent::run::Loaded;
+use agent::teardown::Outcome;
+use agent::telemetry::Telemetry;
+use config::Config;
+use reqwest::Method;
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use vault::secret::{LeaseId, SecretData, SecretString};
+use vault::{AuthMethod, LeaseRenewal, Secret, Token, TokenRenewal, Vault, VaultError};
+
+/// What the scripted Vault answers, and what it was asked (with the
+/// process clock's time).
+#[derive(Default)]
+struct Script {
+    /// Login: a batch token of this TTL.
+    batch_ttl: Duration,
+    /// Credentials: this TTL, renewable.
+    lease_ttl: Duration,
+    /// Renewals: refused with 403 when true.
+    refuse_renewals: bool,
+    /// Renewals never answer (a frozen server).
+    hang_renewals: bool,
+    /// Lease lookups: this status and error (0: the lease lives, 300 s left).
+    lookup: (u16, &'static str),
+    logins: Vec<SystemTime>,
+    issues: Vec<SystemTime>,
+    renewals: Vec<SystemTime>,
+    /// A file to look at when credentials are issued and leases revoked.
+    watched: Option<std::path::PathBuf>,
+    /// Each issue: the path read, and the watched file's content then.
+    issued: Vec<(String, Option<String>)>,
+    /// Each revocation: when, the lease, and the watched file's content then.
+    revoked: Vec<(SystemTime, String, Option<String>)>,
+}
+
+impl Script {
+    fn look(&self) -> Option<String> {
+        self.watched.as_ref().and_then(|p| std::fs::read_to_string(p).ok())
+    }
+}
+
+#[derive(Clone, Default)]
+struct Scripted(Arc<Mutex<Script>>);
+
+impl Scripted {
+    fn with(f: impl FnOnce(&mut Script)) -> Scripted {
+        let s = Scripted::default();
+        f(&mut s.0.lock().unwrap());
+        s
+    }
+    fn get<T>(&self, f: impl FnOnce(&Script) -> T) -> T {
+        f(&self.0.lock().unwrap())
+    }
+}
+
+fn denied() -> VaultError {
+    VaultError::Status { op: "scripted", status: 403, errors: vec!["permission denied".into()] }
+}
+
+impl Vault for Scripted {
+    async fn login(&self, _: AuthMethod, _: &str, _: &str, _: &SecretString) -> Result<Token, VaultError> {
+        let mut s = self.0.lock().unwrap();
+        s.logins.push(clock::now());
+        let n = s.logins.len();
+        // A login loop never lets the paused clock move: refuse past any
+        // sane count, so such a loop backs off and the test can see it.
+        if n > 1000 {
+            return Err(denied());
+        }
+        Ok(Token {
+            secret: SecretString::from(format!("b.token-{n}")),
+            accessor: format!("batch-{n}"),
+            ttl: s.batch_ttl,
+            renewable: false,
+            batch: true,
+        })
+    }
+    async fn lookup_self(&self, _: &SecretString) -> Result<(Duration, bool), VaultError> {
+        Ok((Duration::from_secs(3600), false))
+    }
+    async fn renew_self(&self, _: &SecretString, _: Duration) -> Result<TokenRenewal, VaultError> {
+        Err(VaultError::Status { op: "scripted", status: 400, errors: vec!["batch tokens cannot be renewed".into()] })
+    }
+    async fn read_secret(
+        &self,
+        _: &SecretString,
+        _: Method,
+        path: &str,
+        _: Option<&Value>,
+    ) -> Result<Secret, VaultError> {
+        let mut s = self.0.lock().unwrap();
+        s.issues.push(clock::now());
+        let seen = s.look();
+        s.issued.push((path.to_string(), seen));
+        let n = s.issues.len();
+        let role = path.rsplit('/').next().unwrap_or_default();
+        let data = serde_json::json!({"username": format!("v-{role}-{n}"), "password": "pw-0123456789"});
+        Ok(Secret {
+            lease_id: LeaseId::new(format!("{path}/lease{n:020}")),
+            lease_duration: s.lease_ttl,
+            renewable: true,
+            data: SecretData::new(data.as_object().cloned().unwrap_or_default()),
+            warnings: vec![],
+        })
+    }
+    async fn renew_lease(
+        &self,
+        _: &SecretString,
+        _: &LeaseId,
+        increment: Duration,
+    ) -> Result<LeaseRenewal, VaultError> {
+        let (refuse, hang) = {
+            let mut s = self.0.lock().unwrap();
+            s.renewals.push(clock::now());
+            (s.refuse_renewals, s.hang_renewals)
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        if refuse {
+            return Err(denied());
+        }
+        Ok(LeaseRenewal { lease_duration: increment, renewable: true, warnings: vec![] })
+    }
+    async fn revoke_lease(&self, _: &SecretString, lease: &LeaseId) -> Result<(), VaultError> {
+        let mut s = self.0.lock().unwrap();
+        let seen = s.look();
+        s.revoked.push((clock::now(), lease.expose().to_string(), seen));
+        Ok(())
+    }
+    async fn lookup_lease(&self, _: &SecretString, _: &LeaseId) -> Result<(Duration, bool), VaultError> {
+        match self.get(|s| s.lookup) {
+            (0, _) => Ok((Duration::from_secs(300), true)),
+            (status, text) => Err(VaultError::Status { op: "scripted", status, errors: vec![text.into()] }),
+        }
+    }
+    async fn revoke_self(&self, _: &SecretString) -> Result<(), VaultError> {
+        Ok(())
+    }
+}
+
+fn auth_loop(vault: &Scripted, dir: &std::path::Path) -> (AuthLoop<Scripted>, watch::Receiver<AuthState>) {
+    let token = dir.join("jwt");
+    std::fs::write(&token, "header.payload.signature").unwrap();
+    let (tx, rx) = watch::channel(AuthState::default());
+    let auth = AuthLoop {
+        client: vault.clone(),
+        kind: AuthMethod::Kubernetes,
+        mount: "kubernetes".into(),
+        role: "app".into(),
+        token_path: token,
+        state: tx,
+        relogin: Arc::new(Notify::new()),
+        store: None,
+        telemetry: Telemetry::new(),
+    };
+    (auth, rx)
+}
+
+fn supervisor(vault: &Scripted, dir: &std::path::Path, auth: watch::Receiver<AuthState>) -> Supervisor<Scripted> {
+    let file = dir.join("db.json");
+    let yaml = format!(
+        "vault:\n  address: http://vault:8200\nauth:\n  kubernetes:\n    role: app\nsecrets:\n  - name: db\n    path: database/creds/app\n    files:\n      - path: {}\n        format: json\n",
+        file.display()
+    );
+    let path = dir.join("leasehold.yaml");
+    let config = Config::parse(&yaml, &path, &|_| None).unwrap();
+    let templates = Renderer::compile(&config, &path).unwrap().templates(&config.secrets[0].name);
+    // The spec sender is dropped here: the supervisor then sees no reloads.
+    let (_, spec) = watch::channel(Arc::new(SecretSpec { cfg: config.secrets[0].clone(), templates, proxy: None }));
+    Supervisor {
+        spec,
+        client: vault.clone(),
+        auth,
+        relogin: Arc::new(Notify::new()),
+        events: mpsc::unbounded_channel().0,
+        store: None,
+        adopted: None,
+        telemetry: Telemetry::new(),
+        cancel: CancellationToken::new(),
+    }
+}
+
+/// A service token that outlives the test, for the supervisor.
+fn service_token() -> watch::Receiver<AuthState> {
+    let held = Arc::new(HeldToken {
+        token: Token {
+            secret: SecretString::from("s.token".to_string()),
+            accessor: "acc".into(),
+            ttl: Duration::from_secs(100_000),
+            renewable: true,
+            batch: false,
+        },
+        granted_at: clock::now(),
+        ttl: Duration::from_secs(100_000),
+        final_expiry: false,
+    });
+    let (tx, rx) = watch::channel(AuthState { current: Some(held.clone()), held: vec![held] });
+    // Kept open for the test's life: a closed channel would read as "no auth loop".
+    std::mem::forget(tx);
+    rx
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_token_is_replaced_at_half_its_life_not_in_a_loop() {
+    let vault = Scripted::with(|s| s.batch_ttl = Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let (auth, _rx) = auth_loop(&vault, dir.path());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(auth.run(cancel.clone()));
+    // An hour of token life.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    cancel.cancel();
+    task.await.unwrap();
+    let logins = vault.get(|s| s.logins.clone());
+    // One login at start, then one every 30 s (57–60 s of each 60 s token,
+    // less jitter): about 120, not a loop.
+    assert!((100..=130).contains(&logins.len()), "{} logins in an hour", logins.len());
+    for pair in logins.windows(2) {
+        let gap = pair[1].duration_since(pair[0]).unwrap();
+        assert!(gap >= Duration::from_secs(27) && gap <= Duration::from_secs(30), "{gap:?} between logins");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_renewals_are_retried_with_backoff_then_replaced_in_time() {
+    let vault = Scripted::with(|s| {
+        s.lease_ttl = Duration::from_secs(600);
+        s.refuse_renewals = true;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(&vault, dir.path(), service_token());
+    let cancel = sup.cancel.clone();
+    let task = tokio::spawn(sup.run());
+    tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+    cancel.cancel();
+    let live = task.await.unwrap();
+    let (issues, renewals) = vault.get(|s| (s.issues.clone(), s.renewals.clone()));
+    assert!(issues.len() >= 10, "re-issued over three hours: {}", issues.len());
+    // Each 600 s lease was replaced while it still had (1 - 0.5) × 600 s =
+    // 300 s left (its renewals all refused): at most 300 s apart, not at 600.
+    for pair in issues.windows(2) {
+        let gap = pair[1].duration_since(pair[0]).unwrap();
+        assert!(gap <= Duration::from_secs(300), "replaced {gap:?} after issue");
+    }
+    // Backoff, not a storm: a few attempts per lease.
+    assert!(renewals.len() <= 8 * issues.len(), "{} renewals for {} leases", renewals.len(), issues.len());
+    assert!(!live.is_empty(), "the current lease is reported alive at the stop");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_in_flight_is_dropped_at_shutdown() {
+    let vault = Scripted::with(|s| {
+        s.lease_ttl = Duration::from_secs(60);
+        s.hang_renewals = true;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(&vault, dir.path(), service_token());
+    let cancel = sup.cancel.clone();
+    let task = tokio::spawn(sup.run());
+    // The renewal at 30 s hangs (a frozen server).
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(vault.get(|s| s.renewals.len()), 1);
+    let stopped = clock::instant();
+    cancel.cancel();
+    let live = tokio::time::timeout(Duration::from_secs(1), task).await.expect("stopped at once").unwrap();
+    assert!(stopped.elapsed() < Duration::from_secs(1));
+    assert_eq!(live.len(), 1, "the lease, to be revoked");
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_a_lease_vault_calls_gone_is_reissued_at_adoption() {
+    use agent::state::{LeaseRecord, SecretRecord, State};
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "vault:\n  address: http://vault:8200\nauth:\n  kubernetes:\n    role: app\nsecrets:\n  - name: db\n    path: database/creds/app\n    files:\n      - path: {}/db.json\n        format: json\n",
+        dir.path().display()
+    );
+    let config = Config::parse(&yaml, &dir.path().join("c.yaml"), &|_| None).unwrap();
+    let at = agent::state::unix(clock::now());
+    let record = LeaseRecord {
+        path: "database/creds/app".into(),
+        lease_id: LeaseId::new("database/creds/app/recorded0000000000000000".into()),
+        token_accessor: "acc".into(),
+        issued_at: at,
+        first_ttl: 300.0,
+        granted_at: at,
+        ttl: 300.0,
+        renewable: true,
+        capped: false,
+        data: SecretData::default(),
+    };
+    let mut state = State::default();
+    state.secrets.insert("db".into(), SecretRecord { current: Some(record), retired: vec![] });
+    let token = SecretString::from("s.token".to_string());
+    for (lookup, adopted) in [
+        ((0, ""), true),
+        // A policy without sys/leases/lookup: says nothing about the lease.
+        ((403, "permission denied"), true),
+        ((503, "Vault is sealed"), true),
+        // Gone: re-issued.
+        ((400, "invalid lease"), false),
+    ] {
+        let vault = Scripted::with(|s| s.lookup = lookup);
+        let found = agent::adopt::leases(&vault, &token, &state, &config).await;
+        assert_eq!(found.adopted.contains_key("db"), adopted, "lookup answered {lookup:?}");
+        assert!(found.revoke.is_empty(), "the current lease is never revoked at adoption");
+    }
+}
+
+/// The whole agent (`agent::run_with`) in-process: a config file in `dir`
+/// for one secret read from `path`, the scripted Vault, and the handles a
+/// test pulls: SIGHUP, SIGTERM, file events.
+struct InProcess {
+    config: std::path::PathBuf,
+    file: std::path::PathBuf,
+    reload: watch::Sender<u64>,
+    shutdown: CancellationToken,
+    file_events: mpsc::UnboundedSender<()>,
+    task: tokio::task::JoinHandle<Result<Outcome, agent::run::StartError>>,
+}
+
+fn agent_config(dir: &std::path::Path, path: &str) -> String {
+    format!(
+        "vault:\n  address: http://vault:8200\nauth:\n  kubernetes:\n    role: app\n    token_path: {dir}/jwt\nstate_dir: {dir}/state\nsecrets:\n  - name: db\n    path: {path}\n    files:\n      - path: {dir}/db.json\n        format: json\n",
+        dir = dir.display()
+    )
+}
+
+/// The agent with hour-long tokens and leases, once its first credentials
+/// are in `db.json`.
+async fn start_agent(dir: &std::path::Path) -> (Scripted, InProcess) {
+    let vault = Scripted::with(|s| {
+        s.batch_ttl = Duration::from_secs(3600);
+        s.lease_ttl = Duration::from_secs(3600);
+        s.watched = Some(dir.join("db.json"));
+    });
+    std::fs::write(dir.join("jwt"), "header.payload.signature").unwrap();
+    let config_path = dir.join("leasehold.yaml");
+    std::fs::write(&config_path, agent_config(dir, "database/creds/app")).unwrap();
+    let loaded = Loaded::read(&config_path, &|_| None).unwrap();
+    let shutdown = CancellationToken::new();
+    let (reload, reload_rx) = watch::channel(0u64);
+    let (file_events, file_rx) = mpsc::unbounded_channel();
+    let signals = agent::signals::Signals { shutdown: shutdown.clone(), reload: reload_rx };
+    let opts = agent::run::Options { once: false, env: &|_| None };
+    let task = tokio::spawn(agent::run::run_with(
+        vault.clone(),
+        loaded,
+        // Spawned: the path must outlive the test function.
+        &*Box::leak(config_path.clone().into_boxed_path()),
+        signals,
+        opts,
+        Telemetry::new(),
+        file_rx,
+    ));
+    let agent = InProcess { config: config_path, file: dir.join("db.json"), reload, shutdown, file_events, task };
+    until(&vault, "first credentials rendered", |s| s.look().is_some_and(|c| c.contains("v-app-1"))).await;
+    (vault, agent)
+}
+
+/// Lets the agent's tasks run until `done` holds (virtual time: a minute
+/// of it at most).
+async fn until(vault: &Scripted, what: &str, done: impl Fn(&Script) -> bool) {
+    for _ in 0..600 {
+        if vault.get(&done) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_changes_the_path_keeps_the_old_files_until_new_ones_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vault, agent) = start_agent(dir.path()).await;
+
+    std::fs::write(&agent.config, agent_config(dir.path(), "database/creds/other")).unwrap();
+    agent.reload.send_modify(|n| *n += 1);
+    until(&vault, "the old lease revoked", |s| !s.revoked.is_empty()).await;
+
+    let (issued, revoked) = vault.get(|s| (s.issued.clone(), s.revoked.clone()));
+    assert_eq!(issued.len(), 2, "{issued:?}");
+    assert_eq!(issued[1].0, "database/creds/other");
+    // The bug: the old files were deleted (and the lease revoked) before
+    // the new credentials existed.
+    let before_new = issued[1].1.as_deref().unwrap_or("<no file>");
+    assert!(before_new.contains("v-app-1"), "the app's file while new credentials were issued: {before_new}");
+    let (_, lease, at_revoke) = &revoked[0];
+    assert!(lease.starts_with("database/creds/app/"), "the old role's lease goes: {lease}");
+    let at_revoke = at_revoke.as_deref().unwrap_or("<no file>");
+    assert!(at_revoke.contains("v-other-2"), "the file when the old lease was revoked: {at_revoke}");
+
+    agent.shutdown.cancel();
+    assert_eq!(agent.task.await.unwrap().unwrap(), Outcome::Stopped);
+    let revoked: Vec<String> = vault.get(|s| s.revoked.iter().map(|r| r.1.clone()).collect());
+    assert_eq!(revoked.len(), 2, "both leases revoked, each once: {revoked:?}");
+    assert!(revoked[1].starts_with("database/creds/other/"));
+    assert!(std::fs::read_to_string(&agent.file).unwrap().contains("v-other-2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn file_events_never_hold_up_a_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vault, agent) = start_agent(dir.path()).await;
+
+    // A file event (the config directory is busy), and SIGTERM while the
+    // reload it arms is still pending.
+    agent.file_events.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let stopped = clock::now();
+    agent.shutdown.cancel();
+    assert_eq!(agent.task.await.unwrap().unwrap(), Outcome::Stopped);
+    let revoked = vault.get(|s| s.revoked.clone());
+    assert_eq!(revoked.len(), 1);
+    // The bug: handling the event slept the debounce (200 ms) with signals
+    // unserved. The revocation starts at SIGTERM, not after it.
+    assert_eq!(revoked[0].0, stopped, "revoked {:?} after SIGTERM", revoked[0].0.duration_since(stopped));
+}

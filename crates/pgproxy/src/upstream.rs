@@ -1,0 +1,220 @@
+//! The proxy's side toward the database: TCP, TLS as `upstream_tls` says
+//! (`disable`; `require`: encrypted, the certificate not checked, as libpq's
+//! `sslmode=require`; `verify-full`: checked against `ca_cert`, and the
+//! host name), and the login with the secret's
+//! credentials.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::scram::Scram;
+use super::wire::{self, error_message, read_message};
+use super::{Io, ProxyError};
+use config::{ProxyConfig, UpstreamTls};
+use vault::secret::SecretData;
+
+/// rustls for the upstream, or `None` for `disable`.
+pub fn tls_config(cfg: &ProxyConfig) -> Result<Option<Arc<rustls::ClientConfig>>, ProxyError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ProxyError::Tls(e.to_string()))?;
+    let config = match cfg.upstream_tls {
+        UpstreamTls::Disable => return Ok(None),
+        UpstreamTls::Require => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth()
+        }
+        UpstreamTls::VerifyFull => {
+            let mut roots = rustls::RootCertStore::empty();
+            // Database CAs are private (config validation requires ca_cert).
+            let path =
+                cfg.ca_cert.as_deref().ok_or_else(|| ProxyError::Tls("verify-full needs proxy.ca_cert".into()))?;
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| ProxyError::Tls(format!("proxy.ca_cert {}: {e}", path.display())))?;
+            roots.add_parsable_certificates(certs);
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(Some(Arc::new(config)))
+}
+
+async fn connect(cfg: &ProxyConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Box<dyn Io>, ProxyError> {
+    let addr = &cfg.upstream;
+    let connect_failed = |e: std::io::Error| ProxyError::Connect { addr: addr.clone(), error: e.to_string() };
+    let timeout = std::time::Duration::from_secs(10);
+    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(r) => r.map_err(connect_failed)?,
+        Err(_) => return Err(connect_failed(std::io::Error::other("timed out after 10s"))),
+    };
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = tls else { return Ok(Box::new(tcp)) };
+    let mut tcp = tcp;
+    tcp.write_all(&wire::ssl_request()).await?;
+    match tcp.read_u8().await? {
+        b'S' => {}
+        b'N' => return Err(ProxyError::NoTls(addr.clone())),
+        other => return Err(ProxyError::Protocol(format!("answer {:?} to SSLRequest", other as char))),
+    }
+    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+    let name = ServerName::try_from(host.to_string()).map_err(|e| ProxyError::Tls(format!("{host}: {e}")))?;
+    let stream =
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| ProxyError::Tls(e.to_string()))?;
+    Ok(Box::new(stream))
+}
+
+/// A logged-in upstream connection for a client that sent `params`: the
+/// secret's user, the client's database (libpq's default: the user name it
+/// gave) and other parameters. Returns after the server's
+/// `AuthenticationOk`, before what follows it (parameters, key, ready).
+pub async fn open(
+    cfg: &ProxyConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    client: &BTreeMap<String, String>,
+    creds: &SecretData,
+) -> Result<Box<dyn Io>, ProxyError> {
+    let (Some(user), Some(password)) = (creds.str("username"), creds.str("password")) else {
+        return Err(ProxyError::Refused("the secret has no username and password".into()));
+    };
+    let mut params = client.clone();
+    let database = params.remove("database").or_else(|| params.get("user").cloned()).unwrap_or_default();
+    params.insert("user".into(), user.to_string());
+    if !database.is_empty() {
+        params.insert("database".into(), database);
+    }
+    let mut s = connect(cfg, tls).await?;
+    s.write_all(&wire::startup_message(&params)).await?;
+    let mut scram: Option<Scram> = None;
+    loop {
+        let (kind, body) = read_message(&mut s).await?;
+        match kind {
+            b'E' => return Err(ProxyError::Refused(error_message(&body))),
+            b'R' if body.len() >= 4 => {
+                let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                let rest = &body[4..];
+                match code {
+                    0 => return Ok(s),
+                    3 => send(&mut s, b'p', &cstr(password)).await?,
+                    5 if rest.len() == 4 => {
+                        let salt = [rest[0], rest[1], rest[2], rest[3]];
+                        send(&mut s, b'p', &cstr(&md5_password(user, password, salt))).await?;
+                    }
+                    10 => {
+                        let offers = rest.split(|c| *c == 0).any(|m| m == b"SCRAM-SHA-256");
+                        if !offers {
+                            return Err(ProxyError::Protocol("the server offers no SCRAM-SHA-256".into()));
+                        }
+                        let sc = Scram::new(password);
+                        let first = sc.first();
+                        let mut msg = cstr("SCRAM-SHA-256");
+                        msg.extend_from_slice(&(first.len() as i32).to_be_bytes());
+                        msg.extend_from_slice(&first);
+                        send(&mut s, b'p', &msg).await?;
+                        scram = Some(sc);
+                    }
+                    11 => {
+                        let sc = scram.as_mut().ok_or_else(|| ProxyError::Protocol("SASL continue first".into()))?;
+                        let reply = sc.respond(rest).map_err(|e| ProxyError::Refused(format!("SCRAM: {e}")))?;
+                        send(&mut s, b'p', &reply).await?;
+                    }
+                    12 => {
+                        let sc = scram.take().ok_or_else(|| ProxyError::Protocol("SASL final first".into()))?;
+                        sc.finish(rest).map_err(|e| ProxyError::Refused(format!("SCRAM: the server's proof: {e}")))?;
+                    }
+                    other => return Err(ProxyError::Protocol(format!("authentication method {other}"))),
+                }
+            }
+            other => return Err(ProxyError::Protocol(format!("message {:?} before the login", other as char))),
+        }
+    }
+}
+
+/// Forwards a client's `CancelRequest` to the server, which matches its
+/// process id and key (passed to the client unchanged).
+pub async fn cancel(
+    cfg: &ProxyConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    packet: &[u8],
+) -> Result<(), ProxyError> {
+    let mut s = connect(cfg, tls).await?;
+    s.write_all(packet).await?;
+    let _ = s.shutdown().await;
+    Ok(())
+}
+
+/// PostgreSQL's md5 password: `md5` + md5(md5(password + user) + salt), in hex.
+fn md5_password(user: &str, password: &str, salt: [u8; 4]) -> String {
+    use md5::{Digest, Md5};
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let inner = hex(&Md5::new().chain_update(password).chain_update(user).finalize());
+    format!("md5{}", hex(&Md5::new().chain_update(inner).chain_update(salt).finalize()))
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+async fn send(s: &mut Box<dyn Io>, kind: u8, body: &[u8]) -> Result<(), ProxyError> {
+    let mut m = vec![kind];
+    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    m.extend_from_slice(body);
+    s.write_all(&m).await?;
+    Ok(())
+}
+
+/// `upstream_tls: require`: encrypted, the certificate not checked (libpq's
+/// `sslmode=require`). Signatures are still verified, so the session is a
+/// real TLS session with whoever answered.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// As libpq computes it (`pg_md5_encrypt` twice): user "postgres",
+    /// password "secret", salt 01 02 03 04 (the figure from Python's hashlib).
+    #[test]
+    fn md5_passwords_are_libpqs() {
+        assert_eq!(super::md5_password("postgres", "secret", [1, 2, 3, 4]), "md5bb41a296aab6baccb36ff243a562abff");
+    }
+}

@@ -1,0 +1,131 @@
+//! The Vault client's retries, against a raw TCP server in-process: a
+//! request whose answer is lost after it reached Vault is never sent again
+//! when it issues credentials (a second database user nothing records),
+//! while renewals, which are idempotent, are retried.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use reqwest::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use vault::secret::{LeaseId, SecretString};
+use vault::{ClientConfig, Vault as _, VaultClient};
+
+/// What the server does with each request it reads in full.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// Closes the connection without a word: the answer is lost.
+    Hangup,
+    /// 503, as a Vault that failed after acting might.
+    Unavailable,
+}
+
+/// A server that counts the requests it read, answering each with `answer`.
+async fn server(answer: Answer) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Headers, then the body Content-Length announces.
+                loop {
+                    let Ok(n) = conn.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(str::to_string))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                seen.fetch_add(1, Ordering::SeqCst);
+                if let Answer::Unavailable = answer {
+                    let body = r#"{"errors":["internal error"]}"#;
+                    let reply = format!(
+                        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+fn client(address: String) -> VaultClient {
+    VaultClient::new(ClientConfig {
+        address,
+        ca_cert_pem: None,
+        namespace: String::new(),
+        request_timeout: Duration::from_secs(5),
+        tls_skip_verify: false,
+        max_retries: 2,
+    })
+    .unwrap()
+}
+
+fn token() -> SecretString {
+    SecretString::from("s.token".to_string())
+}
+
+#[tokio::test]
+async fn an_issue_whose_answer_is_lost_is_sent_once() {
+    for answer in [Answer::Hangup, Answer::Unavailable] {
+        let (addr, count) = server(answer).await;
+        let read = client(addr).read_secret(&token(), Method::GET, "database/creds/app", None).await;
+        assert!(read.is_err());
+        assert_eq!(count.load(Ordering::SeqCst), 1, "GET database/creds/app reached the server this often");
+        let (addr, count) = server(answer).await;
+        let body = serde_json::json!({"common_name": "app.example.com"});
+        let issue = client(addr).read_secret(&token(), Method::POST, "pki/issue/app", Some(&body)).await;
+        assert!(issue.is_err());
+        assert_eq!(count.load(Ordering::SeqCst), 1, "POST pki/issue/app reached the server this often");
+    }
+}
+
+#[tokio::test]
+async fn a_renewal_whose_answer_is_lost_is_retried() {
+    let (addr, count) = server(Answer::Hangup).await;
+    let lease = LeaseId::new("database/creds/app/abcdefgh".into());
+    let renewed = client(addr).renew_lease(&token(), &lease, Duration::from_secs(60)).await;
+    assert!(renewed.is_err());
+    assert_eq!(count.load(Ordering::SeqCst), 3, "the renewal and its 2 retries");
+}
+
+#[tokio::test]
+async fn an_issue_that_could_not_connect_is_retried() {
+    // A port nobody listens on: the request never left.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    struct Count(AtomicUsize);
+    impl vault::RequestObserver for Count {
+        fn observe(&self, _: &'static str, _: u16, _: Duration) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let attempts = Arc::new(Count(AtomicUsize::new(0)));
+    let read = client(addr)
+        .with_observer(attempts.clone())
+        .read_secret(&token(), Method::GET, "database/creds/app", None)
+        .await;
+    let e = read.unwrap_err();
+    assert!(e.is_unsent(), "{e}");
+    assert_eq!(attempts.0.load(Ordering::SeqCst), 3, "the attempt and its 2 retries");
+}

@@ -1,0 +1,208 @@
+//! Telemetry: readiness transitions, metric values (checked by promtool),
+//! `leasehold status`, and a full run whose every output is searched for
+//! secrets.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::support::{Agent, Env, Ttls, eventually};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+async fn get(addr: &str, path: &str) -> (u16, String) {
+    match reqwest::get(format!("http://{addr}{path}")).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+async fn telemetry_addr(agent: &Agent) -> String {
+    assert!(eventually(10, async || agent.telemetry_addr().is_some()).await, "{}", agent.output());
+    agent.telemetry_addr().unwrap()
+}
+
+/// The value of one sample line, e.g. `leasehold_auth_logins_total{result="success"}`.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_credentials() {
+    let env = Env::new(Ttls { db_ttl: "3s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
+    // Hold the first creds request so the agent is up but not ready.
+    let hold = json!({"path_prefix": "database/creds/app", "delay_ms": 2000, "count": 1});
+    env.api.ok("POST", "sys/devvault/faults", Some(hold)).await;
+    let mut agent = env.spawn(&env.config("", "")).await;
+    let addr = telemetry_addr(&agent).await;
+    assert_eq!(get(&addr, "/healthz").await.0, 200);
+    let (code, body) = get(&addr, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("db: not rendered yet"), "{body}");
+    assert!(env.read_json("db.json").is_none());
+    assert!(eventually(10, async || get(&addr, "/readyz").await.0 == 200).await, "{}", agent.output());
+    assert!(env.read_json("db.json").is_some(), "ready only once the file exists");
+
+    // Vault now refuses to renew and to issue: the credentials run out.
+    for (prefix, status) in [("sys/leases/renew", 400), ("database/creds/app", 503)] {
+        let fault = json!({"path_prefix": prefix, "status": status, "errors": ["permission denied"], "count": 0});
+        env.api.ok("POST", "sys/devvault/faults", Some(fault)).await;
+    }
+    let expired = eventually(10, async || {
+        let (code, body) = get(&addr, "/readyz").await;
+        code == 503 && body.contains("db: credentials expired at")
+    })
+    .await;
+    assert!(expired, "{}", agent.output());
+    assert!(env.read_json("db.json").is_some(), "the file is kept");
+    env.api.ok("DELETE", "sys/devvault/faults", None).await;
+    agent.signal(Signal::SIGTERM);
+    agent.wait(Duration::from_secs(15)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_lifecycle_and_pass_promtool() {
+    let env = Env::new(Ttls { db_ttl: "4s", db_max: "8s", token_ttl: "1h", token_max: "2h" }).await;
+    let refuse =
+        json!({"path_prefix": "database/creds/app", "status": 400, "errors": ["unknown role: app"], "count": 1});
+    env.api.ok("POST", "sys/devvault/faults", Some(refuse)).await;
+    let mut agent = env.spawn(&env.config("    revoke_replaced_after: 0s", "")).await;
+    let addr = telemetry_addr(&agent).await;
+    let issued_twice = eventually(20, async || {
+        env.requests().await.iter().filter(|r| r.path == "database/creds/app" && r.status == 200).count() == 2
+    })
+    .await;
+    assert!(issued_twice, "{}", agent.output());
+    let metrics = {
+        let mut text = String::new();
+        let ok = eventually(5, async || {
+            text = get(&addr, "/metrics").await.1;
+            sample(&text, "leasehold_lease_revocations_total{secret=\"db\",result=\"success\"}") == Some(1.0)
+        })
+        .await;
+        assert!(ok, "{text}");
+        text
+    };
+    let expect = [
+        ("leasehold_credentials_issued_total{secret=\"db\",result=\"success\"}", 2.0),
+        ("leasehold_credentials_issued_total{secret=\"db\",result=\"failure\"}", 1.0),
+        ("leasehold_auth_logins_total{result=\"success\"}", 1.0),
+        ("leasehold_vault_requests_total{op=\"read secret\",code=\"400\"}", 1.0),
+        ("leasehold_secret_ready{secret=\"db\"}", 1.0),
+        ("leasehold_secret_consecutive_failures{secret=\"db\"}", 0.0),
+        ("leasehold_build_info{version=\"0.1.0\"}", 1.0),
+    ];
+    for (series, value) in expect {
+        assert_eq!(sample(&metrics, series), Some(value), "{series} in\n{metrics}");
+    }
+    let renewals = sample(&metrics, "leasehold_lease_renewals_total{secret=\"db\",result=\"success\"}").unwrap();
+    assert!(renewals >= 2.0, "{renewals}");
+    let expiry = sample(&metrics, "leasehold_lease_expiry_timestamp_seconds{secret=\"db\"}").unwrap();
+    assert!(expiry > 1.7e9);
+    assert!(metrics.contains("leasehold_vault_request_duration_seconds_bucket{"));
+
+    // promtool (Debian's prometheus package, installed by scripts/test).
+    let mut promtool = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/test installs the prometheus package)");
+    use tokio::io::AsyncWriteExt;
+    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).await.unwrap();
+    let out = promtool.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_command_prints_one_row_per_secret() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let second = format!(
+        "  - name: replica\n    path: database/creds/app\n    files:\n      - path: {}/replica.env\n        format: env",
+        env.secrets().display()
+    );
+    let mut agent = env.spawn(&env.config(&second, "")).await;
+    let addr = telemetry_addr(&agent).await;
+    assert!(eventually(20, async || get(&addr, "/readyz").await.0 == 200).await, "{}", agent.output());
+    let mut status = Agent::spawn(&["status", "--addr", &addr], env.dir.path()).await;
+    assert_eq!(status.wait(Duration::from_secs(10)).await, 0, "{}", status.output());
+    let out = status.output();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("SECRET"), "{out}");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("db ") || l.starts_with("replica ")).count(), 2, "{out}");
+    assert!(lines.iter().all(|l| !l.starts_with("db ") || l.contains("yes")), "{out}");
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0);
+}
+
+/// Secrets found in the state file (tokens, lease ids, passwords).
+fn secrets_in_state(path: &std::path::Path, found: &mut BTreeSet<String>) {
+    let Ok(text) = std::fs::read_to_string(path) else { return };
+    let Ok(state) = serde_json::from_str::<Value>(&text) else { return };
+    for t in state["tokens"].as_array().into_iter().flatten() {
+        found.extend(t["token"].as_str().map(str::to_string));
+    }
+    for s in state["secrets"].as_object().into_iter().flat_map(|m| m.values()) {
+        let current = s["current"].clone();
+        for lease in std::iter::once(&current).chain(s["retired"].as_array().into_iter().flatten()) {
+            found.extend(lease["lease_id"].as_str().map(str::to_string));
+            found.extend(lease["data"]["password"].as_str().map(str::to_string));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_logs_metrics_or_status() {
+    let env = Env::new(Ttls { db_ttl: "3s", db_max: "6s", token_ttl: "4s", token_max: "8s" }).await;
+    let state = env.dir.path().join("state/state.json");
+    let config = env.config("    revoke_replaced_after: 1s", &format!("state_dir: {}/state", env.dir.path().display()));
+    let mut agent = env.spawn(&config).await;
+    let addr = telemetry_addr(&agent).await;
+    let fault = json!({"path_prefix": "sys/leases/renew", "status": 503, "errors": ["overloaded"], "count": 2});
+    env.api.ok("POST", "sys/devvault/faults", Some(fault)).await;
+
+    let mut secrets: BTreeSet<String> = BTreeSet::new();
+    secrets.insert(std::fs::read_to_string(env.token_path()).unwrap().trim().to_string());
+    let mut scraped = String::new();
+    // Run through several rotations and token re-logins, scraping everything.
+    let rotated = eventually(25, async || {
+        secrets_in_state(&state, &mut secrets);
+        if let Some(creds) = env.read_json("db.json") {
+            secrets.extend(creds["password"].as_str().map(str::to_string));
+            secrets.extend(creds["lease_id"].as_str().map(str::to_string));
+        }
+        for path in ["/metrics", "/v1/status", "/readyz", "/healthz"] {
+            scraped.push_str(&get(&addr, path).await.1);
+        }
+        env.requests().await.iter().filter(|r| r.path == "database/creds/app").count() >= 4
+    })
+    .await;
+    assert!(rotated, "{}", agent.output());
+    let mut status = Agent::spawn(&["status", "--addr", &addr], env.dir.path()).await;
+    status.wait(Duration::from_secs(10)).await;
+    scraped.push_str(&status.output());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+
+    // Service tokens: `hvs.` on devvault (Vault's prefix), `s.` on OpenBao.
+    let tokens = secrets.iter().filter(|s| s.starts_with("hvs.") || s.starts_with("s.")).count();
+    let leases = secrets.iter().filter(|s| s.starts_with("database/creds/app/")).count();
+    assert!(
+        tokens >= 2 && leases >= 3 && secrets.len() >= 9,
+        "collected {} secrets ({tokens} tokens, {leases} leases)",
+        secrets.len()
+    );
+    let output = agent.output();
+    assert!(output.lines().count() > 50, "debug logging produced output");
+    for secret in &secrets {
+        assert!(!output.contains(secret.as_str()), "agent output leaks a secret of {} chars", secret.len());
+        assert!(!scraped.contains(secret.as_str()), "telemetry leaks a secret of {} chars", secret.len());
+    }
+}
