@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use crate::auth::HeldToken;
 use crate::lease::LiveLease;
 use crate::telemetry::Telemetry;
+use crate::telemetry::events::{Event as _, RevokeFailed, Revoked};
 use vault::Vault;
 use vault::secret::SecretString;
 
@@ -48,14 +49,13 @@ pub async fn marking<V: Vault>(
         let Ok((i, lease, result)) = joined else { continue };
         match result {
             Ok(()) => {
-                telemetry.revoked(&lease.secret, true);
                 revoked[i] = true;
-                tracing::info!(event = "revoked", secret = %lease.secret, lease = %lease.lease_id, "revoked lease")
+                Revoked { secret: &lease.secret, lease: &lease.lease_id }.emit(telemetry);
             }
             Err(e) => {
-                telemetry.revoked(&lease.secret, false);
-                let e = lease.lease_id.redact(&e.to_string());
-                tracing::warn!(event = "revoke_failed", secret = %lease.secret, lease = %lease.lease_id, error = %e, "revoking lease failed");
+                let error = lease.lease_id.redact(&e.to_string());
+                RevokeFailed { secret: &lease.secret, lease: &lease.lease_id, error: &error, replaced: false }
+                    .emit(telemetry);
             }
         }
     }

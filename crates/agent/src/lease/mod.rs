@@ -21,6 +21,10 @@ use crate::files::write_all;
 use crate::render::{Context, Templates};
 use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
 use crate::telemetry::Telemetry;
+use crate::telemetry::events::{
+    Event as _, IssueFailed, LeaseGone, RenderFailed, Rendered as RenderedEvent, RenewFailed, Renewed, RevokeFailed,
+    Revoked,
+};
 use config::{Method, ReplacedConnections, SecretConfig};
 use schedule::{Action, Bound, LeaseTimes, Policy, RetiredAction, RetiredLease};
 use vault::secret::{LeaseId, SecretData};
@@ -398,8 +402,7 @@ impl<V: Vault> Supervisor<V> {
                 Some(fresh)
             }
             Err(e) => {
-                self.telemetry.failed(&name, "issue", &e.to_string());
-                tracing::warn!(event = failed_event, secret = %name, error = %e, "reading the secret from Vault failed");
+                IssueFailed { secret: &name, event: failed_event, error: &e.to_string() }.emit(&self.telemetry);
                 None
             }
         }
@@ -485,18 +488,14 @@ impl<V: Vault> Supervisor<V> {
             Ok(r) => {
                 let at = now();
                 h.times = h.times.renewed(at, r.lease_duration, r.renewable, &r.warnings);
-                self.telemetry.renewed(&name, r.lease_duration, r.renewable, at);
                 h.sample = rand::random();
-                tracing::info!(event = "renewed", secret = %name, lease = %h.secret.lease_id, ttl_secs = r.lease_duration.as_secs(), capped = h.times.capped, "renewed lease");
-                if h.times.capped {
-                    tracing::info!(event = "capped", secret = %name, lease = %h.secret.lease_id, "lease reached its max TTL; new credentials will be issued before it ends");
-                }
+                let (ttl, renewable, capped) = (r.lease_duration, r.renewable, h.times.capped);
+                Renewed { secret: &name, lease: &h.secret.lease_id, ttl, renewable, capped, at }.emit(&self.telemetry);
                 Ok(())
             }
             Err(e) if lease_gone(&e) => {
                 let error = h.secret.lease_id.redact(&e.to_string());
-                self.telemetry.lease_ended(&name, now(), &error);
-                tracing::warn!(event = "lease_gone", secret = %name, lease = %h.secret.lease_id, error = %error, "lease can no longer be renewed; issuing new credentials");
+                LeaseGone { secret: &name, lease: &h.secret.lease_id, error: &error, at: now() }.emit(&self.telemetry);
                 // The old lease is dead: it ends now, so the schedule re-issues.
                 h.times.renewable = false;
                 h.times.ttl = Duration::ZERO;
@@ -508,8 +507,7 @@ impl<V: Vault> Supervisor<V> {
                     self.relogin.notify_one();
                 }
                 let error = h.secret.lease_id.redact(&e.to_string());
-                self.telemetry.failed(&name, "renew", &error);
-                tracing::warn!(event = "renew_failed", secret = %name, lease = %h.secret.lease_id, error = %error, "renewing the lease failed; retrying with backoff, or issuing new credentials in time");
+                RenewFailed { secret: &name, lease: &h.secret.lease_id, error: &error }.emit(&self.telemetry);
                 Err(None)
             }
         }
@@ -598,14 +596,13 @@ impl<V: Vault> Supervisor<V> {
         let Some(token) = self.current_token().await else { return false };
         match self.client.revoke_lease(&token.token.secret, &lease.lease_id).await {
             Ok(()) => {
-                self.telemetry.revoked(&lease.secret, true);
-                tracing::info!(event = "revoked", secret = %lease.secret, lease = %lease.lease_id, "revoked lease");
+                Revoked { secret: &lease.secret, lease: &lease.lease_id }.emit(&self.telemetry);
                 true
             }
             Err(e) => {
-                self.telemetry.revoked(&lease.secret, false);
-                let e = lease.lease_id.redact(&e.to_string());
-                tracing::warn!(event = "revoke_failed", secret = %lease.secret, lease = %lease.lease_id, error = %e, "revoking a replaced lease failed");
+                let error = lease.lease_id.redact(&e.to_string());
+                RevokeFailed { secret: &lease.secret, lease: &lease.lease_id, error: &error, replaced: true }
+                    .emit(&self.telemetry);
                 false
             }
         }
@@ -643,8 +640,9 @@ impl<V: Vault> Supervisor<V> {
                     feed.publish(&h.secret.data);
                 }
                 let changed = written.iter().filter(|(_, c)| *c).count();
-                self.telemetry.rendered(&spec.cfg.name, &written, now());
-                tracing::info!(event = "rendered", secret = %spec.cfg.name, files = written.len(), changed, expires_at = %ctx.expires_at.map(crate::clock::rfc3339).unwrap_or_default(), "files written");
+                let secret = &spec.cfg.name;
+                RenderedEvent { secret, written: &written, expires_at: ctx.expires_at, at: now() }
+                    .emit(&self.telemetry);
                 if changed > 0
                     && let Some(hooks) = &spec.cfg.on_change
                 {
@@ -655,13 +653,8 @@ impl<V: Vault> Supervisor<V> {
                 Rendered::All
             }
             Err((e, partial)) => {
-                self.telemetry.render_failed(&spec.cfg.name, &e);
-                if partial {
-                    tracing::error!(event = "render_failed", secret = %spec.cfg.name, error = %e, "writing files failed after some were replaced");
-                    return Rendered::Partly;
-                }
-                tracing::error!(event = "render_failed", secret = %spec.cfg.name, error = %e, "writing files failed; files left as they were");
-                Rendered::Nothing
+                RenderFailed { secret: &spec.cfg.name, error: &e, partial }.emit(&self.telemetry);
+                if partial { Rendered::Partly } else { Rendered::Nothing }
             }
         }
     }

@@ -2,6 +2,7 @@
 //! `/v1/status` and `/metrics`), logging setup, and process hardening.
 //! Nothing here ever holds a secret value: lease ids are stored shortened.
 
+pub mod events;
 mod logging;
 pub mod metrics;
 pub mod server;
@@ -177,7 +178,8 @@ impl Telemetry {
         });
     }
 
-    pub fn failed(&self, name: &str, what: &str, error: &str) {
+    // Through `events` only: the log line goes with it.
+    fn failed(&self, name: &str, what: &str, error: &str) {
         match what {
             "issue" => self.metrics.issued.get_or_create(&secret_result(name, false)).inc(),
             _ => self.metrics.renewals.get_or_create(&secret_result(name, false)).inc(),
@@ -189,7 +191,8 @@ impl Telemetry {
         });
     }
 
-    pub fn renewed(&self, name: &str, ttl: Duration, renewable: bool, at: SystemTime) {
+    // Through `events` only: the log line goes with it.
+    fn renewed(&self, name: &str, ttl: Duration, renewable: bool, at: SystemTime) {
         self.metrics.renewals.get_or_create(&secret_result(name, true)).inc();
         self.metrics.consecutive_failures.get_or_create(&secret(name)).set(0);
         let expires = at + ttl;
@@ -207,7 +210,8 @@ impl Telemetry {
     }
 
     /// The lease ended early (Vault said it is gone).
-    pub fn lease_ended(&self, name: &str, at: SystemTime, error: &str) {
+    // Through `events` only: the log line goes with it.
+    fn lease_ended(&self, name: &str, at: SystemTime, error: &str) {
         self.set_expiry(name, Some(at));
         self.update(name, |s| {
             s.expires = Some(at);
@@ -216,11 +220,13 @@ impl Telemetry {
         });
     }
 
-    pub fn revoked(&self, name: &str, ok: bool) {
+    // Through `events` only: the log line goes with it.
+    fn revoked(&self, name: &str, ok: bool) {
         self.metrics.revocations.get_or_create(&secret_result(name, ok)).inc();
     }
 
-    pub fn rendered(&self, name: &str, written: &[(PathBuf, bool)], at: SystemTime) {
+    // Through `events` only: the log line goes with it.
+    fn rendered(&self, name: &str, written: &[(PathBuf, bool)], at: SystemTime) {
         self.update(name, |s| {
             s.rendered = true;
             for (path, changed) in written {
@@ -233,7 +239,8 @@ impl Telemetry {
         });
     }
 
-    pub fn render_failed(&self, name: &str, error: &str) {
+    // Through `events` only: the log line goes with it.
+    fn render_failed(&self, name: &str, error: &str) {
         self.update(name, |s| s.last_error = Some(format!("render: {error}")));
     }
 

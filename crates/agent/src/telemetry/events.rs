@@ -1,0 +1,147 @@
+//! One struct per thing that happens to a secret's lease: `emit` writes its
+//! log line and moves its metrics and status together (vector's
+//! `internal_events` pattern), so the two can never disagree and a new call
+//! site cannot do one without the other. Lease ids print shortened
+//! (`LeaseId`'s `Display`); error texts arrive already redacted.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use vault::secret::LeaseId;
+
+use super::Telemetry;
+
+/// Something the agent did or saw, logged and counted at once.
+pub trait Event {
+    fn emit(self, telemetry: &Telemetry);
+}
+
+/// A lease was revoked.
+pub struct Revoked<'a> {
+    pub secret: &'a str,
+    pub lease: &'a LeaseId,
+}
+
+impl Event for Revoked<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.revoked(self.secret, true);
+        tracing::info!(event = "revoked", secret = %self.secret, lease = %self.lease, "revoked lease");
+    }
+}
+
+/// Revoking a lease failed; `replaced` when it was a replaced lease (the
+/// supervisor's own), not one revoked at shutdown or by a reload.
+pub struct RevokeFailed<'a> {
+    pub secret: &'a str,
+    pub lease: &'a LeaseId,
+    pub error: &'a str,
+    pub replaced: bool,
+}
+
+impl Event for RevokeFailed<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.revoked(self.secret, false);
+        tracing::warn!(event = "revoke_failed", secret = %self.secret, lease = %self.lease, replaced = self.replaced, error = %self.error, "revoking lease failed");
+    }
+}
+
+/// A lease was renewed.
+pub struct Renewed<'a> {
+    pub secret: &'a str,
+    pub lease: &'a LeaseId,
+    pub ttl: Duration,
+    pub renewable: bool,
+    /// Vault capped the renewal at the max TTL.
+    pub capped: bool,
+    pub at: SystemTime,
+}
+
+impl Event for Renewed<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.renewed(self.secret, self.ttl, self.renewable, self.at);
+        tracing::info!(event = "renewed", secret = %self.secret, lease = %self.lease, ttl_secs = self.ttl.as_secs(), capped = self.capped, "renewed lease");
+        if self.capped {
+            tracing::info!(event = "capped", secret = %self.secret, lease = %self.lease, "lease reached its max TTL; new credentials will be issued before it ends");
+        }
+    }
+}
+
+/// A renewal failed in a way that may pass (retried with backoff, or the
+/// credentials are replaced in time).
+pub struct RenewFailed<'a> {
+    pub secret: &'a str,
+    pub lease: &'a LeaseId,
+    pub error: &'a str,
+}
+
+impl Event for RenewFailed<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.failed(self.secret, "renew", self.error);
+        tracing::warn!(event = "renew_failed", secret = %self.secret, lease = %self.lease, error = %self.error, "renewing the lease failed; retrying with backoff, or issuing new credentials in time");
+    }
+}
+
+/// Vault says the lease is gone: it ends now.
+pub struct LeaseGone<'a> {
+    pub secret: &'a str,
+    pub lease: &'a LeaseId,
+    pub error: &'a str,
+    pub at: SystemTime,
+}
+
+impl Event for LeaseGone<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.lease_ended(self.secret, self.at, self.error);
+        tracing::warn!(event = "lease_gone", secret = %self.secret, lease = %self.lease, error = %self.error, "lease can no longer be renewed; issuing new credentials");
+    }
+}
+
+/// Reading the secret (a first issue or a re-issue) failed.
+pub struct IssueFailed<'a> {
+    pub secret: &'a str,
+    /// `issue_failed`, or `reissue_failed` when credentials are in hand.
+    pub event: &'static str,
+    pub error: &'a str,
+}
+
+impl Event for IssueFailed<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.failed(self.secret, "issue", self.error);
+        tracing::warn!(event = self.event, secret = %self.secret, error = %self.error, "reading the secret from Vault failed");
+    }
+}
+
+/// Every file of a secret was written (or already held this content).
+pub struct Rendered<'a> {
+    pub secret: &'a str,
+    pub written: &'a [(PathBuf, bool)],
+    pub expires_at: Option<SystemTime>,
+    pub at: SystemTime,
+}
+
+impl Event for Rendered<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.rendered(self.secret, self.written, self.at);
+        let changed = self.written.iter().filter(|(_, c)| *c).count();
+        tracing::info!(event = "rendered", secret = %self.secret, files = self.written.len(), changed, expires_at = %self.expires_at.map(crate::clock::rfc3339).unwrap_or_default(), "files written");
+    }
+}
+
+/// A secret's files could not all be rendered or written; `partial` when
+/// some were already replaced.
+pub struct RenderFailed<'a> {
+    pub secret: &'a str,
+    pub error: &'a str,
+    pub partial: bool,
+}
+
+impl Event for RenderFailed<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.render_failed(self.secret, self.error);
+        if self.partial {
+            tracing::error!(event = "render_failed", secret = %self.secret, error = %self.error, "writing files failed after some were replaced");
+        } else {
+            tracing::error!(event = "render_failed", secret = %self.secret, error = %self.error, "writing files failed; files left as they were");
+        }
+    }
+}
