@@ -1,6 +1,7 @@
 //! The server's state and the request pipeline Vault runs for every call:
 //! authenticate, check the ACL, then route to the mount that owns the path.
 
+use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -9,12 +10,8 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
 use crate::api::{Failure, Outcome, Reply};
-use crate::database::DbMount;
 use crate::fields::Fields;
-use crate::kubernetes::KubeMount;
-use crate::kv::KvMount;
-use crate::pki::PkiMount;
-use crate::policy::{Acl, Capability, DEFAULT_POLICY, Policy};
+use crate::policy::{DEFAULT_POLICY, Policy};
 use crate::testext::{Faults, RequestLog};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +44,27 @@ impl Request {
 pub enum TokenSource {
     Root,
     Create,
-    Kubernetes { mount: String, role: String },
+    /// A login: at each renewal, `limits` reads the role's limits as they
+    /// are then (Vault re-reads the role; a deleted role fails the renewal).
+    /// A function of the auth engine's, so the token store needs no import
+    /// of it.
+    Kubernetes {
+        mount: String,
+        role: String,
+        limits: RoleLimits,
+    },
+}
+
+/// The auth engine's reader of a role's token limits.
+pub type RoleLimits = fn(&State, mount: &str, role: &str) -> Option<TokenLimits>;
+
+/// A role's token limits, in seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenLimits {
+    pub ttl: i64,
+    pub max_ttl: i64,
+    pub period: i64,
+    pub explicit_max_ttl: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -117,10 +134,83 @@ pub struct State {
     pub tokens: HashMap<String, TokenEntry>,
     pub leases: BTreeMap<String, LeaseEntry>,
     pub policies: BTreeMap<String, Policy>,
-    pub auth_mounts: BTreeMap<String, KubeMount>,
-    pub secret_mounts: BTreeMap<String, DbMount>,
-    pub kv_mounts: BTreeMap<String, KvMount>,
-    pub pki_mounts: BTreeMap<String, PkiMount>,
+    /// Every engine's mounts, by engine and path.
+    pub mounts: Mounts,
+}
+
+/// The mounts of every engine, each engine's by path. The core keeps them
+/// without knowing their types (each engine knows its own), so it imports
+/// no engine: the engines and the router (`router.rs`) sit above it.
+#[derive(Default)]
+pub struct Mounts(HashMap<TypeId, Box<dyn Any + Send>>);
+
+impl Mounts {
+    fn table<T: Any + Send>(&self) -> Option<&BTreeMap<String, T>> {
+        self.0.get(&TypeId::of::<T>()).and_then(|t| t.downcast_ref())
+    }
+
+    fn table_mut<T: Any + Send>(&mut self) -> &mut BTreeMap<String, T> {
+        self.0
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Box::new(BTreeMap::<String, T>::new()))
+            .downcast_mut()
+            .expect("each table is stored under its own type's id")
+    }
+
+    pub fn get<T: Any + Send>(&self, path: &str) -> Option<&T> {
+        self.table().and_then(|t| t.get(path))
+    }
+
+    pub fn get_mut<T: Any + Send>(&mut self, path: &str) -> Option<&mut T> {
+        self.table_mut().get_mut(path)
+    }
+
+    pub fn contains<T: Any + Send>(&self, path: &str) -> bool {
+        self.get::<T>(path).is_some()
+    }
+
+    /// The mounts of engine `T` with their paths, in path order.
+    pub fn iter<T: Any + Send>(&self) -> impl Iterator<Item = (&String, &T)> {
+        self.table::<T>().into_iter().flatten()
+    }
+
+    pub fn paths<T: Any + Send>(&self) -> impl Iterator<Item = &String> {
+        self.iter::<T>().map(|(p, _)| p)
+    }
+
+    pub fn insert<T: Any + Send>(&mut self, path: String, mount: T) {
+        self.table_mut().insert(path, mount);
+    }
+
+    pub fn remove<T: Any + Send>(&mut self, path: &str) -> Option<T> {
+        self.table_mut().remove(path)
+    }
+}
+
+/// Per-lease locks, as Vault's expiration manager holds them: a revocation
+/// requested while the expiry job is revoking the same lease waits for it,
+/// then finds the lease gone and succeeds, instead of running the
+/// revocation statements a second time against a dropped user.
+#[derive(Default)]
+pub struct LeaseLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl LeaseLocks {
+    pub async fn lock(&self, lease_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.map().entry(lease_id.to_string()).or_default().clone();
+        lock.lock_owned().await
+    }
+
+    /// Forgets the lock once the lease is gone (revoked, or never known:
+    /// revoking an unknown id succeeds), so the map does not grow.
+    pub fn forget_if_gone(&self, core: &Core, lease_id: &str) {
+        if !core.state().leases.contains_key(lease_id) {
+            self.map().remove(lease_id);
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub struct Core {
@@ -129,7 +219,7 @@ pub struct Core {
     pub expiry_wake: Notify,
     pub log: RequestLog,
     pub faults: Faults,
-    pub lease_locks: crate::expiration::LeaseLocks,
+    pub lease_locks: LeaseLocks,
     /// Proxy mode: requests outside `sys/devvault/` go to this server.
     pub upstream: Option<crate::proxy::Upstream>,
 }
@@ -181,84 +271,6 @@ impl Core {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs one logical request. Returns the outcome and the accessor of the
-    /// token used (empty when there was none), for the request log.
-    pub async fn handle(self: &Arc<Self>, req: Request) -> (Outcome, String) {
-        let now = Utc::now();
-        if is_unauthenticated(&self.state(), &req.path) {
-            return (self.route(req, None).await, String::new());
-        }
-        let token = {
-            let state = self.state();
-            req.token.as_ref().and_then(|t| state.tokens.get(t)).filter(|t| t.live(now)).cloned()
-        };
-        let Some(token) = token else {
-            return (Err(Failure::denied()), String::new());
-        };
-        let accessor = token.accessor.clone();
-        if req.path.starts_with("sys/devvault/") && token.id != self.root_token {
-            return (Err(Failure::denied()), accessor);
-        }
-        if !token.is_root() && !self.acl_allows(&token, &req) {
-            return (Err(Failure::acl_denied()), accessor);
-        }
-        (self.route(req, Some(token)).await, accessor)
-    }
-
-    fn acl_allows(&self, token: &TokenEntry, req: &Request) -> bool {
-        let state = self.state();
-        let policies: Vec<&Policy> = token.policies.iter().filter_map(|p| state.policies.get(p)).collect();
-        let acl = Acl::new(policies);
-        let cap = match req.op {
-            Op::Read | Op::Head => Capability::Read,
-            Op::List => Capability::List,
-            Op::Delete => Capability::Delete,
-            Op::Update => {
-                if exists(&state, &req.path) == Some(false) {
-                    Capability::Create
-                } else {
-                    Capability::Update
-                }
-            }
-        };
-        let caps = acl.capabilities(&req.path);
-        caps.contains(&cap) && (!needs_sudo(&req.path) || caps.contains(&Capability::Sudo))
-    }
-
-    async fn route(self: &Arc<Self>, req: Request, token: Option<TokenEntry>) -> Outcome {
-        let path = req.path.clone();
-        if path.starts_with("sys/") {
-            return crate::system::handle(self, &req, token).await;
-        }
-        if let Some(rest) = path.strip_prefix("auth/token/") {
-            return crate::token::handle(self, &req, rest, token).await;
-        }
-        if let Some(rest) = path.strip_prefix("auth/") {
-            let mount = self.state().auth_mounts.keys().find(|m| under(rest, m)).cloned();
-            if let Some(mount) = mount {
-                let sub = rest[mount.len()..].trim_start_matches('/').to_string();
-                return crate::kubernetes::handle(self, &req, &mount, &sub).await;
-            }
-            return Err(Failure::no_route(&path));
-        }
-        let mount = self.state().secret_mounts.keys().find(|m| under(&path, m)).cloned();
-        if let Some(mount) = mount {
-            let sub = path[mount.len()..].trim_start_matches('/').to_string();
-            return crate::database::handle(self, &req, &mount, &sub, token).await;
-        }
-        let mount = self.state().kv_mounts.keys().find(|m| under(&path, m)).cloned();
-        if let Some(mount) = mount {
-            let sub = path[mount.len()..].trim_start_matches('/').to_string();
-            return crate::kv::handle(self, &req, &mount, &sub);
-        }
-        let mount = self.state().pki_mounts.keys().find(|m| under(&path, m)).cloned();
-        if let Some(mount) = mount {
-            let sub = path[mount.len()..].trim_start_matches('/').to_string();
-            return crate::pki::handle(self, &req, &mount, &sub, token);
-        }
-        Err(Failure::no_route(&path))
-    }
-
     /// Attaches Vault's warning about parameters the endpoint ignored; Vault
     /// adds it only when the handler returned a body.
     pub fn with_ignored(reply: Reply, fields: &Fields, known: &[&str]) -> Reply {
@@ -295,50 +307,4 @@ pub fn list_children<'a>(paths: impl IntoIterator<Item = &'a str>, prefix: &str)
 /// `path` is `mount` or lies below it.
 pub fn under(path: &str, mount: &str) -> bool {
     path == mount || path.starts_with(&format!("{mount}/"))
-}
-
-fn is_unauthenticated(state: &State, path: &str) -> bool {
-    if path == "sys/health" {
-        return true;
-    }
-    if let Some(rest) = path.strip_prefix("auth/") {
-        return state.auth_mounts.keys().any(|m| rest == format!("{m}/login"));
-    }
-    // PKI serves certificates without a token, as Vault does.
-    state.pki_mounts.keys().any(|m| path.strip_prefix(&format!("{m}/cert/")).is_some_and(|s| !s.is_empty()))
-}
-
-fn needs_sudo(path: &str) -> bool {
-    ["sys/auth", "sys/leases/revoke-prefix/", "sys/leases/revoke-force/", "sys/leases/lookup/"]
-        .iter()
-        .any(|p| path.starts_with(p))
-}
-
-/// For paths with an existence check: whether the object exists (Vault then
-/// asks for `create` instead of `update` on a write to a new object).
-fn exists(state: &State, path: &str) -> Option<bool> {
-    if let Some(name) = path.strip_prefix("sys/policies/acl/").or_else(|| path.strip_prefix("sys/policy/")) {
-        return Some(state.policies.contains_key(name));
-    }
-    for (mount, db) in &state.secret_mounts {
-        if let Some(rest) = path.strip_prefix(&format!("{mount}/")) {
-            if let Some(name) = rest.strip_prefix("roles/") {
-                return Some(db.roles.contains_key(name));
-            }
-            if let Some(name) = rest.strip_prefix("config/") {
-                return Some(db.connections.contains_key(name));
-            }
-        }
-    }
-    for (mount, pki) in &state.pki_mounts {
-        if let Some(name) = path.strip_prefix(&format!("{mount}/roles/")) {
-            return Some(pki.has_role(name));
-        }
-    }
-    for (mount, kube) in &state.auth_mounts {
-        if let Some(name) = path.strip_prefix(&format!("auth/{mount}/role/")) {
-            return Some(kube.roles.contains_key(name));
-        }
-    }
-    None
 }

@@ -2,7 +2,6 @@
 //! with Vault's retry schedule, and the token→lease coupling (a token's
 //! revocation or expiry revokes every lease it created).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
@@ -93,32 +92,6 @@ pub fn lookup(core: &Arc<Core>, lease_id: &str) -> Outcome {
         "renewable": lease.renewable && lease.irrevocable.is_none(),
         "ttl": ttl,
     }))))
-}
-
-/// Per-lease locks, as Vault's expiration manager holds them: a revocation
-/// requested while the expiry job is revoking the same lease waits for it,
-/// then finds the lease gone and succeeds, instead of running the
-/// revocation statements a second time against a dropped user.
-#[derive(Default)]
-pub struct LeaseLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
-
-impl LeaseLocks {
-    pub async fn lock(&self, lease_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self.map().entry(lease_id.to_string()).or_default().clone();
-        lock.lock_owned().await
-    }
-
-    /// Forgets the lock once the lease is gone (revoked, or never known:
-    /// revoking an unknown id succeeds), so the map does not grow.
-    fn forget_if_gone(&self, core: &Core, lease_id: &str) {
-        if !core.state().leases.contains_key(lease_id) {
-            self.map().remove(lease_id);
-        }
-    }
-
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// Synchronous revocation (`sync=true`, Vault's default): the backend drops

@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 
 use crate::api::{Envelope, Failure, Outcome, Reply};
-use crate::core::{Core, Op, Request, TokenSource};
+use crate::core::{Core, Op, Request, State, TokenLimits, TokenSource};
 use crate::token::{NewToken, auth_json, entity_id, issue, sorted_policies};
 use crate::ttl::TtlInput;
 
@@ -61,8 +61,12 @@ pub async fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str) -> 
         ("config", Op::Update) => write_config(core, req, mount),
         ("config", Op::Read) => read_config(core, mount),
         ("role" | "role/", Op::List) => {
-            let keys: Vec<String> =
-                core.state().auth_mounts.get(mount).map(|m| m.roles.keys().cloned().collect()).unwrap_or_default();
+            let keys: Vec<String> = core
+                .state()
+                .mounts
+                .get::<KubeMount>(mount)
+                .map(|m| m.roles.keys().cloned().collect())
+                .unwrap_or_default();
             if keys.is_empty() {
                 return Err(Failure::not_found());
             }
@@ -74,7 +78,7 @@ pub async fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str) -> 
                 Op::Update => write_role(core, req, mount, name),
                 Op::Read => read_role(core, mount, name),
                 Op::Delete => {
-                    if let Some(m) = core.state().auth_mounts.get_mut(mount) {
+                    if let Some(m) = core.state().mounts.get_mut::<KubeMount>(mount) {
                         m.roles.remove(name);
                     }
                     Ok(Reply::Empty)
@@ -141,7 +145,7 @@ fn write_config(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
         disable_iss_validation: f.bool_or("disable_iss_validation", true)?,
         disable_local_ca_jwt,
     };
-    if let Some(m) = core.state().auth_mounts.get_mut(mount) {
+    if let Some(m) = core.state().mounts.get_mut::<KubeMount>(mount) {
         m.config = Some(config);
     }
     Ok(Core::with_ignored(Reply::Empty, &f, CONFIG_FIELDS))
@@ -154,7 +158,7 @@ fn split_pems(s: &str) -> Vec<String> {
 
 fn read_config(core: &Arc<Core>, mount: &str) -> Outcome {
     let state = core.state();
-    let Some(c) = state.auth_mounts.get(mount).and_then(|m| m.config.clone()) else {
+    let Some(c) = state.mounts.get::<KubeMount>(mount).and_then(|m| m.config.clone()) else {
         return Err(Failure::not_found());
     };
     Ok(Reply::Envelope(Envelope::data(json!({
@@ -191,7 +195,8 @@ const ROLE_FIELDS: &[&str] = &[
 
 fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outcome {
     let f = req.fields();
-    let mut role = core.state().auth_mounts.get(mount).and_then(|m| m.roles.get(name).cloned()).unwrap_or_default();
+    let mut role =
+        core.state().mounts.get::<KubeMount>(mount).and_then(|m| m.roles.get(name).cloned()).unwrap_or_default();
     if let Some(names) = f.list("bound_service_account_names")? {
         role.bound_names = names;
     }
@@ -254,14 +259,14 @@ fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outco
             "Role {name} does not have an audience configured. While audiences are not required, consider specifying one if your use case would benefit from additional JWT claim verification."
         ));
     }
-    if let Some(m) = core.state().auth_mounts.get_mut(mount) {
+    if let Some(m) = core.state().mounts.get_mut::<KubeMount>(mount) {
         m.roles.insert(name.to_string(), role);
     }
     Ok(Core::with_ignored(Reply::warnings(warnings), &f, ROLE_FIELDS))
 }
 
 fn read_role(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
-    let Some(r) = core.state().auth_mounts.get(mount).and_then(|m| m.roles.get(name).cloned()) else {
+    let Some(r) = core.state().mounts.get::<KubeMount>(mount).and_then(|m| m.roles.get(name).cloned()) else {
         return Err(Failure::not_found());
     };
     Ok(Reply::Envelope(Envelope::data(json!({
@@ -303,7 +308,7 @@ fn login(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
     }
     let (role, config) = {
         let state = core.state();
-        let m = state.auth_mounts.get(mount);
+        let m = state.mounts.get::<KubeMount>(mount);
         let Some(role) = m.and_then(|m| m.roles.get(&role_name).cloned()) else {
             return Err(Failure::resp(400, format!("invalid role name \"{role_name}\"")));
         };
@@ -346,7 +351,7 @@ fn login(core: &Arc<Core>, req: &Request, mount: &str) -> Outcome {
             renewable: true,
             orphan: true,
             parent: None,
-            source: TokenSource::Kubernetes { mount: mount.to_string(), role: role_name },
+            source: TokenSource::Kubernetes { mount: mount.to_string(), role: role_name, limits: role_limits },
             entity_id: entity_id(&format!("{mount}/{}", subject.uid)),
             no_expiry: false,
         },
@@ -440,5 +445,16 @@ fn subject(claims: &Value) -> Result<Subject, Failure> {
         } else {
             claims["kubernetes.io/serviceaccount/secret.name"].as_str().unwrap_or_default().to_string()
         },
+    })
+}
+
+/// A role's token limits as they are now (`TokenSource::Kubernetes`).
+fn role_limits(state: &State, mount: &str, role: &str) -> Option<TokenLimits> {
+    let r = state.mounts.get::<KubeMount>(mount)?.roles.get(role)?;
+    Some(TokenLimits {
+        ttl: r.token_ttl,
+        max_ttl: r.token_max_ttl,
+        period: r.token_period,
+        explicit_max_ttl: r.token_explicit_max_ttl,
     })
 }

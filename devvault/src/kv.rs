@@ -40,7 +40,7 @@ pub fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str) -> Outcom
         None => (sub, ""),
     };
     let mut state = core.state();
-    let Some(kv) = state.kv_mounts.get_mut(mount) else { return Err(Failure::unsupported_path()) };
+    let Some(kv) = state.mounts.get_mut::<KvMount>(mount) else { return Err(Failure::unsupported_path()) };
     match (kind, req.op) {
         ("data", Op::Read) if !path.is_empty() => {
             let versions = kv.secrets.get(path).ok_or_else(Failure::not_found)?;

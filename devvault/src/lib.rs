@@ -34,6 +34,7 @@ mod pem;
 mod pki;
 mod policy;
 pub mod proxy;
+mod router;
 mod server;
 mod system;
 mod testext;
@@ -54,9 +55,7 @@ use tokio_util::sync::CancellationToken;
 pub use jwt::{ServiceAccountIssuer, SigningAlg};
 pub use tls::DevTls;
 
-/// The Vault version devvault reports in `sys/health`.
-pub const VAULT_VERSION: &str = "1.17.0+devvault";
-const CLUSTER_ID: &str = "d3v0a017-0000-4000-8000-000000000000";
+pub use system::VAULT_VERSION;
 
 /// A running devvault. Dropping it stops the server.
 pub struct DevVault {

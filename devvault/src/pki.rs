@@ -67,7 +67,7 @@ impl PkiMount {
 /// second-granular leases: the lease goes, the certificate stays unrevoked).
 pub fn revoke(core: &Core, mount: &str, serial: &str) {
     let mut state = core.state();
-    if let Some(cert) = state.pki_mounts.get_mut(mount).and_then(|m| m.certs.get_mut(serial))
+    if let Some(cert) = state.mounts.get_mut::<PkiMount>(mount).and_then(|m| m.certs.get_mut(serial))
         && cert.not_after >= Utc::now() + Duration::seconds(2)
     {
         cert.revoked.get_or_insert_with(Utc::now);
@@ -85,13 +85,13 @@ pub fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str, token: Op
         }
         ("roles", "", Op::List) => {
             let state = core.state();
-            let m = state.pki_mounts.get(mount).ok_or_else(Failure::unsupported_path)?;
+            let m = state.mounts.get::<PkiMount>(mount).ok_or_else(Failure::unsupported_path)?;
             crate::core::list_children(m.roles.keys().map(String::as_str), "")
         }
         ("roles", n, Op::Update) if !n.is_empty() => write_role(core, req, mount, n),
         ("roles", n, Op::Read) if !n.is_empty() => read_role(core, mount, n),
         ("roles", n, Op::Delete) if !n.is_empty() => {
-            if let Some(m) = core.state().pki_mounts.get_mut(mount) {
+            if let Some(m) = core.state().mounts.get_mut::<PkiMount>(mount) {
                 m.roles.remove(n);
             }
             Ok(Reply::Empty)
@@ -191,7 +191,7 @@ fn generate_root(core: &Arc<Core>, req: &Request, mount: &str, exported: bool) -
     let pem = issuer.pem();
     {
         let mut state = core.state();
-        let m = state.pki_mounts.get_mut(mount).ok_or_else(Failure::unsupported_path)?;
+        let m = state.mounts.get_mut::<PkiMount>(mount).ok_or_else(Failure::unsupported_path)?;
         m.certs.insert(serial_number.clone(), Issued { pem: pem.clone(), revoked: None, not_after });
         m.ca = Some(Ca { issuer, not_after });
     }
@@ -266,7 +266,7 @@ fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outco
         return Err(bad("\"generate_lease\" cannot be set to true if \"no_store\" is set to true"));
     }
     let mut state = core.state();
-    let m = state.pki_mounts.get_mut(mount).ok_or_else(Failure::unsupported_path)?;
+    let m = state.mounts.get_mut::<PkiMount>(mount).ok_or_else(Failure::unsupported_path)?;
     let generate_lease = role.generate_lease;
     m.roles.insert(name.to_string(), role);
     drop(state);
@@ -284,7 +284,7 @@ fn write_role(core: &Arc<Core>, req: &Request, mount: &str, name: &str) -> Outco
 
 fn read_role(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
     let state = core.state();
-    let m = state.pki_mounts.get(mount).ok_or_else(Failure::unsupported_path)?;
+    let m = state.mounts.get::<PkiMount>(mount).ok_or_else(Failure::unsupported_path)?;
     let r = m.roles.get(name).ok_or_else(Failure::not_found)?;
     Ok(Reply::Envelope(Envelope::data(json!({
         "allowed_domains": r.allowed_domains,
@@ -325,7 +325,7 @@ fn issue(core: &Arc<Core>, req: &Request, mount: &str, role_name: &str, token: O
     let now = Utc::now();
     let (role, ca_not_after) = {
         let state = core.state();
-        let m = state.pki_mounts.get(mount).ok_or_else(Failure::unsupported_path)?;
+        let m = state.mounts.get::<PkiMount>(mount).ok_or_else(Failure::unsupported_path)?;
         let role = m.roles.get(role_name).cloned().ok_or_else(|| bad(format!("unknown role: {role_name}")))?;
         let ca = m.ca.as_ref().ok_or_else(no_issuer)?;
         (role, ca.not_after)
@@ -356,7 +356,7 @@ fn issue(core: &Arc<Core>, req: &Request, mount: &str, role_name: &str, token: O
     params.serial_number = Some(serial);
     validity(&mut params, now, not_after)?;
     let mut state = core.state();
-    let m = state.pki_mounts.get_mut(mount).ok_or_else(Failure::unsupported_path)?;
+    let m = state.mounts.get_mut::<PkiMount>(mount).ok_or_else(Failure::unsupported_path)?;
     let ca = m.ca.as_ref().ok_or_else(no_issuer)?;
     let cert = params.signed_by(&key, &ca.issuer).map_err(rcgen_failed)?;
     let issuing_ca = ca.issuer.pem();
@@ -462,7 +462,7 @@ fn granted_ttl(f: &Fields, role: &Role) -> Result<(i64, Vec<String>), Failure> {
 
 fn read_cert(core: &Arc<Core>, mount: &str, serial: &str) -> Outcome {
     let state = core.state();
-    let m = state.pki_mounts.get(mount).ok_or_else(Failure::unsupported_path)?;
+    let m = state.mounts.get::<PkiMount>(mount).ok_or_else(Failure::unsupported_path)?;
     let normalized = serial.to_lowercase().replace('-', ":");
     let cert = m.certs.get(&normalized).ok_or_else(Failure::not_found)?;
     let revoked = cert.revoked.map(|t| t.timestamp()).unwrap_or(0);

@@ -226,7 +226,7 @@ async fn run(
         }
     }
     let request = Request { op, path, data, query, token };
-    let (outcome, accessor) = core.handle(request).await;
+    let (outcome, accessor) = crate::router::handle(core, request).await;
     let (status, body) = match outcome {
         // A read that produced nothing is a 404 in Vault.
         Ok(Reply::Empty) if op == Op::Read => (404, Some(Failure::not_found().body())),

@@ -15,6 +15,10 @@ use crate::pki::PkiMount;
 use crate::policy::Policy;
 use crate::testext::Fault;
 
+/// The Vault version devvault reports in `sys/health`.
+pub const VAULT_VERSION: &str = "1.17.0+devvault";
+const CLUSTER_ID: &str = "d3v0a017-0000-4000-8000-000000000000";
+
 pub async fn handle(core: &Arc<Core>, req: &Request, _token: Option<TokenEntry>) -> Outcome {
     let path = req.path.strip_prefix("sys/").unwrap_or(&req.path);
     match path {
@@ -53,9 +57,9 @@ fn health(req: &Request) -> Outcome {
             "replication_performance_mode": "disabled",
             "replication_dr_mode": "disabled",
             "server_time_utc": now,
-            "version": crate::VAULT_VERSION,
+            "version": VAULT_VERSION,
             "cluster_name": "devvault",
-            "cluster_id": crate::CLUSTER_ID,
+            "cluster_id": CLUSTER_ID,
         }),
     ))
 }
@@ -68,7 +72,7 @@ fn list_mounts(core: &Arc<Core>, req: &Request, auth: bool) -> Outcome {
     let mut data = serde_json::Map::new();
     if auth {
         data.insert("token/".into(), json!({"type": "token", "description": "token based credentials"}));
-        for m in state.auth_mounts.keys() {
+        for m in state.mounts.paths::<KubeMount>() {
             data.insert(format!("{m}/"), json!({"type": "kubernetes", "description": ""}));
         }
     } else {
@@ -76,13 +80,13 @@ fn list_mounts(core: &Arc<Core>, req: &Request, auth: bool) -> Outcome {
             "sys/".into(),
             json!({"type": "system", "description": "system endpoints used for control, policy and debugging"}),
         );
-        for m in state.secret_mounts.keys() {
+        for m in state.mounts.paths::<DbMount>() {
             data.insert(format!("{m}/"), json!({"type": "database", "description": ""}));
         }
-        for m in state.kv_mounts.keys() {
+        for m in state.mounts.paths::<KvMount>() {
             data.insert(format!("{m}/"), json!({"type": "kv", "description": "", "options": {"version": "2"}}));
         }
-        for m in state.pki_mounts.keys() {
+        for m in state.mounts.paths::<PkiMount>() {
             data.insert(format!("{m}/"), json!({"type": "pki", "description": ""}));
         }
     }
@@ -100,12 +104,12 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
             let kind = f.str("type")?;
             let mut state = core.state();
             let taken = if auth {
-                path == "token" || state.auth_mounts.contains_key(&path)
+                path == "token" || state.mounts.contains::<KubeMount>(&path)
             } else {
                 ["sys", "auth", "cubbyhole", "identity"].contains(&path.as_str())
-                    || state.secret_mounts.contains_key(&path)
-                    || state.kv_mounts.contains_key(&path)
-                    || state.pki_mounts.contains_key(&path)
+                    || state.mounts.contains::<DbMount>(&path)
+                    || state.mounts.contains::<KvMount>(&path)
+                    || state.mounts.contains::<PkiMount>(&path)
             };
             if taken {
                 let prefix = if auth { "auth/" } else { "" };
@@ -113,16 +117,16 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
             }
             match (auth, kind.as_str()) {
                 (true, "kubernetes") => {
-                    state.auth_mounts.insert(path, KubeMount::default());
+                    state.mounts.insert(path, KubeMount::default());
                 }
                 (false, "database") => {
-                    state.secret_mounts.insert(path, DbMount::default());
+                    state.mounts.insert(path, DbMount::default());
                 }
                 (false, "pki") => {
-                    state.pki_mounts.insert(path, PkiMount::default());
+                    state.mounts.insert(path, PkiMount::default());
                 }
                 (false, "kv-v2") => {
-                    state.kv_mounts.insert(path, KvMount::default());
+                    state.mounts.insert(path, KvMount::default());
                 }
                 (false, "kv") => {
                     let version = f
@@ -132,7 +136,7 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
                     if version.as_deref() != Some("2") {
                         return Err(Failure::resp(400, "devvault serves KV version 2 only: set options.version to 2"));
                     }
-                    state.kv_mounts.insert(path, KvMount::default());
+                    state.mounts.insert(path, KvMount::default());
                 }
                 (_, "") => return Err(Failure::resp(400, "plugin not found in the catalog: ")),
                 (_, other) => {
@@ -145,11 +149,11 @@ fn mount(core: &Arc<Core>, req: &Request, path: &str, auth: bool) -> Outcome {
             let removed = {
                 let mut state = core.state();
                 if auth {
-                    state.auth_mounts.remove(&path).is_some()
+                    state.mounts.remove::<KubeMount>(&path).is_some()
                 } else {
-                    let kv = state.kv_mounts.remove(&path).is_some();
-                    let pki = state.pki_mounts.remove(&path).is_some();
-                    state.secret_mounts.remove(&path).is_some() || kv || pki
+                    let kv = state.mounts.remove::<KvMount>(&path).is_some();
+                    let pki = state.mounts.remove::<PkiMount>(&path).is_some();
+                    state.mounts.remove::<DbMount>(&path).is_some() || kv || pki
                 }
             };
             if removed && !auth {

@@ -155,17 +155,16 @@ fn renew(core: &Arc<Core>, t: &TokenEntry, increment: i64) -> Outcome {
     }
     let now = Utc::now();
     let input = match &t.source {
-        TokenSource::Kubernetes { mount, role } => {
-            let state = core.state();
-            let Some(r) = state.auth_mounts.get(mount).and_then(|m| m.roles.get(role)) else {
+        TokenSource::Kubernetes { mount, role, limits } => {
+            let Some(r) = limits(&core.state(), mount, role) else {
                 return Err(Failure::backend(500, format!("role {role} does not exist during renewal")));
             };
             TtlInput {
                 increment,
-                backend_ttl: r.token_ttl,
-                backend_max: r.token_max_ttl,
-                period: r.token_period,
-                explicit_max: r.token_explicit_max_ttl,
+                backend_ttl: r.ttl,
+                backend_max: r.max_ttl,
+                period: r.period,
+                explicit_max: r.explicit_max_ttl,
             }
         }
         _ => TtlInput {

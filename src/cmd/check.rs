@@ -61,7 +61,7 @@ fn check(config: &Config, config_path: &Path) -> Result<Vec<String>, ConfigError
             issued_at: agent::clock::wall(),
             expires_at: Some(agent::clock::wall() + Duration::from_secs(3600)),
             previous: Some(&data),
-            proxy: secret.proxy.as_ref().map(|p| (p.listen.as_str(), p.local_password.then_some("sample"))),
+            proxy: secret.proxy.as_ref().map(|p| (&p.listen, p.local_password.then_some("sample"))),
         };
         let known_shape = secret.path.trim_start_matches('/').contains("/creds/");
         let renderer = if known_shape { &strict } else { &lenient };

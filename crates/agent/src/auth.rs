@@ -16,6 +16,7 @@ use crate::backoff::Backoff;
 use crate::clock::now;
 use crate::state::{StateStore, TokenRecord, unix};
 use crate::telemetry::Telemetry;
+use crate::telemetry::events::{Event as _, LoggedIn, LoginFailed, TokenRenewFailed, TokenRenewed};
 use crate::timing::{Policy, renew_point, renewal_capped};
 use vault::AuthMethod;
 use vault::secret::{ExposeSecret, SecretString};
@@ -186,17 +187,15 @@ impl<V: Vault> AuthLoop<V> {
                 login_now = false;
                 match self.login().await {
                     Ok(held) => {
-                        self.telemetry.login(true);
-                        self.telemetry.token(&held.token.accessor, held.expires_at());
-                        tracing::info!(event = "login", accessor = %held.token.accessor, ttl_secs = held.token.ttl.as_secs(), renewable = !held.final_expiry, "logged in to Vault");
+                        let (accessor, ttl, expires_at) = (&held.token.accessor, held.token.ttl, held.expires_at());
+                        LoggedIn { accessor, ttl, renewable: !held.final_expiry, expires_at }.emit(&self.telemetry);
                         self.publish(held);
                         backoff.reset();
                         sample = rand::random();
                         continue;
                     }
                     Err(e) => {
-                        self.telemetry.login(false);
-                        tracing::warn!(event = "login_failed", error = %e, "login to Vault failed");
+                        LoginFailed { error: &e.to_string() }.emit(&self.telemetry);
                         if !self.sleep(backoff.next_delay(), &cancel).await {
                             return;
                         }
@@ -225,10 +224,9 @@ impl<V: Vault> AuthLoop<V> {
             match self.client.renew_self(&current.token.secret, current.token.ttl).await {
                 Ok(r) => {
                     let capped = renewal_capped(current.token.ttl, r.ttl, &r.warnings) || !r.renewable;
-                    tracing::info!(event = "token_renewed", accessor = %current.token.accessor, ttl_secs = r.ttl.as_secs(), capped, "renewed Vault token");
                     let at = now();
-                    self.telemetry.token_renewed(true);
-                    self.telemetry.token(&current.token.accessor, at + r.ttl);
+                    let accessor = &current.token.accessor;
+                    TokenRenewed { accessor, ttl: r.ttl, capped, expires_at: at + r.ttl }.emit(&self.telemetry);
                     self.replace_current(|t| HeldToken {
                         granted_at: at,
                         ttl: r.ttl,
@@ -239,8 +237,9 @@ impl<V: Vault> AuthLoop<V> {
                     sample = rand::random();
                 }
                 Err(e) if e.is_permission_denied() => {
-                    self.telemetry.token_renewed(false);
-                    tracing::warn!(event = "token_refused", accessor = %current.token.accessor, error = %e, "Vault refused the token; logging in again");
+                    let error = e.to_string();
+                    TokenRenewFailed { accessor: &current.token.accessor, error: &error, refused: true }
+                        .emit(&self.telemetry);
                     self.replace_current(|t| HeldToken {
                         granted_at: now(),
                         ttl: Duration::ZERO,
@@ -249,8 +248,9 @@ impl<V: Vault> AuthLoop<V> {
                     });
                 }
                 Err(e) => {
-                    self.telemetry.token_renewed(false);
-                    tracing::warn!(event = "token_renew_failed", error = %e, "renewing the Vault token failed");
+                    let error = e.to_string();
+                    TokenRenewFailed { accessor: &current.token.accessor, error: &error, refused: false }
+                        .emit(&self.telemetry);
                     let left = current.expires_at().duration_since(now()).unwrap_or_default();
                     if !self.sleep(backoff.next_delay().min(left / 4 + Duration::from_millis(100)), &cancel).await {
                         return;

@@ -28,39 +28,30 @@ pub enum HookError {
     Http(String),
 }
 
-/// Runs every configured hook; returns each hook's name and whether it
-/// succeeded (failures are logged here).
-pub async fn run(secret: &str, hooks: &OnChange, data: &SecretData) -> Vec<(&'static str, bool)> {
+/// Runs every configured hook; returns each hook's name and its result
+/// (the caller's `HookRan` event logs and counts it).
+pub async fn run(secret: &str, hooks: &OnChange, data: &SecretData) -> Vec<(&'static str, Result<(), HookError>)> {
     let mut outcomes = Vec::new();
     if let Some(sig) = &hooks.signal {
-        record(secret, "signal", signal(&sig.pid_file, &sig.signal), &mut outcomes);
+        outcomes.push(("signal", signal(&sig.pid_file, sig.signal)));
     }
     if let Some(argv) = &hooks.exec {
-        record(secret, "exec", exec(secret, argv, data).await, &mut outcomes);
+        outcomes.push(("exec", exec(secret, argv, data).await));
     }
     if let Some(http) = &hooks.http {
-        record(secret, "http", call(&http.url, &http.method).await, &mut outcomes);
+        outcomes.push(("http", call(&http.url, &http.method).await));
     }
     outcomes
 }
 
-fn record(secret: &str, hook: &'static str, result: Result<(), HookError>, outcomes: &mut Vec<(&'static str, bool)>) {
-    match &result {
-        Ok(()) => tracing::info!(event = "notified", secret, hook, "application notified"),
-        Err(e) => tracing::warn!(event = "notify_failed", secret, hook, error = %e, "notifying the application failed"),
-    }
-    outcomes.push((hook, result.is_ok()));
-}
-
-fn signal(pid_file: &std::path::Path, name: &str) -> Result<(), HookError> {
+fn signal(pid_file: &std::path::Path, sig: Signal) -> Result<(), HookError> {
     let fail = |m: String| HookError::Signal(m);
     let text = std::fs::read_to_string(pid_file).map_err(|e| fail(format!("reading {}: {e}", pid_file.display())))?;
     let pid: i32 = text.trim().parse().map_err(|_| fail(format!("{} does not hold a pid", pid_file.display())))?;
     if pid <= 1 {
         return Err(fail(format!("refusing to signal pid {pid}")));
     }
-    let sig: Signal = name.parse().map_err(|_| fail(format!("unknown signal {name}")))?;
-    kill(Pid::from_raw(pid), sig).map_err(|e| fail(format!("kill {pid} {name}: {e}")))
+    kill(Pid::from_raw(pid), sig).map_err(|e| fail(format!("kill {pid} {sig}: {e}")))
 }
 
 async fn exec(secret: &str, argv: &[String], data: &SecretData) -> Result<(), HookError> {
@@ -84,9 +75,8 @@ async fn exec(secret: &str, argv: &[String], data: &SecretData) -> Result<(), Ho
     if out.status.success() { Ok(()) } else { Err(fail(format!("{program} exited with {}", out.status))) }
 }
 
-async fn call(url: &str, method: &str) -> Result<(), HookError> {
+async fn call(url: &str, method: &reqwest::Method) -> Result<(), HookError> {
     let fail = |m: String| HookError::Http(m);
-    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| fail(format!("bad method {method}")))?;
     let client = vault::without_unused_roots(reqwest::Client::builder().timeout(HTTP_TIMEOUT), url)
         .build()
         .map_err(|e| fail(e.to_string()))?;

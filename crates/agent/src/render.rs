@@ -14,7 +14,7 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde_json::{Map, Value, json};
 use zeroize::Zeroizing;
 
-use config::{Config, ConfigError, FileConfig, Format};
+use config::{Config, ConfigError, FileConfig, Format, Listen};
 use vault::secret::{LeaseId, SecretData};
 
 use crate::clock::rfc3339;
@@ -40,7 +40,7 @@ pub struct Context<'a> {
     /// The credentials being replaced, until their lease is revoked.
     pub previous: Option<&'a SecretData>,
     /// The secret's proxy: its address, and the local password if any.
-    pub proxy: Option<(&'a str, Option<&'a str>)>,
+    pub proxy: Option<(&'a Listen, Option<&'a str>)>,
 }
 
 impl Context<'_> {
@@ -65,7 +65,7 @@ impl Context<'_> {
                 None => json!({ "username": "", "password": "", "data": {} }),
             },
             "proxy": {
-                "listen": self.proxy.map_or("", |p| p.0),
+                "listen": self.proxy.map(|p| p.0.to_string()).unwrap_or_default(),
                 "password": self.proxy.and_then(|p| p.1).unwrap_or_default(),
             },
         })

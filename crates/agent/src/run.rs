@@ -21,6 +21,7 @@ use crate::signals::Signals;
 use crate::state::{StateError, StateStore};
 use crate::teardown::{Outcome, Teardown};
 use crate::telemetry::Telemetry;
+use crate::telemetry::events::{ConfigRejected, ConfigReloaded, Event as _};
 use config::{Config, ConfigError, Env, SecretConfig};
 use vault::{AuthMethod, ClientConfig, Vault, VaultClient, VaultError};
 
@@ -37,7 +38,7 @@ pub struct Options {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("telemetry.listen {addr}: cannot listen: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("reading vault.ca_cert {path}: {source}")]
     CaCert { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
@@ -235,8 +236,7 @@ impl<V: Vault> Agent<V> {
         let loaded = match Loaded::parse(text, &self.config_path, self.env) {
             Ok(loaded) => loaded,
             Err(e) => {
-                self.telemetry.reloaded(false);
-                tracing::error!(event = "config_rejected", error = %e, "the new config is invalid; keeping the running one");
+                ConfigRejected { error: &e.to_string() }.emit(&self.telemetry);
                 return;
             }
         };
@@ -279,7 +279,7 @@ impl<V: Vault> Agent<V> {
             let _ =
                 r.spec.send(Arc::new(SecretSpec { cfg: cfg.clone(), templates: renderer.templates(&cfg.name), proxy }));
         }
-        tracing::info!(event = "config_reloaded", secrets = config.secrets.len(), added, "configuration reloaded");
+        ConfigReloaded { secrets: config.secrets.len(), added }.emit(&self.telemetry);
         self.fingerprint = crate::reload::fingerprint(&text, &config);
         self.config = config;
     }
@@ -381,12 +381,11 @@ fn open_store(config: &Config) -> Result<Option<Arc<StateStore>>, StateError> {
 /// rendered).
 pub async fn run(loaded: Loaded, config_path: &Path, signals: Signals, opts: Options) -> Result<Outcome, StartError> {
     let telemetry = Telemetry::new();
-    let listen = &loaded.config.telemetry.listen;
+    let listen = loaded.config.telemetry.listen;
     // Up before the first login, so probes answer (503) while credentials are obtained.
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartError::Listen { addr: listen.clone(), source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: listen.clone(), source })?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
     tracing::info!(event = "telemetry_listening", addr = %addr, "serving /healthz, /readyz, /metrics and /v1/status");
     let server_stop = CancellationToken::new();
     let server = tokio::spawn(crate::telemetry::server::serve(listener, telemetry.clone(), server_stop.clone()));

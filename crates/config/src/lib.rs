@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
@@ -178,8 +179,8 @@ pub struct SecretConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
-    /// `HOST:PORT`, or `unix:PATH`.
-    pub listen: String,
+    /// `HOST:PORT` (an IP), or `unix:/absolute/path`.
+    pub listen: Listen,
     /// The database, `HOST:PORT`.
     pub upstream: String,
     #[serde(default)]
@@ -258,16 +259,16 @@ pub struct OnChange {
 #[serde(deny_unknown_fields)]
 pub struct SignalHook {
     pub pid_file: PathBuf,
-    #[serde(default = "d_sighup")]
-    pub signal: String,
+    #[serde(default = "d_sighup", deserialize_with = "signal_name")]
+    pub signal: Signal,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpHook {
     pub url: String,
-    #[serde(default = "d_post")]
-    pub method: String,
+    #[serde(default = "d_post", deserialize_with = "http_method")]
+    pub method: http::Method,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -288,8 +289,8 @@ impl Default for ShutdownConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
-    #[serde(default = "d_listen")]
-    pub listen: String,
+    #[serde(default = "d_listen", deserialize_with = "host_port")]
+    pub listen: SocketAddr,
 }
 
 impl Default for TelemetryConfig {
@@ -311,13 +312,99 @@ pub struct LogConfig {
     #[serde(default = "d_log_format")]
     pub format: LogFormat,
     #[serde(default = "d_log_level")]
-    pub level: String,
+    pub level: LogLevel,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { format: d_log_format(), level: d_log_level() }
     }
+}
+
+// Values parsed once, here: what the agent, the proxy and the hooks use
+// is typed, never a string parsed again downstream. Each error names the
+// value and what was expected (the key path comes from `parse`).
+
+/// Where the proxy listens: `HOST:PORT` (an IP), or `unix:/absolute/path`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+    fn try_from(s: String) -> Result<Listen, String> {
+        let bad = || format!("{s:?} is not HOST:PORT (an IP) or unix:/absolute/path");
+        match s.strip_prefix("unix:") {
+            Some(path) if path.starts_with('/') => Ok(Listen::Unix(PathBuf::from(path))),
+            Some(_) => Err(bad()),
+            None => s.parse().map(Listen::Tcp).map_err(|_| bad()),
+        }
+    }
+}
+
+/// As written in the config: templates see it as `{{ proxy.listen }}`.
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(addr) => write!(f, "{addr}"),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// `log.level`: a level (`debug`) or per-target directives
+/// (`leasehold=debug,info`), kept with its text for comparisons.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub struct LogLevel {
+    text: String,
+    targets: tracing_subscriber::filter::Targets,
+}
+
+impl LogLevel {
+    pub fn info() -> LogLevel {
+        let targets =
+            tracing_subscriber::filter::Targets::new().with_default(tracing_subscriber::filter::LevelFilter::INFO);
+        LogLevel { text: "info".into(), targets }
+    }
+
+    pub fn targets(&self) -> &tracing_subscriber::filter::Targets {
+        &self.targets
+    }
+}
+
+impl PartialEq for LogLevel {
+    fn eq(&self, other: &LogLevel) -> bool {
+        self.text == other.text
+    }
+}
+
+impl TryFrom<String> for LogLevel {
+    type Error = String;
+    fn try_from(text: String) -> Result<LogLevel, String> {
+        match text.parse() {
+            Ok(targets) => Ok(LogLevel { text, targets }),
+            Err(_) => Err(format!("{text:?} is not a log level or filter")),
+        }
+    }
+}
+
+fn host_port<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| serde::de::Error::custom(format!("{s:?} is not HOST:PORT")))
+}
+
+fn signal_name<'de, D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| serde::de::Error::custom(format!("{s:?} is not a signal name like SIGHUP")))
+}
+
+fn http_method<'de, D: Deserializer<'de>>(d: D) -> Result<http::Method, D::Error> {
+    let s = String::deserialize(d)?;
+    http::Method::from_bytes(s.as_bytes()).map_err(|_| serde::de::Error::custom(format!("{s:?} is not an HTTP method")))
 }
 
 fn d_startup_timeout() -> Duration {
@@ -351,11 +438,11 @@ fn d_five_minutes() -> Duration {
 fn d_mode() -> u32 {
     0o440
 }
-fn d_sighup() -> String {
-    "SIGHUP".into()
+fn d_sighup() -> Signal {
+    Signal::SIGHUP
 }
-fn d_post() -> String {
-    "POST".into()
+fn d_post() -> http::Method {
+    http::Method::POST
 }
 fn d_true() -> bool {
     true
@@ -363,14 +450,14 @@ fn d_true() -> bool {
 fn d_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
 }
-fn d_listen() -> String {
-    "0.0.0.0:9102".into()
+fn d_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9102))
 }
 fn d_log_format() -> LogFormat {
     LogFormat::Json
 }
-fn d_log_level() -> String {
-    "info".into()
+fn d_log_level() -> LogLevel {
+    LogLevel::info()
 }
 
 /// File modes as an octal string (`"0440"`) or an unquoted YAML number
@@ -471,12 +558,6 @@ impl Config {
         if self.shutdown.timeout.is_zero() {
             return fail("shutdown.timeout", "must be greater than 0");
         }
-        if self.telemetry.listen.parse::<SocketAddr>().is_err() {
-            return Err(("telemetry.listen".into(), format!("{:?} is not HOST:PORT", self.telemetry.listen)));
-        }
-        if self.log.level.parse::<tracing_subscriber::filter::Targets>().is_err() {
-            return Err(("log.level".into(), format!("{:?} is not a log level or filter", self.log.level)));
-        }
         Ok(())
     }
 
@@ -565,16 +646,6 @@ type Key<'a> = &'a dyn Fn(&str) -> String;
 impl ProxyConfig {
     fn validate(&self, key: Key) -> Result<(), (String, String)> {
         let p = self;
-        let listen_ok = match p.listen.strip_prefix("unix:") {
-            Some(path) => path.starts_with('/'),
-            None => p.listen.parse::<std::net::SocketAddr>().is_ok(),
-        };
-        if !listen_ok {
-            return Err((
-                key("proxy.listen"),
-                format!("{:?} is not HOST:PORT (an IP) or unix:/absolute/path", p.listen),
-            ));
-        }
         let port = p.upstream.rsplit_once(':').and_then(|(h, port)| (!h.is_empty()).then_some(port));
         if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
             return Err((key("proxy.upstream"), format!("{:?} is not HOST:PORT", p.upstream)));
@@ -632,18 +703,10 @@ impl OnChange {
         {
             return Err((key("on_change.exec"), "needs a program as its first element".into()));
         }
-        if let Some(sig) = &hooks.signal
-            && sig.signal.parse::<nix::sys::signal::Signal>().is_err()
+        if let Some(http) = &hooks.http
+            && url::Url::parse(&http.url).is_err()
         {
-            return Err((key("on_change.signal.signal"), format!("{:?} is not a signal name like SIGHUP", sig.signal)));
-        }
-        if let Some(http) = &hooks.http {
-            if url::Url::parse(&http.url).is_err() {
-                return Err((key("on_change.http.url"), format!("{:?} is not a URL", http.url)));
-            }
-            if http::Method::from_bytes(http.method.as_bytes()).is_err() {
-                return Err((key("on_change.http.method"), format!("{:?} is not an HTTP method", http.method)));
-            }
+            return Err((key("on_change.http.url"), format!("{:?} is not a URL", http.url)));
         }
         Ok(())
     }
@@ -690,7 +753,7 @@ secrets:
         assert_eq!((login.kind, login.mount.as_str()), (AuthKind::Kubernetes, "kubernetes"));
         assert_eq!(c.shutdown.timeout, Duration::from_secs(10));
         assert!(c.shutdown.revoke);
-        assert_eq!(c.telemetry.listen, "0.0.0.0:9102");
+        assert_eq!(c.telemetry.listen.to_string(), "0.0.0.0:9102");
     }
 
     #[test]

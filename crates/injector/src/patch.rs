@@ -19,6 +19,10 @@ pub enum PatchError {
     Taken(String),
     #[error("spec.shareProcessNamespace is false, but leasehold.dev/on-change-signal needs it")]
     NoSharedPids,
+    /// The annotations passed their own checks but make a config the
+    /// agent would refuse (exit 78 in the pod): deny it now instead.
+    #[error("the agent config made from the annotations is invalid: {0}")]
+    Config(String),
 }
 
 fn list<'a>(pod: &'a Value, ptr: &str) -> &'a [Value] {
@@ -129,6 +133,9 @@ pub fn patch(pod: &Value, plan: &Plan, d: &Defaults) -> Result<Vec<Value>, Patch
     }
     let fs_group = pod.pointer("/spec/securityContext/fsGroup").is_some_and(Value::is_number);
     let config = agent_config(plan, d, fs_group).to_string();
+    // Parsed as the agent will parse it (the pod's VAULT_* are not known here).
+    config::Config::parse(&config, std::path::Path::new(CONFIG_ENV), &|_| None)
+        .map_err(|e| PatchError::Config(e.to_string()))?;
 
     let mut ops = Ops(Vec::new());
     let mut projected = json!({ "path": "token", "expirationSeconds": 3600 });

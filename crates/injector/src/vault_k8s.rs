@@ -183,6 +183,26 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_the_agent_would_refuse_is_denied_at_admission() {
+        // Two secrets written to one file: each annotation is fine, the
+        // agent's config is not (it would exit 78 in the pod).
+        let p = plan(
+            &[
+                ("role", "app"),
+                ("agent-inject-secret-a", "database/creds/a"),
+                ("agent-inject-file-a", "db"),
+                ("agent-inject-secret-b", "database/creds/b"),
+                ("agent-inject-file-b", "db"),
+            ],
+            false,
+        )
+        .unwrap();
+        let pod = serde_json::json!({ "spec": { "containers": [{ "name": "app" }] } });
+        let e = crate::patch::patch(&pod, &p, &defaults(false)).unwrap_err();
+        assert!(e.to_string().contains("is written by another file entry"), "{e}");
+    }
+
+    #[test]
     fn one_secret_per_path_and_names_the_agent_accepts() {
         let p = plan(
             &[

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use config::Listen;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{Io, ProxyError};
@@ -145,14 +146,14 @@ pub enum Listener {
 }
 
 impl Listener {
-    pub async fn bind(listen: &str) -> std::io::Result<Listener> {
-        match listen.strip_prefix("unix:") {
-            Some(path) => {
+    pub async fn bind(listen: &Listen) -> std::io::Result<Listener> {
+        match listen {
+            Listen::Unix(path) => {
                 // A socket left by an earlier run would make bind fail.
                 let _ = std::fs::remove_file(path);
                 Ok(Listener::Unix(tokio::net::UnixListener::bind(path)?))
             }
-            None => Ok(Listener::Tcp(tokio::net::TcpListener::bind(listen).await?)),
+            Listen::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
         }
     }
 

@@ -127,7 +127,7 @@ pub async fn handle(core: &Arc<Core>, req: &Request, mount: &str, sub: &str, tok
 }
 
 fn with_mount<T>(core: &Arc<Core>, mount: &str, f: impl FnOnce(&mut DbMount) -> T) -> Option<T> {
-    core.state().secret_mounts.get_mut(mount).map(f)
+    core.state().mounts.get_mut::<DbMount>(mount).map(f)
 }
 
 fn list(core: &Arc<Core>, mount: &str, keys: impl FnOnce(&mut DbMount) -> Vec<String>) -> Outcome {
@@ -334,7 +334,7 @@ async fn creds(core: &Arc<Core>, mount: &str, role_name: &str, token: Option<Tok
     let now = Utc::now();
     let (role, plugin) = {
         let state = core.state();
-        let Some(db) = state.secret_mounts.get(mount) else {
+        let Some(db) = state.mounts.get::<DbMount>(mount) else {
             return Err(Failure::unsupported_path());
         };
         let Some(role) = db.roles.get(role_name).cloned() else {
@@ -405,7 +405,7 @@ async fn creds(core: &Arc<Core>, mount: &str, role_name: &str, token: Option<Tok
 async fn rotate_root(core: &Arc<Core>, mount: &str, name: &str) -> Outcome {
     let (plugin, username, url, statements, disable_escaping) = {
         let state = core.state();
-        let Some(conn) = state.secret_mounts.get(mount).and_then(|m| m.connections.get(name)) else {
+        let Some(conn) = state.mounts.get::<DbMount>(mount).and_then(|m| m.connections.get(name)) else {
             return Err(Failure::backend(
                 500,
                 format!("unable to rotate root credentials: no configuration found for {name}"),
@@ -454,7 +454,7 @@ pub struct RenewPlan {
 
 /// The backend half of a renewal, computed under the state lock.
 pub fn plan_renew(state: &State, lease: &LeaseEntry, increment: i64, now: DateTime<Utc>) -> Result<RenewPlan, String> {
-    let db = state.secret_mounts.get(&lease.mount).ok_or("no database mount")?;
+    let db = state.mounts.get::<DbMount>(&lease.mount).ok_or("no database mount")?;
     let role = db
         .roles
         .get(&lease.role)
@@ -485,8 +485,8 @@ impl RevokePlan {
 
 pub fn plan_revoke(state: &State, lease: &LeaseEntry) -> Result<RevokePlan, String> {
     let conn = state
-        .secret_mounts
-        .get(&lease.mount)
+        .mounts
+        .get::<DbMount>(&lease.mount)
         .and_then(|m| m.connections.get(&lease.db_name))
         .ok_or_else(|| format!("could not find connection with name {:?}", lease.db_name))?;
     Ok(RevokePlan {
@@ -499,9 +499,9 @@ pub fn plan_revoke(state: &State, lease: &LeaseEntry) -> Result<RevokePlan, Stri
 /// Users recorded by every memory plugin, for the demo.
 pub fn memory_users(state: &State) -> Vec<(String, String)> {
     state
-        .secret_mounts
-        .values()
-        .flat_map(|m| m.connections.values())
+        .mounts
+        .iter::<DbMount>()
+        .flat_map(|(_, m)| m.connections.values())
         .filter_map(|c| match &c.plugin {
             Plugin::Memory(m) => Some(m.list()),
             Plugin::Postgres(_) => None,

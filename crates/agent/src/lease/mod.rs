@@ -22,8 +22,8 @@ use crate::render::{Context, Templates};
 use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
 use crate::telemetry::Telemetry;
 use crate::telemetry::events::{
-    Event as _, IssueFailed, LeaseGone, RenderFailed, Rendered as RenderedEvent, RenewFailed, Renewed, RevokeFailed,
-    Revoked,
+    Event as _, HookRan, IssueFailed, LeaseGone, RenderFailed, Rendered as RenderedEvent, RenewFailed, Renewed,
+    RevokeFailed, Revoked,
 };
 use config::{Method, ReplacedConnections, SecretConfig};
 use schedule::{Action, Bound, LeaseTimes, Policy, RetiredAction, RetiredLease};
@@ -622,11 +622,7 @@ impl<V: Vault> Supervisor<V> {
             issued_at: h.issued_at,
             expires_at: h.expires_at(),
             previous,
-            proxy: spec
-                .cfg
-                .proxy
-                .as_ref()
-                .map(|p| (p.listen.as_str(), spec.proxy.as_ref().and_then(|f| f.local_password()))),
+            proxy: spec.cfg.proxy.as_ref().map(|p| (&p.listen, spec.proxy.as_ref().and_then(|f| f.local_password()))),
         };
         // Everything is rendered in memory first: a failing template writes
         // nothing; then every file is staged before any is renamed.
@@ -646,8 +642,9 @@ impl<V: Vault> Supervisor<V> {
                 if changed > 0
                     && let Some(hooks) = &spec.cfg.on_change
                 {
-                    for (hook, ok) in crate::hooks::run(&spec.cfg.name, hooks, &h.secret.data).await {
-                        self.telemetry.notified(&spec.cfg.name, hook, ok);
+                    for (hook, result) in crate::hooks::run(&spec.cfg.name, hooks, &h.secret.data).await {
+                        let error = result.err().map(|e| e.to_string());
+                        HookRan { secret: &spec.cfg.name, hook, error: error.as_deref() }.emit(&self.telemetry);
                     }
                 }
                 Rendered::All

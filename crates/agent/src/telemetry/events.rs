@@ -145,3 +145,111 @@ impl Event for RenderFailed<'_> {
         }
     }
 }
+
+/// Logged in to Vault.
+pub struct LoggedIn<'a> {
+    pub accessor: &'a str,
+    pub ttl: Duration,
+    pub renewable: bool,
+    pub expires_at: SystemTime,
+}
+
+impl Event for LoggedIn<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.login(true);
+        t.token(self.accessor, self.expires_at);
+        tracing::info!(event = "login", accessor = %self.accessor, ttl_secs = self.ttl.as_secs(), renewable = self.renewable, "logged in to Vault");
+    }
+}
+
+/// A login failed (retried with backoff).
+pub struct LoginFailed<'a> {
+    pub error: &'a str,
+}
+
+impl Event for LoginFailed<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.login(false);
+        tracing::warn!(event = "login_failed", error = %self.error, "login to Vault failed");
+    }
+}
+
+/// The Vault token was renewed.
+pub struct TokenRenewed<'a> {
+    pub accessor: &'a str,
+    pub ttl: Duration,
+    pub capped: bool,
+    pub expires_at: SystemTime,
+}
+
+impl Event for TokenRenewed<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.token_renewed(true);
+        t.token(self.accessor, self.expires_at);
+        tracing::info!(event = "token_renewed", accessor = %self.accessor, ttl_secs = self.ttl.as_secs(), capped = self.capped, "renewed Vault token");
+    }
+}
+
+/// Renewing the token failed: `refused` when Vault refused the token
+/// itself (a new login follows), else retried with backoff.
+pub struct TokenRenewFailed<'a> {
+    pub accessor: &'a str,
+    pub error: &'a str,
+    pub refused: bool,
+}
+
+impl Event for TokenRenewFailed<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.token_renewed(false);
+        if self.refused {
+            tracing::warn!(event = "token_refused", accessor = %self.accessor, error = %self.error, "Vault refused the token; logging in again");
+        } else {
+            tracing::warn!(event = "token_renew_failed", error = %self.error, "renewing the Vault token failed");
+        }
+    }
+}
+
+/// A reloaded configuration was applied.
+pub struct ConfigReloaded {
+    pub secrets: usize,
+    pub added: usize,
+}
+
+impl Event for ConfigReloaded {
+    fn emit(self, t: &Telemetry) {
+        t.reloaded(true);
+        tracing::info!(event = "config_reloaded", secrets = self.secrets, added = self.added, "configuration reloaded");
+    }
+}
+
+/// A new configuration was invalid; the running one is kept.
+pub struct ConfigRejected<'a> {
+    pub error: &'a str,
+}
+
+impl Event for ConfigRejected<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.reloaded(false);
+        tracing::error!(event = "config_rejected", error = %self.error, "the new config is invalid; keeping the running one");
+    }
+}
+
+/// An `on_change` hook ran.
+pub struct HookRan<'a> {
+    pub secret: &'a str,
+    pub hook: &'static str,
+    /// The failure, if it failed.
+    pub error: Option<&'a str>,
+}
+
+impl Event for HookRan<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.notified(self.secret, self.hook, self.error.is_none());
+        match self.error {
+            None => tracing::info!(event = "notified", secret = %self.secret, hook = self.hook, "application notified"),
+            Some(e) => {
+                tracing::warn!(event = "notify_failed", secret = %self.secret, hook = self.hook, error = %e, "notifying the application failed")
+            }
+        }
+    }
+}

@@ -6,17 +6,13 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use config::{LogConfig, LogFormat};
+use config::{LogConfig, LogFormat, LogLevel};
 
 /// `RUST_LOG` if set and valid, else `level`: a level (`debug`) or
 /// per-target directives (`leasehold=debug,info`). `Targets`, not
 /// `EnvFilter`: the same directives without a regex engine in the binary.
-fn filter(level: &str) -> Targets {
-    std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .or_else(|| level.parse().ok())
-        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO))
+fn filter(level: &LogLevel) -> Targets {
+    std::env::var("RUST_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| level.targets().clone())
 }
 
 /// JSON (one object per line) or text logs on stderr, at `log.level` unless
@@ -42,5 +38,5 @@ pub fn init_demo_logging() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_timer(tracing_subscriber::fmt::time::uptime())
         .compact();
-    let _ = tracing_subscriber::registry().with(filter("info")).with(fmt).try_init();
+    let _ = tracing_subscriber::registry().with(filter(&LogLevel::info())).with(fmt).try_init();
 }

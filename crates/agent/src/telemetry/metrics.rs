@@ -1,7 +1,16 @@
 //! Prometheus metrics (OpenMetrics text via prometheus-client). Names are
 //! part of the contract (DESIGN.md, docs/observability.md).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -75,8 +84,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn register() -> (Metrics, Registry) {
+    /// Every family, the proxies' (read from their `Stats` at each scrape)
+    /// among them.
+    pub fn register(proxies: Proxies) -> (Metrics, Registry) {
         let mut r = Registry::with_prefix("leasehold");
+        r.register_collector(Box::new(ProxyCollector(proxies)));
         let m = Metrics {
             lease_expiry: Family::default(),
             renewals: Family::default(),
@@ -133,6 +145,97 @@ impl Metrics {
         r.register("build_info", "Build information; the value is always 1", m.build_info.clone());
         m.build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").to_string() }).set(1);
         (m, r)
+    }
+}
+
+/// The proxies' counters, by secret.
+pub type Proxies = Arc<Mutex<BTreeMap<String, Arc<pgproxy::Stats>>>>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GenerationLabels {
+    secret: String,
+    generation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    secret: String,
+    direction: &'static str,
+}
+
+/// The `leasehold_proxy_*` families, registered like the others; none
+/// while no secret has a proxy.
+struct ProxyCollector(Proxies);
+
+impl std::fmt::Debug for ProxyCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxyCollector")
+    }
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let proxies: Vec<(String, Arc<pgproxy::Stats>)> =
+            crate::telemetry::lock(&self.0).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if proxies.is_empty() {
+            return Ok(());
+        }
+        let counter = |v: u64| ConstCounter::new(v);
+        let gauge = |v: u64| ConstGauge::new(v as i64);
+        let each =
+            |enc: &mut DescriptorEncoder, name: &str, help: &str, counts: bool, value: fn(&pgproxy::Stats) -> u64| {
+                let kind = if counts { MetricType::Counter } else { MetricType::Gauge };
+                let mut family = enc.encode_descriptor(name, help, None, kind)?;
+                for (secret, stats) in &proxies {
+                    let labels = SecretLabel { secret: secret.clone() };
+                    let v = value(stats);
+                    if counts {
+                        counter(v).encode(family.encode_family(&labels)?)?;
+                    } else {
+                        gauge(v).encode(family.encode_family(&labels)?)?;
+                    }
+                }
+                Ok::<(), std::fmt::Error>(())
+            };
+        each(&mut encoder, "proxy_connections_opened", "Client connections logged in upstream.", true, |s| {
+            s.opened.load(Relaxed)
+        })?;
+        each(
+            &mut encoder,
+            "proxy_connections_failed",
+            "Client connections that failed (bad client, upstream refused or unreachable).",
+            true,
+            |s| s.failed.load(Relaxed),
+        )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "proxy_connections_open",
+                "Client connections open now, by credential generation: the current one, or replaced ones.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (secret, stats) in &proxies {
+                let (current, replaced) = stats.open();
+                for (generation, v) in [("current", current), ("replaced", replaced)] {
+                    let labels = GenerationLabels { secret: secret.clone(), generation };
+                    gauge(v).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        each(
+            &mut encoder,
+            "proxy_credential_generation",
+            "How many credentials the proxy has logged in with (1 for the first), counting the current.",
+            false,
+            |s| s.generation.load(Relaxed),
+        )?;
+        let mut family = encoder.encode_descriptor("proxy_bytes", "Bytes relayed.", None, MetricType::Counter)?;
+        for (secret, stats) in &proxies {
+            for (direction, v) in [("up", stats.bytes_up.load(Relaxed)), ("down", stats.bytes_down.load(Relaxed))] {
+                counter(v).encode(family.encode_family(&DirectionLabels { secret: secret.clone(), direction })?)?;
+            }
+        }
+        Ok(())
     }
 }
 

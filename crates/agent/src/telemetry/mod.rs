@@ -81,7 +81,7 @@ pub struct Telemetry {
     registry: prometheus_client::registry::Registry,
     secrets: Mutex<BTreeMap<String, SecretStatus>>,
     token: Mutex<TokenStatus>,
-    proxies: Mutex<BTreeMap<String, Arc<pgproxy::Stats>>>,
+    proxies: metrics::Proxies,
 }
 
 /// A panic aborts the process (panic = "abort"): a poisoned lock's data is
@@ -92,14 +92,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Telemetry {
     pub fn new() -> Arc<Telemetry> {
-        let (metrics, registry) = Metrics::register();
-        Arc::new(Telemetry {
-            metrics,
-            registry,
-            secrets: Mutex::default(),
-            token: Mutex::default(),
-            proxies: Mutex::default(),
-        })
+        let proxies = metrics::Proxies::default();
+        let (metrics, registry) = Metrics::register(proxies.clone());
+        Arc::new(Telemetry { metrics, registry, secrets: Mutex::default(), token: Mutex::default(), proxies })
     }
 
     /// Declares a secret (at start and on reload); keeps what is known.
@@ -244,7 +239,8 @@ impl Telemetry {
         self.update(name, |s| s.last_error = Some(format!("render: {error}")));
     }
 
-    pub fn notified(&self, name: &str, hook: &str, ok: bool) {
+    // Through `events` only: the log line goes with it.
+    fn notified(&self, name: &str, hook: &str, ok: bool) {
         let labels = metrics::HookLabels {
             secret: name.to_string(),
             hook: hook.to_string(),
@@ -253,22 +249,26 @@ impl Telemetry {
         self.metrics.notifications.get_or_create(&labels).inc();
     }
 
-    pub fn login(&self, ok: bool) {
+    // Through `events` only: the log line goes with it.
+    fn login(&self, ok: bool) {
         self.metrics.logins.get_or_create(&metrics::result(ok)).inc();
     }
 
-    pub fn token_renewed(&self, ok: bool) {
+    // Through `events` only: the log line goes with it.
+    fn token_renewed(&self, ok: bool) {
         self.metrics.token_renewals.get_or_create(&metrics::result(ok)).inc();
     }
 
-    pub fn token(&self, accessor: &str, expires_at: SystemTime) {
+    // Through `events` only: the log line goes with it.
+    fn token(&self, accessor: &str, expires_at: SystemTime) {
         self.metrics.token_expiry.set(crate::clock::unix(expires_at));
         let mut t = lock(&self.token);
         t.accessor = accessor.to_string();
         t.expires_at = Some(expires_at);
     }
 
-    pub fn reloaded(&self, ok: bool) {
+    // Through `events` only: the log line goes with it.
+    fn reloaded(&self, ok: bool) {
         let label = metrics::ResultLabel { result: if ok { "success" } else { "rejected" }.to_string() };
         self.metrics.reloads.get_or_create(&label).inc();
     }
@@ -318,70 +318,12 @@ impl Telemetry {
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
-        let proxies = self.proxy_metrics();
-        match out.strip_suffix("# EOF\n") {
-            Some(body) if !proxies.is_empty() => format!("{body}{proxies}# EOF\n"),
-            _ => out,
-        }
+        out
     }
 
     /// The counters of a secret's proxy (created on first use).
     pub fn proxy_stats(&self, name: &str) -> Arc<pgproxy::Stats> {
         lock(&self.proxies).entry(name.to_string()).or_default().clone()
-    }
-
-    fn proxy_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        use std::sync::atomic::Ordering::Relaxed;
-        let proxies = lock(&self.proxies);
-        if proxies.is_empty() {
-            return String::new();
-        }
-        let mut out = String::new();
-        // Each value with its labels after `secret`.
-        type Values = fn(&pgproxy::Stats) -> Vec<(&'static str, u64)>;
-        let families: [(&str, &str, &str, Values); 5] = [
-            ("leasehold_proxy_connections_opened", "counter", "Client connections logged in upstream.", |s| {
-                vec![("", s.opened.load(Relaxed))]
-            }),
-            (
-                "leasehold_proxy_connections_failed",
-                "counter",
-                "Client connections that failed (bad client, upstream refused or unreachable).",
-                |s| vec![("", s.failed.load(Relaxed))],
-            ),
-            (
-                "leasehold_proxy_connections_open",
-                "gauge",
-                "Client connections open now, by credential generation: the current one, or replaced ones.",
-                |s| {
-                    let (current, replaced) = s.open();
-                    vec![(",generation=\"current\"", current), (",generation=\"replaced\"", replaced)]
-                },
-            ),
-            (
-                "leasehold_proxy_credential_generation",
-                "gauge",
-                "How many credentials the proxy has logged in with (1 for the first), counting the current.",
-                |s| vec![("", s.generation.load(Relaxed))],
-            ),
-            ("leasehold_proxy_bytes", "counter", "Bytes relayed.", |s| {
-                vec![
-                    (",direction=\"up\"", s.bytes_up.load(Relaxed)),
-                    (",direction=\"down\"", s.bytes_down.load(Relaxed)),
-                ]
-            }),
-        ];
-        for (name, kind, help, values) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            let sample = if kind == "counter" { format!("{name}_total") } else { name.to_string() };
-            for (secret, stats) in proxies.iter() {
-                for (labels, v) in values(stats) {
-                    let _ = writeln!(out, "{sample}{{secret=\"{secret}\"{labels}}} {v}");
-                }
-            }
-        }
-        out
     }
 }
 
@@ -417,6 +359,27 @@ pub fn harden() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_families_are_registered_and_absent_without_a_proxy() {
+        let t = Telemetry::new();
+        assert!(!t.encode_metrics().contains("leasehold_proxy"), "no proxy, no proxy family");
+        let stats = t.proxy_stats("db");
+        stats.opened.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        stats.bytes_up.fetch_add(10, std::sync::atomic::Ordering::Relaxed);
+        let text = t.encode_metrics();
+        for line in [
+            "# TYPE leasehold_proxy_connections_opened counter",
+            "leasehold_proxy_connections_opened_total{secret=\"db\"} 3",
+            "leasehold_proxy_connections_open{secret=\"db\",generation=\"current\"} 0",
+            "leasehold_proxy_connections_open{secret=\"db\",generation=\"replaced\"} 0",
+            "leasehold_proxy_credential_generation{secret=\"db\"} 0",
+            "leasehold_proxy_bytes_total{secret=\"db\",direction=\"up\"} 10",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
 
     #[test]
     fn readiness_follows_render_and_expiry() {
