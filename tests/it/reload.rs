@@ -62,10 +62,18 @@ async fn sighup_reloads_templates_adds_and_removes_secrets() {
     assert!(eventually(5, async || !env.pg.role_exists(&user_b).await).await, "removed secret's role dropped");
     assert!(env.pg.role_exists(&user_a).await);
 
+    // Both reloads counted as applied (they once went uncounted).
+    let metrics = async || {
+        let url = format!("http://{}/metrics", agent.telemetry_addr().unwrap_or_default());
+        reqwest::get(url).await.unwrap().text().await.unwrap()
+    };
+    assert!(metrics().await.contains("leasehold_config_reloads_total{result=\"success\"} 2"), "{}", metrics().await);
+
     // An invalid config is logged and ignored.
     std::fs::write(&path, "vault: [this is not valid\n").unwrap();
     agent.signal(Signal::SIGHUP);
     assert!(eventually(10, async || !agent.events("config_rejected").is_empty()).await, "{}", agent.output());
+    assert!(metrics().await.contains("leasehold_config_reloads_total{result=\"rejected\"} 1"));
     assert!(agent.child.try_wait().unwrap().is_none(), "still running");
     assert_eq!(read(&env, "a.txt").unwrap(), format!("USER={user_a}"));
     assert_eq!(creds_calls(&env).await, 2);
