@@ -336,3 +336,97 @@ async fn keep_holds_replaced_connections_until_the_client_closes_or_the_lease_en
         assert!(!env.pg.role_exists(&u).await, "{u} dropped");
     }
 }
+
+/// What a hostile upstream does after asking for SCRAM-SHA-256.
+#[derive(Clone, Copy)]
+enum Hostile {
+    /// A server-first message asking for u32::MAX PBKDF2 iterations.
+    IterationBomb,
+    /// `AuthenticationOk` right after the client-first message, without the
+    /// server ever proving it knows the password.
+    OkWithoutProof,
+}
+
+/// A fake PostgreSQL server on a free port, answering every login as `how`.
+async fn hostile_upstream(how: Hostile) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let auth = |code: i32, rest: &[u8]| {
+                    let mut m = vec![b'R'];
+                    m.extend_from_slice(&((8 + rest.len()) as i32).to_be_bytes());
+                    m.extend_from_slice(&code.to_be_bytes());
+                    m.extend_from_slice(rest);
+                    m
+                };
+                // The startup message (length-prefixed, no type byte).
+                let Ok(len) = s.read_i32().await else { return };
+                let mut startup = vec![0u8; len as usize - 4];
+                if s.read_exact(&mut startup).await.is_err() {
+                    return;
+                }
+                let _ = s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).await;
+                // SASLInitialResponse: 'p', length, mechanism, length, client-first.
+                let (Ok(_), Ok(len)) = (s.read_u8().await, s.read_i32().await) else { return };
+                let mut body = vec![0u8; len as usize - 4];
+                if s.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let text = String::from_utf8_lossy(&body).to_string();
+                let Some(nonce) = text.split("r=").nth(1) else { return };
+                let reply = match how {
+                    Hostile::IterationBomb => {
+                        auth(11, format!("r={nonce}evil,s=QSXCR+Q6sek8bf92,i={}", u32::MAX).as_bytes())
+                    }
+                    Hostile::OkWithoutProof => auth(0, b""),
+                };
+                let _ = s.write_all(&reply).await;
+                let mut rest = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest)).await;
+            });
+        }
+    });
+    port
+}
+
+/// #23: an upstream asking for billions of PBKDF2 iterations froze the whole
+/// agent (probes, renewals, SIGTERM); one saying "ok" before proving it
+/// knows the password was believed. Both are refused with a clear error,
+/// and the agent answers its probes throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_upstream_can_neither_freeze_the_agent_nor_skip_the_proof() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let (bomb, ok, good) = (free_port(), free_port(), free_port());
+    let bomb_up = format!("127.0.0.1:{}", hostile_upstream(Hostile::IterationBomb).await);
+    let ok_up = format!("127.0.0.1:{}", hostile_upstream(Hostile::OkWithoutProof).await);
+    let upstream = format!("127.0.0.1:{}", env.pg.port);
+    let secrets = [
+        proxied("bomb", &env, bomb, &bomb_up, "disable"),
+        proxied("okay", &env, ok, &ok_up, "disable"),
+        proxied("db", &env, good, &upstream, "disable"),
+    ]
+    .concat();
+    let mut agent = env.spawn(&env.config_with_secrets(&secrets)).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let addr = agent.telemetry_addr().unwrap();
+
+    let bombs: Vec<_> = (0..4).map(|_| tokio::spawn(query(bomb))).collect();
+    // The probes answer while the bombs are under way.
+    for _ in 0..5 {
+        let probe = reqwest::Client::new().get(format!("http://{addr}/healthz")).timeout(Duration::from_secs(1));
+        let status = probe.send().await.map(|r| r.status().as_u16());
+        assert_eq!(status.as_ref().ok(), Some(&200), "/healthz during an iteration bomb: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for b in bombs {
+        let e = b.await.unwrap().expect_err("a bomb never logs in");
+        assert!(e.contains("iterations, more than the 100000 allowed"), "{e}");
+    }
+    let e = query(ok).await.expect_err("no proof, no login");
+    assert!(e.contains("without proving it knows the password"), "{e}");
+    query(good).await.expect("the good proxy still serves");
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}

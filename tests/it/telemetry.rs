@@ -148,6 +148,8 @@ fn secrets_in_state(path: &std::path::Path, found: &mut BTreeSet<String>) {
     let Ok(state) = serde_json::from_str::<Value>(&text) else { return };
     for t in state["tokens"].as_array().into_iter().flatten() {
         found.extend(t["token"].as_str().map(str::to_string));
+        // Vault's accessors (not the local `batch-…` ids of batch tokens).
+        found.extend(t["accessor"].as_str().filter(|a| !a.starts_with("batch-")).map(str::to_string));
     }
     for s in state["secrets"].as_object().into_iter().flat_map(|m| m.values()) {
         let current = s["current"].clone();

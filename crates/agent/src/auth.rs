@@ -19,7 +19,7 @@ use crate::telemetry::Telemetry;
 use crate::telemetry::events::{Event as _, LoggedIn, LoginFailed, TokenRenewFailed, TokenRenewed};
 use crate::timing::{Policy, renew_point, renewal_capped};
 use vault::AuthMethod;
-use vault::secret::{ExposeSecret, SecretString};
+use vault::secret::{ExposeSecret, SecretString, ShortAccessor};
 use vault::{Token, Vault, VaultClient, VaultError};
 
 /// Tokens are renewed at half their TTL, up to 5 % earlier.
@@ -264,7 +264,7 @@ impl<V: Vault> AuthLoop<V> {
     async fn check_current(&self, current: &HeldToken) {
         match self.client.lookup_self(&current.token.secret).await {
             Err(e) if e.is_permission_denied() => {
-                tracing::warn!(event = "token_refused", accessor = %current.token.accessor, "Vault no longer accepts the token; logging in again");
+                tracing::warn!(event = "token_refused", accessor = %ShortAccessor(&current.token.accessor), "Vault no longer accepts the token; logging in again");
                 self.replace_current(|t| HeldToken {
                     granted_at: now(),
                     ttl: Duration::ZERO,

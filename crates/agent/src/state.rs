@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::files::write_file;
-use vault::secret::{LeaseId, SecretData};
+use vault::secret::{LeaseId, SecretData, ShortAccessor};
 
 pub const VERSION: u32 = 1;
 const FILE: &str = "state.json";
@@ -37,7 +37,7 @@ pub struct TokenRecord {
 impl std::fmt::Debug for TokenRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenRecord")
-            .field("accessor", &self.accessor)
+            .field("accessor", &ShortAccessor(&self.accessor).to_string())
             .field("ttl", &self.ttl)
             .field("final_expiry", &self.final_expiry)
             .field("batch", &self.batch)

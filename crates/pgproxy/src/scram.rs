@@ -16,7 +16,15 @@ pub enum ScramError {
     Nonce,
     #[error("the server's signature does not match: not the server that knows the password")]
     Signature,
+    #[error("the server asks for {0} iterations, more than the {MAX_ITERATIONS} allowed (PostgreSQL uses 4096)")]
+    Iterations(u32),
 }
+
+/// The most PBKDF2 iterations a server may ask for. PostgreSQL uses 4,096
+/// (`scram_iterations`); a server asking for billions would hold a core
+/// for minutes per login. 100,000 costs some tens of milliseconds, on a
+/// blocking thread (`upstream::open`), never the runtime's.
+pub const MAX_ITERATIONS: u32 = 100_000;
 
 pub struct Scram {
     password: Vec<u8>,
@@ -48,6 +56,9 @@ impl Scram {
         let iterations: u32 = field("i=").and_then(|i| i.parse().ok()).ok_or(ScramError::Malformed)?;
         if !nonce.starts_with(&self.client_nonce) || nonce.len() == self.client_nonce.len() {
             return Err(ScramError::Nonce);
+        }
+        if iterations > MAX_ITERATIONS {
+            return Err(ScramError::Iterations(iterations));
         }
         let iterations = std::num::NonZeroU32::new(iterations).ok_or(ScramError::Malformed)?;
         let mut salted = [0u8; 32];
@@ -110,5 +121,16 @@ mod tests {
         let mut s = Scram::new("pw");
         assert_eq!(s.respond(b"r=someone-else,s=AAAA,i=4096"), Err(ScramError::Nonce));
         assert_eq!(s.respond(b"garbage"), Err(ScramError::Malformed));
+    }
+
+    #[test]
+    fn an_iteration_bomb_is_refused_before_any_work() {
+        let mut sc = Scram::new("pencil");
+        let nonce = format!("{}server", sc.client_nonce);
+        for (i, refused) in [(4096u32, false), (MAX_ITERATIONS, false), (MAX_ITERATIONS + 1, true), (u32::MAX, true)] {
+            let first = format!("r={nonce},s=QSXCR+Q6sek8bf92,i={i}");
+            let got = sc.respond(first.as_bytes());
+            assert_eq!(got.as_ref().err() == Some(&ScramError::Iterations(i)), refused, "{i}: {got:?}");
+        }
     }
 }

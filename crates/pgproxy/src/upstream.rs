@@ -97,6 +97,13 @@ pub async fn open(
                 let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                 let rest = &body[4..];
                 match code {
+                    // Before SASLFinal: the server never proved it knew the
+                    // password (anyone in the middle can say "ok").
+                    0 if scram.is_some() => {
+                        return Err(ProxyError::Refused(
+                            "SCRAM: the server said ok without proving it knows the password".into(),
+                        ));
+                    }
                     0 => return Ok(s),
                     3 => send(&mut s, b'p', &cstr(password)).await?,
                     5 if rest.len() == 4 => {
@@ -117,9 +124,20 @@ pub async fn open(
                         scram = Some(sc);
                     }
                     11 => {
-                        let sc = scram.as_mut().ok_or_else(|| ProxyError::Protocol("SASL continue first".into()))?;
-                        let reply = sc.respond(rest).map_err(|e| ProxyError::Refused(format!("SCRAM: {e}")))?;
+                        let mut sc = scram.take().ok_or_else(|| ProxyError::Protocol("SASL continue first".into()))?;
+                        let server_first = rest.to_vec();
+                        // PBKDF2 is the one CPU-heavy step of the agent: on a
+                        // blocking thread, so probes, renewals and signals
+                        // are served meanwhile.
+                        let (sc, reply) = tokio::task::spawn_blocking(move || {
+                            let reply = sc.respond(&server_first);
+                            (sc, reply)
+                        })
+                        .await
+                        .map_err(|_| ProxyError::Protocol("SCRAM: key derivation stopped".into()))?;
+                        let reply = reply.map_err(|e| ProxyError::Refused(format!("SCRAM: {e}")))?;
                         send(&mut s, b'p', &reply).await?;
+                        scram = Some(sc);
                     }
                     12 => {
                         let sc = scram.take().ok_or_else(|| ProxyError::Protocol("SASL final first".into()))?;

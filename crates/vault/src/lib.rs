@@ -288,11 +288,7 @@ impl VaultClient {
         let resp =
             sent.map_err(|e| VaultError::Transport { op, reason: transport_reason(&e), unsent: e.is_connect() })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| VaultError::Transport {
-            op,
-            reason: transport_reason(&e),
-            unsent: false,
-        })?;
+        let bytes = read_capped(op, resp).await?;
         if status == StatusCode::NO_CONTENT || (status.is_success() && bytes.is_empty()) {
             return Ok(Envelope::default());
         }
@@ -343,6 +339,30 @@ impl VaultClient {
     /// A raw write, for setup steps (the demo configures devvault with it).
     pub async fn write(&self, token: &SecretString, path: &str, body: &Value) -> Result<(), VaultError> {
         self.call("write", Method::POST, path, Some(token), Some(body)).await.map(|_| ())
+    }
+}
+
+/// The largest answer read from Vault. Vault's own are a few KiB (a PKI
+/// bundle with its chain stays well under 64 KiB); a bigger body is a
+/// misbehaving server or a man in the middle, and reading it whole would
+/// take the sidecar's memory with it.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// The body, read chunk by chunk and refused past `MAX_BODY` (a declared
+/// `Content-Length` over it is refused before anything is read).
+async fn read_capped(op: &'static str, mut resp: reqwest::Response) -> Result<Vec<u8>, VaultError> {
+    let too_big = || VaultError::Decode { op, reason: format!("the answer is larger than {} MiB", MAX_BODY >> 20) };
+    if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() > MAX_BODY => return Err(too_big()),
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(VaultError::Transport { op, reason: transport_reason(&e), unsent: false }),
+        }
     }
 }
 

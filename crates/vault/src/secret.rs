@@ -69,6 +69,18 @@ impl Drop for LeaseId {
     }
 }
 
+/// A token's accessor as logs and `/v1/status` show it: its first six
+/// characters. The full accessor lets a privileged token look the token up
+/// or revoke it, so it goes only to Vault and the state file.
+pub struct ShortAccessor<'a>(pub &'a str);
+
+impl fmt::Display for ShortAccessor<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let head: String = self.0.chars().take(6).collect();
+        if head.len() < self.0.len() { write!(f, "{head}…") } else { f.write_str(&head) }
+    }
+}
+
 /// The `data` object of a secret (usernames, passwords, keys). `Debug`
 /// lists the keys only; every string in it is zeroized on drop.
 #[derive(Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]

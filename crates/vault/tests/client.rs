@@ -20,10 +20,21 @@ enum Answer {
     Hangup,
     /// 503, as a Vault that failed after acting might.
     Unavailable,
+    /// 200 with a 300 MB body, chunked (no length said) or announced by
+    /// Content-Length; the bytes the server managed to send are counted.
+    Huge { announced: bool },
 }
+
+/// 300 MB, the size #23 measured taking the agent to gigabytes.
+const HUGE: usize = 300 << 20;
 
 /// A server that counts the requests it read, answering each with `answer`.
 async fn server(answer: Answer) -> (String, Arc<AtomicUsize>) {
+    server_counting(answer, Arc::new(AtomicUsize::new(0))).await
+}
+
+/// `server`, adding the body bytes it sent to `sent`.
+async fn server_counting(answer: Answer, sent: Arc<AtomicUsize>) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let count = Arc::new(AtomicUsize::new(0));
@@ -31,6 +42,7 @@ async fn server(answer: Answer) -> (String, Arc<AtomicUsize>) {
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let seen = seen.clone();
+            let sent = sent.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -61,6 +73,28 @@ async fn server(answer: Answer) -> (String, Arc<AtomicUsize>) {
                         body.len()
                     );
                     let _ = conn.write_all(reply.as_bytes()).await;
+                }
+                if let Answer::Huge { announced } = answer {
+                    let head = if announced {
+                        format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {HUGE}\r\n\r\n")
+                    } else {
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".into()
+                    };
+                    if conn.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let block = vec![b' '; 1 << 20];
+                    for _ in 0..HUGE >> 20 {
+                        let framed = if announced {
+                            block.clone()
+                        } else {
+                            [format!("{:x}\r\n", block.len()).as_bytes(), &block, b"\r\n"].concat()
+                        };
+                        if conn.write_all(&framed).await.is_err() {
+                            return;
+                        }
+                        sent.fetch_add(block.len(), Ordering::SeqCst);
+                    }
                 }
             });
         }
@@ -128,4 +162,19 @@ async fn an_issue_that_could_not_connect_is_retried() {
     let e = read.unwrap_err();
     assert!(e.is_unsent(), "{e}");
     assert_eq!(attempts.0.load(Ordering::SeqCst), 3, "the attempt and its 2 retries");
+}
+
+#[tokio::test]
+async fn an_answer_larger_than_the_cap_is_refused_without_reading_it() {
+    for announced in [false, true] {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (addr, _) = server_counting(Answer::Huge { announced }, sent.clone()).await;
+        let lease = LeaseId::new("database/creds/app/abcdefgh".into());
+        let e = client(addr).renew_lease(&token(), &lease, Duration::from_secs(60)).await.unwrap_err();
+        assert!(e.to_string().contains("larger than 4 MiB"), "{e}");
+        // The client stopped reading at the cap (plus what the sockets
+        // buffer): nowhere near the 300 MB offered, three times over.
+        let sent = sent.load(Ordering::SeqCst);
+        assert!(sent < 64 << 20, "announced {announced}: the server got {} MiB out", sent >> 20);
+    }
 }

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use vault::secret::LeaseId;
+use vault::secret::{LeaseId, ShortAccessor};
 
 use super::Telemetry;
 
@@ -158,7 +158,7 @@ impl Event for LoggedIn<'_> {
     fn emit(self, t: &Telemetry) {
         t.login(true);
         t.token(self.accessor, self.expires_at);
-        tracing::info!(event = "login", accessor = %self.accessor, ttl_secs = self.ttl.as_secs(), renewable = self.renewable, "logged in to Vault");
+        tracing::info!(event = "login", accessor = %ShortAccessor(self.accessor), ttl_secs = self.ttl.as_secs(), renewable = self.renewable, "logged in to Vault");
     }
 }
 
@@ -186,7 +186,7 @@ impl Event for TokenRenewed<'_> {
     fn emit(self, t: &Telemetry) {
         t.token_renewed(true);
         t.token(self.accessor, self.expires_at);
-        tracing::info!(event = "token_renewed", accessor = %self.accessor, ttl_secs = self.ttl.as_secs(), capped = self.capped, "renewed Vault token");
+        tracing::info!(event = "token_renewed", accessor = %ShortAccessor(self.accessor), ttl_secs = self.ttl.as_secs(), capped = self.capped, "renewed Vault token");
     }
 }
 
@@ -202,7 +202,7 @@ impl Event for TokenRenewFailed<'_> {
     fn emit(self, t: &Telemetry) {
         t.token_renewed(false);
         if self.refused {
-            tracing::warn!(event = "token_refused", accessor = %self.accessor, error = %self.error, "Vault refused the token; logging in again");
+            tracing::warn!(event = "token_refused", accessor = %ShortAccessor(self.accessor), error = %self.error, "Vault refused the token; logging in again");
         } else {
             tracing::warn!(event = "token_renew_failed", error = %self.error, "renewing the Vault token failed");
         }

@@ -21,7 +21,7 @@ pub use logging::init_demo_logging;
 pub use logging::init_logging;
 use metrics::{Metrics, secret, secret_result};
 use vault::RequestObserver;
-use vault::secret::LeaseId;
+use vault::secret::{LeaseId, ShortAccessor};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FileStatus {
@@ -301,7 +301,7 @@ impl Telemetry {
             "ready": !secrets.is_empty() && secrets.iter().all(|s| s.ready),
             "version": env!("CARGO_PKG_VERSION"),
             "token": {
-                "accessor": token.accessor,
+                "accessor": ShortAccessor(&token.accessor).to_string(),
                 "expires_at": token.expires_at.map(rfc3339),
             },
             "secrets": secrets,
