@@ -61,7 +61,9 @@ async fn hooks_fire_once_per_change() {
     let mut app = tokio::process::Command::new("sh").args(["-c", &app_script]).kill_on_drop(true).spawn().unwrap();
     assert!(eventually(5, async || d.join("app.pid").exists()).await);
     let (url, hits) = counting_server().await;
-    let exec_cmd = format!("echo run >> {}/execs", d.display());
+    // The hook's environment is an allowlist: cargo's CARGO_PKG_NAME, which
+    // the agent inherited from this test, must not reach it; PATH must.
+    let exec_cmd = format!("echo run pkg=[$CARGO_PKG_NAME] path=[$PATH] >> {}/execs", d.display());
     let path = config(&env, "u={{ username }}", &url, &exec_cmd);
     let mut agent = env.spawn(&path).await;
 
@@ -86,6 +88,9 @@ async fn hooks_fire_once_per_change() {
     // The http hook counts as fired when its request arrives; the agent logs
     // it once the answer is in.
     assert!(eventually(5, async || agent.events("notified").len() == 6).await, "{}", agent.output());
+
+    let execs = std::fs::read_to_string(d.join("execs")).unwrap();
+    assert!(execs.lines().all(|l| l.contains("pkg=[]") && !l.contains("path=[]")), "{execs}");
 
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());

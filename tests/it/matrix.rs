@@ -319,6 +319,13 @@ async fn vault_down_past_the_lease_end() {
     // The lease ends unrenewed: not ready, the file kept as it was.
     assert!(eventually(15, async || ready(&agent).await == 503).await, "readiness drops:\n{}", agent.output());
     assert_eq!(std::fs::read(env.secrets().join("db.json")).unwrap(), before, "files kept while Vault is down");
+    // Said at ERROR when it happens, once, and counted (#21: only /readyz told).
+    assert!(eventually(5, async || agent.events("lease_expired").len() == 1).await, "{}", agent.output());
+    let dead = &agent.events("lease_expired")[0];
+    assert_eq!(dead["level"], "ERROR", "{dead}");
+    assert!(dead["dead_for_ms"].as_u64().is_some_and(|ms| ms < 1_000), "reported at the end, not later: {dead}");
+    let metrics = scrape(&agent).await;
+    assert!(metrics.contains("leasehold_credentials_expired_total{secret=\"db\"} 1"), "{metrics}");
     relay.up().await;
     assert!(env.rotated_from(&first, 20).await, "recovery re-issues:\n{}", agent.output());
     assert!(eventually(10, async || ready(&agent).await == 200).await);

@@ -67,7 +67,9 @@ async fn a_static_role_is_reread_right_after_each_rotation_not_polled() {
     assert!(reads.len() <= 4 * passwords.len(), "read {} times for {} passwords", reads.len(), passwords.len());
     for pair in reads.windows(2) {
         let gap = crate::support::secs_between(pair[0].time, pair[1].time);
-        assert!(gap >= 0.9, "two reads {gap:.2} s apart: {:?}", reads.iter().map(|r| r.time).collect::<Vec<_>>());
+        // 1–2 s after the last read, which the 128 ms grid (`schedule::SLACK`)
+        // may bring forward: 0.87 s at the least (0.89 s was seen once).
+        assert!(gap >= 0.85, "two reads {gap:.2} s apart: {:?}", reads.iter().map(|r| r.time).collect::<Vec<_>>());
     }
     // Files are rewritten only when the password changed.
     let written = agent.events("rendered").iter().filter(|e| e["secret"] == "static" && e["changed"] == 1).count();

@@ -17,6 +17,13 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 const HTTP_ATTEMPTS: usize = 3;
 /// How much of a hook's output reaches the log.
 const OUTPUT_LIMIT: usize = 2048;
+/// Bytes of an exec hook's stdout and of its stderr kept; the rest is read
+/// and dropped (a chatty hook cannot take the agent's memory).
+const READ_LIMIT: usize = 4 * OUTPUT_LIMIT;
+/// What an exec hook's environment keeps of the agent's: never the config
+/// (`LEASEHOLD_CONFIG` may hold a CA or a Vault address to abuse) or
+/// anything else the pod gave the agent.
+const ENV_ALLOWLIST: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "HOSTNAME"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -48,8 +55,8 @@ fn signal(pid_file: &std::path::Path, sig: Signal) -> Result<(), HookError> {
     let fail = |m: String| HookError::Signal(m);
     let text = std::fs::read_to_string(pid_file).map_err(|e| fail(format!("reading {}: {e}", pid_file.display())))?;
     let pid: i32 = text.trim().parse().map_err(|_| fail(format!("{} does not hold a pid", pid_file.display())))?;
-    if pid <= 1 {
-        return Err(fail(format!("refusing to signal pid {pid}")));
+    if pid <= 1 || pid as u32 == std::process::id() {
+        return Err(fail(format!("refusing to signal pid {pid} (init or the agent itself)")));
     }
     kill(Pid::from_raw(pid), sig).map_err(|e| fail(format!("kill {pid} {sig}: {e}")))
 }
@@ -57,29 +64,57 @@ fn signal(pid_file: &std::path::Path, sig: Signal) -> Result<(), HookError> {
 async fn exec(secret: &str, argv: &[String], data: &SecretData) -> Result<(), HookError> {
     let fail = |m: String| HookError::Exec(m);
     let (program, args) = argv.split_first().ok_or_else(|| fail("empty argv".into()))?;
-    let child = tokio::process::Command::new(program)
-        .args(args)
+    let mut command = tokio::process::Command::new(program);
+    command.args(args).env_clear();
+    for (key, value) in std::env::vars_os().filter(|(k, _)| ENV_ALLOWLIST.iter().any(|a| k == *a)) {
+        command.env(key, value);
+    }
+    let mut child = command
         .env("LEASEHOLD_SECRET", secret)
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(EXEC_TIMEOUT, child)
-        .await
-        .map_err(|_| fail(format!("{program} did not finish within {EXEC_TIMEOUT:?}")))?
+        .spawn()
         .map_err(|e| fail(format!("starting {program}: {e}")))?;
-    let output =
-        scrub(&format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)), data);
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let run = async {
+        let (out, err) = tokio::join!(read_capped(stdout), read_capped(stderr));
+        (child.wait().await, out, err)
+    };
+    let (status, out, err) = tokio::time::timeout(EXEC_TIMEOUT, run)
+        .await
+        .map_err(|_| fail(format!("{program} did not finish within {EXEC_TIMEOUT:?}")))?;
+    let status = status.map_err(|e| fail(format!("waiting for {program}: {e}")))?;
+    let output = scrub(&format!("{}{}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err)), data);
     if !output.trim().is_empty() {
         tracing::info!(event = "hook_output", secret, output = %output.trim(), "exec hook output");
     }
-    if out.status.success() { Ok(()) } else { Err(fail(format!("{program} exited with {}", out.status))) }
+    if status.success() { Ok(()) } else { Err(fail(format!("{program} exited with {status}"))) }
+}
+
+/// Up to `READ_LIMIT` bytes of `pipe`; the rest is read and dropped, so the
+/// child never blocks on a full pipe.
+async fn read_capped(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let Some(mut pipe) = pipe else { return Vec::new() };
+    let mut kept = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = pipe.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        let room = READ_LIMIT.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..n.min(room)]);
+    }
+    kept
 }
 
 async fn call(url: &str, method: &reqwest::Method) -> Result<(), HookError> {
     let fail = |m: String| HookError::Http(m);
-    let client = vault::without_unused_roots(reqwest::Client::builder().timeout(HTTP_TIMEOUT), url)
-        .build()
-        .map_err(|e| fail(e.to_string()))?;
+    // No redirects: the hook goes to the URL configured, nowhere else.
+    let builder = reqwest::Client::builder().timeout(HTTP_TIMEOUT).redirect(reqwest::redirect::Policy::none());
+    let client = vault::without_unused_roots(builder, url).build().map_err(|e| fail(e.to_string()))?;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     let mut last = String::new();
     for attempt in 0..HTTP_ATTEMPTS {

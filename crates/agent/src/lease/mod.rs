@@ -22,8 +22,8 @@ use crate::render::{Context, Templates};
 use crate::state::{LeaseRecord, SecretRecord, StateStore, secs, time, unix};
 use crate::telemetry::Telemetry;
 use crate::telemetry::events::{
-    Event as _, HookRan, IssueFailed, LeaseGone, RenderFailed, Rendered as RenderedEvent, RenewFailed, Renewed,
-    RevokeFailed, Revoked,
+    Event as _, HookRan, IssueFailed, LeaseExpired, LeaseGone, RenderFailed, Rendered as RenderedEvent, RenewFailed,
+    Renewed, RevokeFailed, Revoked,
 };
 use config::{Method, ReplacedConnections, SecretConfig};
 use schedule::{Action, Bound, LeaseTimes, Policy, RetiredAction, RetiredLease};
@@ -200,11 +200,28 @@ impl<V: Vault> Supervisor<V> {
         let mut auth_open = true;
         let mut spec_open = true;
         let mut warned_token_bound = false;
+        // The end of the credentials in hand, until it has been reported
+        // passed (`LeaseExpired`, once per set of credentials).
+        let mut watched_end: Option<SystemTime> = None;
         loop {
+            let end = held.as_ref().and_then(Held::expires_at);
+            if let (Some(end), Some(h)) = (end, &held)
+                && watched_end != Some(end)
+                && now() >= end
+            {
+                watched_end = Some(end);
+                let dead_for = now().duration_since(end).unwrap_or_default();
+                let since_grant = now().duration_since(h.times.granted_at).unwrap_or_default();
+                LeaseExpired { secret: &name, lease: &h.secret.lease_id, dead_for, since_grant }.emit(&self.telemetry);
+            }
             let (step, due) = self.next_step(held.as_ref(), retry_at, renew_retry);
             let due = schedule::coalesce(due, phase());
             let retired_due = retired.iter().map(|r| self.retired_step(r, now()).1).min();
-            let wake = retired_due.map_or(due, |r| r.min(due));
+            let mut wake = retired_due.map_or(due, |r| r.min(due));
+            // Wake at the end itself, to say the credentials died then.
+            if let Some(end) = end.filter(|e| watched_end != Some(*e) && *e > now()) {
+                wake = wake.min(end);
+            }
             let feed = self.spec.borrow().proxy.clone();
             let replaced_closed = async {
                 match &feed {
@@ -267,9 +284,13 @@ impl<V: Vault> Supervisor<V> {
                     retry_at = None;
                     renew_retry = None;
                 }
-                // The schedule weighs a renewal retry against replacing the lease.
-                (Err(_), Step::Renew) => renew_retry = Some(now() + backoff.next_delay()),
-                (Err(delay), _) => retry_at = Some(now() + delay.unwrap_or_else(|| backoff.next_delay())),
+                // The schedule weighs a renewal retry against replacing the
+                // lease; every retry is bounded by the life left in hand.
+                (Err(_), Step::Renew) => renew_retry = Some(now() + self.retry_delay(&mut backoff, held.as_ref())),
+                (Err(delay), _) => {
+                    let delay = delay.unwrap_or_else(|| self.retry_delay(&mut backoff, held.as_ref()));
+                    retry_at = Some(now() + delay);
+                }
             }
         }
         let mut live: Vec<LiveLease> = retired.into_iter().map(|r| r.held.live(&name)).collect();
@@ -277,6 +298,13 @@ impl<V: Vault> Supervisor<V> {
             live.push(h.live(&name));
         }
         live
+    }
+
+    /// The backoff's next delay, bounded by what the credentials in hand
+    /// have left (`schedule::retry_delay`).
+    fn retry_delay(&self, backoff: &mut Backoff, held: Option<&Held>) -> Duration {
+        let end = held.and_then(|h| if h.has_lease() { Some(h.times.safe_end()) } else { h.expires_at() });
+        schedule::retry_delay(backoff.next_delay(), now(), end, rand::random())
     }
 
     fn persist(&self, held: &Option<Held>, retired: &[Retired]) {

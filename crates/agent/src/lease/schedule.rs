@@ -145,6 +145,24 @@ fn plan(
     Next { action: Action::Renew, at: renew_at }
 }
 
+/// How long to wait before retrying a failed renewal or issue, given the
+/// backoff's draw and when the credentials in hand end (`None`: none in
+/// hand yet, the first issue). A retry never waits more than a quarter of
+/// what the credentials have left (as the token path does), so a short
+/// Vault outage cannot outlast them by a backoff step; once they are dead,
+/// retries come every 1–2 s (`sample` in [0, 1) spreads a fleet) until
+/// Vault answers. A failed `database/creds` read creates nothing.
+pub fn retry_delay(backoff: Duration, now: SystemTime, creds_end: Option<SystemTime>, sample: f64) -> Duration {
+    match creds_end.map(|end| end.duration_since(now).unwrap_or_default()) {
+        None => backoff,
+        Some(left) if left.is_zero() => DEAD_RETRY + DEAD_RETRY.mul_f64(sample.clamp(0.0, 1.0)),
+        Some(left) => backoff.min(left / 4 + Duration::from_millis(100)),
+    }
+}
+
+/// The retry period once credentials are dead (1–2 s with jitter).
+pub const DEAD_RETRY: Duration = Duration::from_secs(1);
+
 /// When to re-read a secret without a lease. One that says when it ends
 /// (`data.expiration`, e.g. an unleased PKI certificate) is re-read at
 /// `renew_at` of its validity, never sooner: every read of `pki/issue` mints
@@ -512,6 +530,20 @@ mod tests {
         assert_eq!(n.action, Action::Renew);
         assert_eq!(n.at, lease.safe_end());
         assert!(n.at < t(14.0), "the lease may really end at 14 s: {:?}", n.at);
+    }
+
+    #[test]
+    fn retries_wait_at_most_a_quarter_of_the_life_left() {
+        // #21: a 30 s backoff step while the lease had 3 s left kept its
+        // credentials dead long after Vault answered again.
+        let backoff = s(30.0);
+        assert_eq!(retry_delay(backoff, t(0.0), None, 0.5), backoff, "nothing in hand: the backoff");
+        assert_eq!(retry_delay(backoff, t(0.0), Some(t(3.0)), 0.5), s(0.85));
+        assert_eq!(retry_delay(s(0.5), t(0.0), Some(t(300.0)), 0.5), s(0.5), "a short step stays");
+        for sample in [0.0, 0.5, 0.999] {
+            let dead = retry_delay(backoff, t(10.0), Some(t(3.0)), sample);
+            assert!(dead >= s(1.0) && dead < s(2.0), "dead credentials: every 1-2 s, not {dead:?}");
+        }
     }
 
     #[test]

@@ -253,3 +253,22 @@ impl Event for HookRan<'_> {
         }
     }
 }
+
+/// The credentials in hand passed their end with nothing to replace them:
+/// the app's logins fail from now on. Once per set of credentials.
+pub struct LeaseExpired<'a> {
+    pub secret: &'a str,
+    pub lease: &'a LeaseId,
+    /// How long ago the end passed (the supervisor wakes at it; more when it
+    /// was busy in a Vault call then).
+    pub dead_for: Duration,
+    /// Since the last successful grant (issue or renewal).
+    pub since_grant: Duration,
+}
+
+impl Event for LeaseExpired<'_> {
+    fn emit(self, t: &Telemetry) {
+        t.expired(self.secret);
+        tracing::error!(event = "lease_expired", secret = %self.secret, lease = %self.lease, dead_for_ms = self.dead_for.as_millis() as u64, since_grant_secs = self.since_grant.as_secs(), "the credentials expired with nothing to replace them: the application's logins fail until Vault answers");
+    }
+}

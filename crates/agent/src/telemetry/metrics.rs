@@ -78,6 +78,7 @@ pub struct Metrics {
     pub vault_duration: DurationFamily,
     pub ready: Family<SecretLabel, Gauge>,
     pub consecutive_failures: Family<SecretLabel, Gauge>,
+    pub expired: Family<SecretLabel, Counter>,
     pub notifications: Family<HookLabels, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
     pub build_info: Family<BuildLabels, Gauge>,
@@ -101,6 +102,7 @@ impl Metrics {
             vault_duration: DurationFamily::new_with_constructor(duration_histogram),
             ready: Family::default(),
             consecutive_failures: Family::default(),
+            expired: Family::default(),
             notifications: Family::default(),
             reloads: Family::default(),
             build_info: Family::default(),
@@ -139,6 +141,11 @@ impl Metrics {
             "secret_consecutive_failures",
             "Failed attempts to issue or renew since the last success",
             m.consecutive_failures.clone(),
+        );
+        r.register(
+            "credentials_expired",
+            "Times a secret's credentials reached their end with nothing to replace them",
+            m.expired.clone(),
         );
         r.register("notifications", "on_change hook runs by hook and result", m.notifications.clone());
         r.register("config_reloads", "Configuration reloads by result (success, rejected)", m.reloads.clone());

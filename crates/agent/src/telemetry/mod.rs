@@ -235,6 +235,11 @@ impl Telemetry {
     }
 
     // Through `events` only: the log line goes with it.
+    fn expired(&self, name: &str) {
+        self.metrics.expired.get_or_create(&secret(name)).inc();
+    }
+
+    // Through `events` only: the log line goes with it.
     fn render_failed(&self, name: &str, error: &str) {
         self.update(name, |s| s.last_error = Some(format!("render: {error}")));
     }
