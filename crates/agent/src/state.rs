@@ -112,6 +112,20 @@ impl StateStore {
     pub fn open(dir: &Path) -> Result<(StateStore, Option<String>), StateError> {
         let fail = |reason: String| StateError::Dir { dir: dir.to_path_buf(), reason };
         fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        // The state holds tokens and passwords: only a real directory of the
+        // agent's own. A symlink could lead the writes anywhere; someone
+        // else's directory could be read or swapped under the agent.
+        let meta = fs::symlink_metadata(dir).map_err(|e| fail(e.to_string()))?;
+        if meta.file_type().is_symlink() {
+            return Err(fail("is a symlink; give the directory itself".into()));
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if std::os::unix::fs::MetadataExt::uid(&meta) != me {
+            return Err(fail(format!(
+                "is owned by uid {}, not by the agent (uid {me})",
+                std::os::unix::fs::MetadataExt::uid(&meta)
+            )));
+        }
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| fail(e.to_string()))?;
         let path = dir.join(FILE);
         let (state, warning) = match fs::read(&path) {
@@ -241,5 +255,23 @@ mod tests {
         fs::write(dir.path().join(FILE), br#"{"version": 99, "tokens": [], "secrets": {}}"#).unwrap();
         let (_, warning) = StateStore::open(dir.path()).unwrap();
         assert!(warning.unwrap().contains("version 99"));
+    }
+
+    #[test]
+    fn a_symlinked_or_foreign_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = StateStore::open(&link).err().expect("a symlink is refused");
+        assert!(e.to_string().contains("is a symlink"), "{e}");
+        assert!(StateStore::open(&real).is_ok());
+        // Someone else's directory (CI runs as root, which can make one).
+        let foreign = dir.path().join("foreign");
+        fs::create_dir(&foreign).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(4242), None).expect("chown needs root, as scripts/test runs");
+        let e = StateStore::open(&foreign).err().expect("a foreign directory is refused");
+        assert!(e.to_string().contains("owned by uid 4242"), "{e}");
     }
 }

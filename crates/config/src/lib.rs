@@ -551,6 +551,20 @@ impl Config {
             }
             s.validate(i, &mut paths)?;
         }
+        // The state file holds tokens and passwords: never where the app
+        // reads its credentials (that volume is shared with it).
+        if let Some(dir) = &self.state_dir
+            && let Some(f) = paths.iter().find(|p| p.parent() == Some(dir.as_path()))
+        {
+            return Err((
+                "state_dir".into(),
+                format!(
+                    "{} is also where {} is written: the app would see the agent's tokens",
+                    dir.display(),
+                    f.display()
+                ),
+            ));
+        }
         let fail = |key: &str, msg: &str| Err((key.to_string(), msg.to_string()));
         if self.startup_timeout.is_zero() {
             return fail("startup_timeout", "must be greater than 0");
@@ -852,6 +866,18 @@ secrets:
         assert_eq!(e.key, "secrets[1].name");
         assert!(e.message.contains("duplicate"));
         assert_eq!(e.file, "leasehold.yaml");
+    }
+
+    #[test]
+    fn the_state_dir_is_never_a_credentials_directory() {
+        let yaml = |state: &str| {
+            format!(
+                "vault:\n  address: http://v:8200\nauth:\n  kubernetes:\n    role: r\nstate_dir: {state}\nsecrets:\n  - name: db\n    path: database/creds/r\n    files:\n      - path: /vault/secrets/db.json\n        format: json\n"
+            )
+        };
+        let e = Config::parse(&yaml("/vault/secrets"), Path::new("c.yaml"), &|_| None).unwrap_err();
+        assert_eq!(e.key, "state_dir", "{e}");
+        assert!(Config::parse(&yaml("/var/run/leasehold"), Path::new("c.yaml"), &|_| None).is_ok());
     }
 
     #[test]
