@@ -430,3 +430,62 @@ async fn a_hostile_upstream_can_neither_freeze_the_agent_nor_skip_the_proof() {
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }
+
+/// #23: 200 silent connections once held the proxy's tasks forever, and out
+/// of descriptors its accept loop spun, logging 264 MB in 20 s. Now a
+/// silent client is closed after `startup_timeout`, and failing accepts back
+/// off and are logged once a while; a legitimate client is served after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_are_closed_and_failing_accepts_back_off() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let port = free_port();
+    let upstream = format!("127.0.0.1:{}", env.pg.port);
+    let secret = proxied("db", &env, port, &upstream, "disable") + "      startup_timeout: 1s\n";
+    let mut agent = env.spawn(&env.config_with_secrets(&secret)).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    query(port).await.expect("served before");
+
+    // 100 clients that never say a word: each closed (08P01) after 1 s.
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    let started = Instant::now();
+    for mut s in silent {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await.expect("closed").unwrap();
+        assert_eq!(answer.first(), Some(&b'E'), "an ErrorResponse first");
+        assert!(String::from_utf8_lossy(&answer).contains("no startup packet within 1s"));
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "all closed within {:?}", started.elapsed());
+
+    // Out of descriptors: the agent's limit set to what it holds now plus 4.
+    let pid = agent.child.id().unwrap();
+    let held = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    // The soft limit only: lowering the hard one could not be undone here.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft: usize = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .expect("the agent's open-files limit");
+    let limit = |n: usize| {
+        let arg = format!("--nofile={n}:");
+        let out = std::process::Command::new("prlimit").args(["--pid", &pid.to_string(), &arg]).output();
+        assert!(out.as_ref().is_ok_and(|o| o.status.success()), "prlimit (util-linux, run as root): {out:?}");
+    };
+    limit(held + 4);
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.extend(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok());
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let warnings = agent.events("proxy_accept_failed");
+    assert!(!warnings.is_empty() && warnings.len() <= 2, "{} accept warnings in 3 s", warnings.len());
+    drop(flood);
+    limit(soft);
+    assert!(eventually(10, async || query(port).await.is_ok()).await, "served after:\n{}", agent.output());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}

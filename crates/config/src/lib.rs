@@ -195,6 +195,14 @@ pub struct ProxyConfig {
     /// (`{{ proxy.password }}` in templates).
     #[serde(default)]
     pub local_password: bool,
+    /// How long a client has to send its startup packet (and the local
+    /// password): a connection that says nothing is closed then.
+    #[serde(default = "d_proxy_startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+}
+
+fn d_proxy_startup_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

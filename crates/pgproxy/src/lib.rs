@@ -53,6 +53,8 @@ pub enum ProxyError {
     LocalPassword,
     #[error("no credentials yet")]
     NoCredentials,
+    #[error("no startup packet within {0:?} (proxy.startup_timeout)")]
+    StartupTimeout(std::time::Duration),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -219,13 +221,22 @@ pub async fn serve(
             return;
         }
     };
+    let mut accept_errors = AcceptErrors::default();
     loop {
         let client = tokio::select! {
             c = listener.accept() => match c {
-                Ok(c) => c,
+                Ok(c) => {
+                    accept_errors.ok();
+                    c
+                }
                 Err(e) => {
-                    tracing::warn!(event = "proxy_accept_failed", secret = %secret, error = %e, "accepting a connection failed");
-                    continue;
+                    // Out of descriptors (EMFILE) the same error comes back at
+                    // once, forever: back off, and say it once a while.
+                    let pause = accept_errors.failed(&secret, &e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = stop.cancelled() => return,
+                    }
                 }
             },
             _ = stop.cancelled() => return,
@@ -238,6 +249,37 @@ pub async fn serve(
                 tracing::warn!(event = "proxy_connection_failed", secret = %secret, error = %e, "a proxied connection failed");
             }
         });
+    }
+}
+
+/// Failed accepts in a row: the pause before the next (10 ms doubling to
+/// 1 s) and a warning at most every 10 s, with how many it stands for.
+#[derive(Default)]
+struct AcceptErrors {
+    in_a_row: u32,
+    unlogged: u64,
+    logged_at: Option<tokio::time::Instant>,
+}
+
+impl AcceptErrors {
+    fn ok(&mut self) {
+        self.in_a_row = 0;
+    }
+
+    fn failed(&mut self, secret: &str, e: &std::io::Error) -> std::time::Duration {
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        self.unlogged += 1;
+        // Not the agent's clock: a pause and a log throttle, no deadline.
+        #[allow(clippy::disallowed_methods)]
+        let now = tokio::time::Instant::now();
+        if self.logged_at.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(10)) {
+            tracing::warn!(event = "proxy_accept_failed", secret = %secret, error = %e, failures = self.unlogged, "accepting connections fails (out of descriptors?); backing off");
+            self.unlogged = 0;
+            self.logged_at = Some(now);
+        }
+        std::time::Duration::from_millis(10)
+            .saturating_mul(1 << self.in_a_row.min(7))
+            .min(std::time::Duration::from_secs(1))
     }
 }
 
@@ -272,7 +314,16 @@ async fn connection(
     feed: &Feed,
     stop: CancellationToken,
 ) -> Result<(), ProxyError> {
-    let startup = match wire::read_startup(&mut client).await {
+    // A client that says nothing holds a task and a descriptor: only for
+    // `startup_timeout`, the local password included.
+    let deadline = tokio::time::sleep(cfg.startup_timeout);
+    tokio::pin!(deadline);
+    let timed_out = || ProxyError::StartupTimeout(cfg.startup_timeout);
+    let startup = tokio::select! {
+        s = wire::read_startup(&mut client) => s,
+        _ = &mut deadline => Err(timed_out()),
+    };
+    let startup = match startup {
         Ok(s) => s,
         Err(e) => {
             refuse(&mut client, "08P01", &e).await;
@@ -283,9 +334,16 @@ async fn connection(
         wire::Startup::Cancel(packet) => return upstream::cancel(cfg, tls, &packet).await,
         wire::Startup::Session(params) => params,
     };
-    if let Some(want) = feed.local_password()
-        && let Err(e) = wire::check_password(&mut client, want).await
-    {
+    let password = async {
+        match feed.local_password() {
+            Some(want) => tokio::select! {
+                r = wire::check_password(&mut client, want) => r,
+                _ = &mut deadline => Err(timed_out()),
+            },
+            None => Ok(()),
+        }
+    };
+    if let Err(e) = password.await {
         let code = if matches!(e, ProxyError::LocalPassword) { "28P01" } else { "08P01" };
         refuse(&mut client, code, &e).await;
         return Err(e);
