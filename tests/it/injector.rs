@@ -441,3 +441,80 @@ fn injector_defaults() -> injector::plan::Defaults {
         telemetry_port: 9102,
     }
 }
+
+/// The soft open-files limit of `pid` (from /proc), and a setter for it
+/// (`prlimit`, util-linux; the hard limit is left alone).
+fn nofile(pid: u32) -> (usize, impl Fn(usize)) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .expect("the process's open-files limit");
+    let set = move |n: usize| {
+        let arg = format!("--nofile={n}:");
+        let out = std::process::Command::new("prlimit").args(["--pid", &pid.to_string(), &arg]).output();
+        assert!(out.as_ref().is_ok_and(|o| o.status.success()), "prlimit (util-linux, run as root): {out:?}");
+    };
+    (soft, set)
+}
+
+/// #23: after the TLS handshake nothing bounded a connection, and out of
+/// descriptors the accept loop spun. Now a request's headers must arrive
+/// within 10 s, connections beyond the cap are closed at once, failing
+/// accepts back off; probes and reviews are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_or_a_descriptor_flood_cannot_stall_the_injector() {
+    let tls = DevTls::generate().unwrap();
+    let inj = start_injector(&tls, &[]).await;
+    let port: u16 = inj.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let c = client(&tls.ca_pem);
+    let healthz = async || {
+        let probe = c.get(format!("https://localhost:{port}/healthz")).timeout(Duration::from_secs(1));
+        probe.send().await.map(|r| r.status().as_u16()).ok()
+    };
+
+    // 300 connections that never finish their TLS handshake, and one that
+    // finishes it and sends half a request's headers.
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        slow.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(tls.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut half = connector.connect(name, tcp).await.expect("TLS");
+    tokio::io::AsyncWriteExt::write_all(&mut half, b"POST /mutate HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+    let sent = std::time::Instant::now();
+    assert_eq!(healthz().await, Some(200), "/healthz under a slowloris");
+    let review = fixture("plain");
+    assert_eq!(admit(&c, &inj, &review).await["allowed"], true, "a review served under a slowloris");
+    // The half-sent request is dropped once the header timeout passes.
+    let mut rest = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut half, &mut rest);
+    let closed = tokio::time::timeout(Duration::from_secs(15), read).await;
+    assert!(closed.is_ok(), "a request's headers must come within 10 s: still open after {:?}", sent.elapsed());
+    assert!(sent.elapsed() >= Duration::from_secs(9), "closed by the header timeout, not before: {:?}", sent.elapsed());
+    drop(slow);
+
+    // Out of descriptors: the soft limit set to what it holds now plus 4.
+    let pid = inj.agent.child.id().unwrap();
+    let (soft, set) = nofile(pid);
+    set(crate::proxy::settled_fds(pid).await + 4);
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.extend(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok());
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let warnings = inj.agent.events("accept_failed");
+    assert!(!warnings.is_empty() && warnings.len() <= 2, "{} accept warnings in 3 s", warnings.len());
+    drop(flood);
+    set(soft);
+    assert!(eventually(10, async || healthz().await == Some(200)).await, "served after:\n{}", inj.agent.output());
+}

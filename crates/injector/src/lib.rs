@@ -102,6 +102,13 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
 
 /// Serves HTTPS on `listener` until `stop`; each connection in its own
 /// task, so a slow client delays nobody else.
+/// Connections served at once (the rest are closed at accept).
+pub const MAX_CONNECTIONS: usize = 512;
+/// For the TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// For a request's headers, the first and each kept-alive one after.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: rustls::ServerConfig,
@@ -109,21 +116,37 @@ pub async fn serve(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let mut accept_errors = listen::AcceptErrors::default();
+    // The API server keeps a few connections open; anything near this is
+    // someone else's flood. Over the cap a connection is closed at once,
+    // never waited for: the others keep being served.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(a) => a,
+                Ok(a) => {
+                    accept_errors.ok();
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(event = "accept_failed", error = %e, "accepting a connection failed");
-                    continue;
+                    let pause = accept_errors.failed("accept_failed", "injector", &e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = stop.cancelled() => return,
+                    }
                 }
             },
             _ = stop.cancelled() => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(event = "connection_refused", peer = %peer, "over the connection cap");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await;
+            let _slot = slot;
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
             let tls = match handshake {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -132,7 +155,12 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service);
+            // A request's headers must arrive within HEADER_TIMEOUT (also
+            // between requests of a kept-alive connection).
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), service);
             if let Err(e) = conn.await {
                 tracing::debug!(event = "connection_failed", peer = %peer, error = %e, "connection ended with an error");
             }

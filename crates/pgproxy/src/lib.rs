@@ -221,7 +221,7 @@ pub async fn serve(
             return;
         }
     };
-    let mut accept_errors = AcceptErrors::default();
+    let mut accept_errors = listen::AcceptErrors::default();
     loop {
         let client = tokio::select! {
             c = listener.accept() => match c {
@@ -232,7 +232,7 @@ pub async fn serve(
                 Err(e) => {
                     // Out of descriptors (EMFILE) the same error comes back at
                     // once, forever: back off, and say it once a while.
-                    let pause = accept_errors.failed(&secret, &e);
+                    let pause = accept_errors.failed("proxy_accept_failed", &secret, &e);
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => continue,
                         _ = stop.cancelled() => return,
@@ -249,37 +249,6 @@ pub async fn serve(
                 tracing::warn!(event = "proxy_connection_failed", secret = %secret, error = %e, "a proxied connection failed");
             }
         });
-    }
-}
-
-/// Failed accepts in a row: the pause before the next (10 ms doubling to
-/// 1 s) and a warning at most every 10 s, with how many it stands for.
-#[derive(Default)]
-struct AcceptErrors {
-    in_a_row: u32,
-    unlogged: u64,
-    logged_at: Option<tokio::time::Instant>,
-}
-
-impl AcceptErrors {
-    fn ok(&mut self) {
-        self.in_a_row = 0;
-    }
-
-    fn failed(&mut self, secret: &str, e: &std::io::Error) -> std::time::Duration {
-        self.in_a_row = self.in_a_row.saturating_add(1);
-        self.unlogged += 1;
-        // Not the agent's clock: a pause and a log throttle, no deadline.
-        #[allow(clippy::disallowed_methods)]
-        let now = tokio::time::Instant::now();
-        if self.logged_at.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(10)) {
-            tracing::warn!(event = "proxy_accept_failed", secret = %secret, error = %e, failures = self.unlogged, "accepting connections fails (out of descriptors?); backing off");
-            self.unlogged = 0;
-            self.logged_at = Some(now);
-        }
-        std::time::Duration::from_millis(10)
-            .saturating_mul(1 << self.in_a_row.min(7))
-            .min(std::time::Duration::from_secs(1))
     }
 }
 

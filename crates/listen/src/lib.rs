@@ -1,0 +1,62 @@
+//! Bounded listeners, shared by every server of the process (the proxy,
+//! the injector, telemetry): what to do when accepting fails. Out of
+//! descriptors (EMFILE) `accept` fails at once, forever: a loop that just
+//! retries spins a core and floods the log (264 MB in 20 s, once).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Failed accepts in a row: the pause before the next (10 ms doubling to
+/// 1 s) and a warning at most every 10 s, with how many it stands for.
+#[derive(Default)]
+pub struct AcceptErrors {
+    in_a_row: u32,
+    unlogged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl AcceptErrors {
+    /// An accept succeeded.
+    pub fn ok(&mut self) {
+        self.in_a_row = 0;
+    }
+
+    /// An accept failed: logs `event` (for `listener`) if it is time to,
+    /// and returns how long to pause before accepting again.
+    pub fn failed(&mut self, event: &'static str, listener: &str, e: &std::io::Error) -> Duration {
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        self.unlogged += 1;
+        // A pause and a log throttle, no deadline: tokio's clock directly.
+        #[allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        if self.logged_at.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+            tracing::warn!(event, listener, error = %e, failures = self.unlogged, "accepting connections fails (out of descriptors?); backing off");
+            self.unlogged = 0;
+            self.logged_at = Some(now);
+        }
+        pause(self.in_a_row)
+    }
+}
+
+/// At most one warning this often.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The pause after `in_a_row` failures: 10 ms doubling, at most 1 s.
+fn pause(in_a_row: u32) -> Duration {
+    Duration::from_millis(10).saturating_mul(1 << in_a_row.clamp(1, 8).saturating_sub(1)).min(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_double_from_10_ms_to_1_s() {
+        assert_eq!(pause(1), Duration::from_millis(10));
+        assert_eq!(pause(2), Duration::from_millis(20));
+        assert_eq!(pause(7), Duration::from_millis(640));
+        assert_eq!(pause(8), Duration::from_secs(1));
+        assert_eq!(pause(1000), Duration::from_secs(1));
+    }
+}
