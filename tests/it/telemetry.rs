@@ -208,3 +208,45 @@ async fn no_secret_reaches_logs_metrics_or_status() {
         assert!(!scraped.contains(secret.as_str()), "telemetry leaks a secret of {} chars", secret.len());
     }
 }
+
+/// The agent's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// #23: every slow connection to telemetry cost ~18 KB with no cap (the
+/// chart's 32 Mi limit: an OOM kill at ~1,400). Now at most 128 are open;
+/// at the cap the oldest one that has sent no request is closed, so the
+/// probes, which send theirs at once, are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telemetry_flood_neither_grows_the_agent_nor_keeps_probes_out() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let mut agent = env.spawn(&env.config("", "")).await;
+    let addr = telemetry_addr(&agent).await;
+    assert!(eventually(20, async || get(&addr, "/readyz").await.0 == 200).await, "{}", agent.output());
+    let pid = agent.child.id().unwrap();
+    let before = rss_kib(pid);
+
+    let mut silent = Vec::new();
+    for i in 0..3000 {
+        silent.extend(tokio::net::TcpStream::connect(&addr).await.ok());
+        if i % 500 == 499 {
+            let probe = reqwest::Client::new().get(format!("http://{addr}/healthz")).timeout(Duration::from_secs(1));
+            let status = probe.send().await.map(|r| r.status().as_u16());
+            assert_eq!(status.as_ref().ok(), Some(&200), "/healthz during the flood ({} open): {status:?}", i + 1);
+        }
+    }
+    // Each connection is accepted (or evicted) by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(grown < 6 * 1024, "3,000 silent connections grew the agent by {grown} KiB");
+    assert_eq!(get(&addr, "/metrics").await.0, 200);
+    drop(silent);
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}

@@ -1,8 +1,13 @@
 //! The telemetry endpoints (axum, HTTP/1): `/healthz`, `/readyz`,
 //! `/metrics`, `/v1/status`.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 
 use axum::Router;
 use axum::extract::State;
@@ -22,9 +27,98 @@ pub fn router(t: Arc<Telemetry>) -> Router {
         .with_state(t)
 }
 
+/// Connections open at once. A probe or a scrape takes one for a moment;
+/// ~18 KB each, so a flood cannot take the sidecar's memory.
+pub const MAX_CONNECTIONS: usize = 128;
+/// For a request's headers (also between requests of a kept-alive one).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves until `stop`. At the cap, a new connection is not refused: the
+/// oldest one that has not sent a request yet is closed to make room, so a
+/// flood of silent connections cannot keep the kubelet's probes out (they
+/// send their request at once, and are served).
 pub async fn serve(listener: tokio::net::TcpListener, t: Arc<Telemetry>, stop: CancellationToken) {
-    if let Err(e) = axum::serve(listener, router(t)).with_graceful_shutdown(stop.cancelled_owned()).await {
-        tracing::error!(event = "telemetry_failed", error = %e, "the telemetry server stopped");
+    let router = router(t);
+    let mut accept_errors = listen::AcceptErrors::default();
+    let waiting = Arc::new(Mutex::new(Waiting::default()));
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => {
+                    accept_errors.ok();
+                    s
+                }
+                Err(e) => {
+                    let pause = accept_errors.failed("telemetry_accept_failed", "telemetry", &e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+            let evicted = super::lock(&waiting).evict_oldest();
+            if !evicted {
+                // Every connection is in a request: this one waits its turn
+                // no more than the rest, it is closed.
+                continue;
+            }
+        }
+        let (id, cancel) = super::lock(&waiting).add(stop.child_token());
+        let (waiting, open, router) = (waiting.clone(), open.clone(), router.clone());
+        open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            // The first request's arrival takes the connection off the
+            // evictable list.
+            let first = waiting.clone();
+            let service = tower::ServiceExt::map_request(router, move |req| {
+                super::lock(&first).remove(id);
+                req
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            tokio::select! {
+                _ = conn => {}
+                _ = cancel.cancelled() => {}
+            }
+            super::lock(&waiting).remove(id);
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Connections that have not sent a request yet, oldest first.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    queue: VecDeque<(u64, CancellationToken)>,
+}
+
+impl Waiting {
+    fn add(&mut self, cancel: CancellationToken) -> (u64, CancellationToken) {
+        self.next += 1;
+        self.queue.push_back((self.next, cancel.clone()));
+        (self.next, cancel)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.queue.retain(|(i, _)| *i != id);
+    }
+
+    /// Closes the oldest; false when there is none.
+    fn evict_oldest(&mut self) -> bool {
+        match self.queue.pop_front() {
+            Some((_, cancel)) => {
+                cancel.cancel();
+                true
+            }
+            None => false,
+        }
     }
 }
 
