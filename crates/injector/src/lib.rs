@@ -122,21 +122,10 @@ pub async fn serve(
     // never waited for: the others keep being served.
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(a) => {
-                    accept_errors.ok();
-                    a
-                }
-                Err(e) => {
-                    let pause = accept_errors.failed("accept_failed", "injector", &e);
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => continue,
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            },
-            _ = stop.cancelled() => return,
+        let accept = || listener.accept();
+        let Some((stream, peer)) = listen::next(accept, &mut accept_errors, "accept_failed", "injector", &stop).await
+        else {
+            return;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(event = "connection_refused", peer = %peer, "over the connection cap");

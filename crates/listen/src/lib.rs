@@ -39,6 +39,39 @@ impl AcceptErrors {
     }
 }
 
+/// The next connection from `accept`, retried after failures as
+/// `AcceptErrors` says; `None` once `stop` is cancelled.
+pub async fn next<T, F, Fut>(
+    mut accept: F,
+    errors: &mut AcceptErrors,
+    event: &'static str,
+    listener: &str,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    loop {
+        tokio::select! {
+            r = accept() => match r {
+                Ok(c) => {
+                    errors.ok();
+                    return Some(c);
+                }
+                Err(e) => {
+                    let pause = errors.failed(event, listener, &e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.cancelled() => return None,
+                    }
+                }
+            },
+            _ = stop.cancelled() => return None,
+        }
+    }
+}
+
 /// At most one warning this often.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 

@@ -223,23 +223,9 @@ pub async fn serve(
     };
     let mut accept_errors = listen::AcceptErrors::default();
     loop {
-        let client = tokio::select! {
-            c = listener.accept() => match c {
-                Ok(c) => {
-                    accept_errors.ok();
-                    c
-                }
-                Err(e) => {
-                    // Out of descriptors (EMFILE) the same error comes back at
-                    // once, forever: back off, and say it once a while.
-                    let pause = accept_errors.failed("proxy_accept_failed", &secret, &e);
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => continue,
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            },
-            _ = stop.cancelled() => return,
+        let accept = || listener.accept();
+        let Some(client) = listen::next(accept, &mut accept_errors, "proxy_accept_failed", &secret, &stop).await else {
+            return;
         };
         let (secret, cfg, tls, creds, feed, stop) =
             (secret.clone(), cfg.clone(), tls.clone(), creds.clone(), feed.clone(), stop.clone());

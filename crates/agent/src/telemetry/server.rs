@@ -43,22 +43,9 @@ pub async fn serve(listener: tokio::net::TcpListener, t: Arc<Telemetry>, stop: C
     let waiting = Arc::new(Mutex::new(Waiting::default()));
     let open = Arc::new(AtomicUsize::new(0));
     loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => {
-                    accept_errors.ok();
-                    s
-                }
-                Err(e) => {
-                    let pause = accept_errors.failed("telemetry_accept_failed", "telemetry", &e);
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => continue,
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            },
-            _ = stop.cancelled() => return,
-        };
+        let accept = || listener.accept();
+        let next = listen::next(accept, &mut accept_errors, "telemetry_accept_failed", "telemetry", &stop).await;
+        let Some((stream, _)) = next else { return };
         if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
             let evicted = super::lock(&waiting).evict_oldest();
             if !evicted {
