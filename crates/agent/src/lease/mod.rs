@@ -186,13 +186,7 @@ impl<V: Vault> Supervisor<V> {
         let name = self.name();
         let mut held: Option<Held> = self.adopted.take();
         let mut retired: Vec<Retired> = Vec::new();
-        if let Some(h) = &held {
-            self.telemetry.adopted(&name, &h.secret.lease_id, h.times.ttl, h.times.renewable, h.times.granted_at);
-            // Files may be missing or stale after a restart.
-            let _ = self.render(h, None).await;
-            let _ = self.events.send(Event::Rendered { secret: name.clone() });
-            self.persist(&held, &retired);
-        }
+        self.resume(&name, &held).await;
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut retry_at: Option<SystemTime> = None;
         // Set while renewals of the current lease fail: when to try again.
@@ -204,24 +198,12 @@ impl<V: Vault> Supervisor<V> {
         // passed (`LeaseExpired`, once per set of credentials).
         let mut watched_end: Option<SystemTime> = None;
         loop {
-            let end = held.as_ref().and_then(Held::expires_at);
-            if let (Some(end), Some(h)) = (end, &held)
-                && watched_end != Some(end)
-                && now() >= end
-            {
-                watched_end = Some(end);
-                let dead_for = now().duration_since(end).unwrap_or_default();
-                let since_grant = now().duration_since(h.times.granted_at).unwrap_or_default();
-                LeaseExpired { secret: &name, lease: &h.secret.lease_id, dead_for, since_grant }.emit(&self.telemetry);
-            }
+            let end = self.watch_end(&name, held.as_ref(), &mut watched_end);
             let (step, due) = self.next_step(held.as_ref(), retry_at, renew_retry);
             let due = schedule::coalesce(due, phase());
             let retired_due = retired.iter().map(|r| self.retired_step(r, now()).1).min();
-            let mut wake = retired_due.map_or(due, |r| r.min(due));
-            // Wake at the end itself, to say the credentials died then.
-            if let Some(end) = end.filter(|e| watched_end != Some(*e) && *e > now()) {
-                wake = wake.min(end);
-            }
+            // Also at the credentials' end, to say they died then.
+            let wake = [Some(due), retired_due, end].into_iter().flatten().min().unwrap_or(due);
             let feed = self.spec.borrow().proxy.clone();
             let replaced_closed = async {
                 match &feed {
@@ -294,10 +276,37 @@ impl<V: Vault> Supervisor<V> {
             }
         }
         let mut live: Vec<LiveLease> = retired.into_iter().map(|r| r.held.live(&name)).collect();
-        if let Some(h) = held.filter(Held::has_lease) {
-            live.push(h.live(&name));
-        }
+        live.extend(held.filter(Held::has_lease).map(|h| h.live(&name)));
         live
+    }
+
+    /// Adopted credentials: counted, their files written again (they may be
+    /// missing or stale after a restart), recorded.
+    async fn resume(&mut self, name: &str, held: &Option<Held>) {
+        let Some(h) = held else { return };
+        self.telemetry.adopted(name, &h.secret.lease_id, h.times.ttl, h.times.renewable, h.times.granted_at);
+        let _ = self.render(h, None).await;
+        let _ = self.events.send(Event::Rendered { secret: name.to_string() });
+        self.persist(held, &[]);
+    }
+
+    /// Says the credentials in hand died (`LeaseExpired`) once their end has
+    /// passed, once per set; returns their end while it is still to come,
+    /// for the loop to wake at.
+    fn watch_end(&self, name: &str, held: Option<&Held>, watched: &mut Option<SystemTime>) -> Option<SystemTime> {
+        let h = held?;
+        let end = h.expires_at()?;
+        if *watched == Some(end) {
+            return None;
+        }
+        if now() < end {
+            return Some(end);
+        }
+        *watched = Some(end);
+        let dead_for = now().duration_since(end).unwrap_or_default();
+        let since_grant = now().duration_since(h.times.granted_at).unwrap_or_default();
+        LeaseExpired { secret: name, lease: &h.secret.lease_id, dead_for, since_grant }.emit(&self.telemetry);
+        None
     }
 
     /// The backoff's next delay, bounded by what the credentials in hand
