@@ -99,7 +99,9 @@ async fn read_capped(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8>
     use tokio::io::AsyncReadExt as _;
     let Some(mut pipe) = pipe else { return Vec::new() };
     let mut kept = Vec::new();
-    let mut chunk = [0u8; 4096];
+    // On the heap: an array here would live in this future, and so in every
+    // supervisor's (hooks run inside its render), hooks configured or not.
+    let mut chunk = vec![0u8; 4096];
     while let Ok(n) = pipe.read(&mut chunk).await {
         if n == 0 {
             break;
