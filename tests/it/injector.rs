@@ -442,24 +442,6 @@ fn injector_defaults() -> injector::plan::Defaults {
     }
 }
 
-/// The soft open-files limit of `pid` (from /proc), and a setter for it
-/// (`prlimit`, util-linux; the hard limit is left alone).
-fn nofile(pid: u32) -> (usize, impl Fn(usize)) {
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let soft = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse().ok())
-        .expect("the process's open-files limit");
-    let set = move |n: usize| {
-        let arg = format!("--nofile={n}:");
-        let out = std::process::Command::new("prlimit").args(["--pid", &pid.to_string(), &arg]).output();
-        assert!(out.as_ref().is_ok_and(|o| o.status.success()), "prlimit (util-linux, run as root): {out:?}");
-    };
-    (soft, set)
-}
-
 /// #23: after the TLS handshake nothing bounded a connection, and out of
 /// descriptors the accept loop spun. Now a request's headers must arrive
 /// within 10 s, connections beyond the cap are closed at once, failing
@@ -505,8 +487,8 @@ async fn a_slowloris_or_a_descriptor_flood_cannot_stall_the_injector() {
 
     // Out of descriptors: the soft limit set to what it holds now plus 4.
     let pid = inj.agent.child.id().unwrap();
-    let (soft, set) = nofile(pid);
-    set(crate::proxy::settled_fds(pid).await + 4);
+    let (soft, set) = crate::support::nofile(pid);
+    set(crate::support::settled_fds(pid).await + 4);
     let mut flood = Vec::new();
     for _ in 0..40 {
         flood.extend(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok());

@@ -461,20 +461,8 @@ async fn silent_clients_are_closed_and_failing_accepts_back_off() {
 
     // Out of descriptors: the agent's limit set to what it holds now plus 4.
     let pid = agent.child.id().unwrap();
-    let held = settled_fds(pid).await;
-    // The soft limit only: lowering the hard one could not be undone here.
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let soft: usize = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse().ok())
-        .expect("the agent's open-files limit");
-    let limit = |n: usize| {
-        let arg = format!("--nofile={n}:");
-        let out = std::process::Command::new("prlimit").args(["--pid", &pid.to_string(), &arg]).output();
-        assert!(out.as_ref().is_ok_and(|o| o.status.success()), "prlimit (util-linux, run as root): {out:?}");
-    };
+    let held = crate::support::settled_fds(pid).await;
+    let (soft, limit) = crate::support::nofile(pid);
     limit(held + 4);
     let mut flood = Vec::new();
     for _ in 0..40 {
@@ -493,20 +481,4 @@ async fn silent_clients_are_closed_and_failing_accepts_back_off() {
     assert!(eventually(10, async || query(port).await.is_ok()).await, "served after:\n{}", agent.output());
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
-}
-
-/// The number of descriptors `pid` holds once it stops changing (closed
-/// clients are drained for up to a second before their socket goes).
-pub async fn settled_fds(pid: u32) -> usize {
-    let count = || std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
-    let mut last = count();
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = count();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    last
 }

@@ -443,3 +443,37 @@ pub async fn eventually<F: AsyncFnMut() -> bool>(secs: u64, mut cond: F) -> bool
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The soft open-files limit of `pid` (from /proc), and a setter for it
+/// (`prlimit`, util-linux; the hard limit is left alone).
+pub fn nofile(pid: u32) -> (usize, impl Fn(usize)) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .expect("the process's open-files limit");
+    let set = move |n: usize| {
+        let arg = format!("--nofile={n}:");
+        let out = std::process::Command::new("prlimit").args(["--pid", &pid.to_string(), &arg]).output();
+        assert!(out.as_ref().is_ok_and(|o| o.status.success()), "prlimit (util-linux, run as root): {out:?}");
+    };
+    (soft, set)
+}
+
+/// The number of descriptors `pid` holds once it stops changing (closed
+/// clients are drained for up to a second before their socket goes).
+pub async fn settled_fds(pid: u32) -> usize {
+    let count = || std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let mut last = count();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = count();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
