@@ -17,7 +17,7 @@ use crate::clock::now;
 use crate::state::{StateStore, TokenRecord, unix};
 use crate::telemetry::Telemetry;
 use crate::telemetry::events::{Event as _, LoggedIn, LoginFailed, TokenRenewFailed, TokenRenewed};
-use crate::timing::{Policy, renew_point, renewal_capped};
+use crate::timing::{Policy, renew_point, renewal_capped, retry_delay};
 use vault::AuthMethod;
 use vault::secret::{ExposeSecret, SecretString, ShortAccessor};
 use vault::{Token, Vault, VaultClient, VaultError};
@@ -196,7 +196,11 @@ impl<V: Vault> AuthLoop<V> {
                     }
                     Err(e) => {
                         LoginFailed { error: &e.to_string() }.emit(&self.telemetry);
-                        if !self.sleep(backoff.next_delay(), &cancel).await {
+                        // Bounded by what the token in hand has left, and
+                        // every 1-2 s once it is dead: never a 30 s step.
+                        let end = current.as_ref().map(|t| t.expires_at());
+                        let delay = retry_delay(backoff.next_delay(), now(), end, rand::random());
+                        if !self.sleep(delay, &cancel).await {
                             return;
                         }
                         continue;
@@ -251,8 +255,8 @@ impl<V: Vault> AuthLoop<V> {
                     let error = e.to_string();
                     TokenRenewFailed { accessor: &current.token.accessor, error: &error, refused: false }
                         .emit(&self.telemetry);
-                    let left = current.expires_at().duration_since(now()).unwrap_or_default();
-                    if !self.sleep(backoff.next_delay().min(left / 4 + Duration::from_millis(100)), &cancel).await {
+                    let delay = retry_delay(backoff.next_delay(), now(), Some(current.expires_at()), rand::random());
+                    if !self.sleep(delay, &cancel).await {
                         return;
                     }
                 }

@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::timing::part;
-pub use crate::timing::{Policy, renew_point, renewal_capped};
+pub use crate::timing::{DEAD_RETRY, MIN_RETRY, Policy, renew_point, renewal_capped, retry_delay};
 
 /// What we know of a lease we hold.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -145,24 +145,6 @@ fn plan(
     Next { action: Action::Renew, at: renew_at }
 }
 
-/// How long to wait before retrying a failed renewal or issue, given the
-/// backoff's draw and when the credentials in hand end (`None`: none in
-/// hand yet, the first issue). A retry never waits more than a quarter of
-/// what the credentials have left (as the token path does), so a short
-/// Vault outage cannot outlast them by a backoff step; once they are dead,
-/// retries come every 1–2 s (`sample` in [0, 1) spreads a fleet) until
-/// Vault answers. A failed `database/creds` read creates nothing.
-pub fn retry_delay(backoff: Duration, now: SystemTime, creds_end: Option<SystemTime>, sample: f64) -> Duration {
-    match creds_end.map(|end| end.duration_since(now).unwrap_or_default()) {
-        None => backoff,
-        Some(left) if left.is_zero() => DEAD_RETRY + DEAD_RETRY.mul_f64(sample.clamp(0.0, 1.0)),
-        Some(left) => backoff.min(left / 4 + Duration::from_millis(100)),
-    }
-}
-
-/// The retry period once credentials are dead (1–2 s with jitter).
-pub const DEAD_RETRY: Duration = Duration::from_secs(1);
-
 /// When to re-read a secret without a lease. One that says when it ends
 /// (`data.expiration`, e.g. an unleased PKI certificate) is re-read at
 /// `renew_at` of its validity, never sooner: every read of `pki/issue` mints
@@ -265,6 +247,9 @@ pub fn retired(
 /// wheel: a deadline on a slot boundary fires at the wheel's first wakeup
 /// for it instead of being re-filed into a finer level and woken again.
 pub const SLACK: Duration = Duration::from_millis(128);
+
+// A coalesced retry must still wait (`timing::MIN_RETRY`).
+const _: () = assert!(MIN_RETRY.as_millis() >= 2 * SLACK.as_millis());
 
 /// `due` moved earlier onto the process's grid of `SLACK` cells (offset by
 /// `phase`, per process, so that pods stay spread): the deadlines of
@@ -538,11 +523,31 @@ mod tests {
         // credentials dead long after Vault answered again.
         let backoff = s(30.0);
         assert_eq!(retry_delay(backoff, t(0.0), None, 0.5), backoff, "nothing in hand: the backoff");
-        assert_eq!(retry_delay(backoff, t(0.0), Some(t(3.0)), 0.5), s(0.85));
+        assert_eq!(retry_delay(backoff, t(0.0), Some(t(3.0)), 0.5), s(0.75));
         assert_eq!(retry_delay(s(0.5), t(0.0), Some(t(300.0)), 0.5), s(0.5), "a short step stays");
         for sample in [0.0, 0.5, 0.999] {
             let dead = retry_delay(backoff, t(10.0), Some(t(3.0)), sample);
             assert!(dead >= s(1.0) && dead < s(2.0), "dead credentials: every 1-2 s, not {dead:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// A retry comes at least `SLACK` after the failure even once the
+        /// loop has coalesced it, whatever the life left and the phase (on
+        /// CI, a lease's last 100 ms once saw 43 issue attempts).
+        #[test]
+        fn a_coalesced_retry_never_collapses_to_no_wait(
+            now_ms in 1_000_000u64..2_000_000,
+            left_ms in 0u64..5_000,
+            backoff_ms in 0u64..60_000,
+            phase_ms in 0u64..1_000,
+            sample in 0.0f64..1.0,
+        ) {
+            let now = UNIX_EPOCH + Duration::from_millis(now_ms);
+            let end = now + Duration::from_millis(left_ms);
+            let delay = retry_delay(Duration::from_millis(backoff_ms), now, Some(end), sample);
+            let due = coalesce(now + delay, Duration::from_millis(phase_ms));
+            proptest::prop_assert!(due.duration_since(now).unwrap_or_default() >= SLACK, "{delay:?} -> {due:?}");
         }
     }
 
