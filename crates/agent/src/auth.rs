@@ -23,7 +23,7 @@ use vault::secret::{ExposeSecret, SecretString, ShortAccessor};
 use vault::{Token, Vault, VaultClient, VaultError};
 
 /// Tokens are renewed at half their TTL, up to 5 % earlier.
-const TOKEN_POLICY: Policy = Policy { renew_at: 0.5, jitter: 0.05 };
+const TOKEN_POLICY: Policy = Policy { renew_at: 0.5, jitter: 0.05, reissue_at: 0.75 };
 
 /// A token the agent holds.
 #[derive(Debug, Clone)]

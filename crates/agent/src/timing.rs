@@ -11,6 +11,9 @@ pub struct Policy {
     pub renew_at: f64,
     /// Renew up to this fraction of the TTL earlier, at random (0.05).
     pub jitter: f64,
+    /// Failed renewals are retried until this fraction of the TTL (0.75):
+    /// a renewal that succeeds after a short Vault gap keeps the same user.
+    pub reissue_at: f64,
 }
 
 /// `fraction` of `d`, for `Duration`s of any length.

@@ -164,6 +164,11 @@ pub struct SecretConfig {
     pub renew_at: f64,
     #[serde(default = "d_jitter")]
     pub jitter: f64,
+    /// Fraction of the lease's TTL until which failed renewals are retried
+    /// before new credentials are issued; unset: 0.75, or `renew_at` when
+    /// that is later (`SecretConfig::reissue_at`).
+    #[serde(default, rename = "reissue_at")]
+    pub reissue_at_key: Option<f64>,
     #[serde(default = "d_five_minutes", with = "humantime_serde")]
     pub revoke_replaced_after: Duration,
     #[serde(default = "d_five_minutes", with = "humantime_serde")]
@@ -618,7 +623,18 @@ impl Config {
     }
 }
 
+/// `reissue_at` when the config leaves it out.
+pub const DEFAULT_REISSUE_AT: f64 = 0.75;
+
 impl SecretConfig {
+    /// Until which fraction of its TTL a lease whose renewals fail is
+    /// renewed again before new credentials are issued: the key, else 0.75
+    /// (or `renew_at` when that is later: no retry window then, as before
+    /// the key existed).
+    pub fn reissue_at(&self) -> f64 {
+        self.reissue_at_key.unwrap_or(DEFAULT_REISSUE_AT.max(self.renew_at))
+    }
+
     /// One secret's keys; `paths` are the files of the secrets before it.
     fn validate(&self, i: usize, paths: &mut HashSet<PathBuf>) -> Result<(), (String, String)> {
         let s = self;
@@ -643,6 +659,11 @@ impl SecretConfig {
         }
         if !(s.jitter >= 0.0 && s.jitter < s.renew_at) {
             return Err((key("jitter"), format!("{} must be at least 0 and less than renew_at", s.jitter)));
+        }
+        if let Some(r) = s.reissue_at_key
+            && !(r >= s.renew_at && r < 1.0)
+        {
+            return Err((key("reissue_at"), format!("{r} must be at least renew_at ({}) and less than 1", s.renew_at)));
         }
         if s.refresh_interval.is_zero() {
             return Err((key("refresh_interval"), "must be greater than 0".into()));
@@ -765,10 +786,22 @@ secrets:
     }
 
     #[test]
+    fn reissue_at_defaults_to_three_quarters_or_renew_at_and_is_checked() {
+        let with = |keys: &str| parse(&MINIMAL.replace("    path: database", &format!("{keys}    path: database")));
+        assert_eq!(with("    renew_at: 0.8\n").unwrap().secrets[0].reissue_at(), 0.8, "a later renew_at: no window");
+        assert_eq!(with("    reissue_at: 0.9\n").unwrap().secrets[0].reissue_at(), 0.9);
+        for bad in ["    reissue_at: 0.4\n", "    reissue_at: 1\n", "    renew_at: 0.6\n    reissue_at: 0.55\n"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("secrets[0].reissue_at") && err.contains("at least renew_at"), "{err}");
+        }
+    }
+
+    #[test]
     fn defaults_apply() {
         let c = parse(MINIMAL).unwrap();
         let s = &c.secrets[0];
         assert_eq!(s.renew_at, 0.5);
+        assert_eq!(s.reissue_at(), 0.75);
         assert_eq!(s.method, Method::Get);
         assert_eq!(s.files[0].mode, 0o440);
         let login = c.auth.login();

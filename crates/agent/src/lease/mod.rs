@@ -358,7 +358,7 @@ impl<V: Vault> Supervisor<V> {
         let later = |t: SystemTime| retry_at.map_or(t, |r| r.max(t));
         let Some(h) = held else { return (Step::Issue, retry_at.unwrap_or_else(now)) };
         let cfg = self.cfg();
-        let policy = Policy { renew_at: cfg.renew_at, jitter: cfg.jitter };
+        let policy = Policy { renew_at: cfg.renew_at, jitter: cfg.jitter, reissue_at: cfg.reissue_at() };
         if let Some(ttl) = h.secret.data.rotates_in().filter(|_| !h.has_lease()) {
             return (Step::Refresh, later(schedule::static_reread_at(h.times.granted_at, ttl, h.sample)));
         }
@@ -557,7 +557,7 @@ impl<V: Vault> Supervisor<V> {
         let open = spec.proxy.as_ref().map_or(0, |f| f.open_as(&r.held.secret.data));
         let safe_end = r.held.times.safe_end();
         let end = self.auth.borrow().token_end(&r.held.token_accessor).map_or(safe_end, |t| t.min(safe_end));
-        let policy = Policy { renew_at: spec.cfg.renew_at, jitter: spec.cfg.jitter };
+        let policy = Policy { renew_at: spec.cfg.renew_at, jitter: spec.cfg.jitter, reissue_at: spec.cfg.reissue_at() };
         let lease = RetiredLease {
             times: r.held.times,
             revoke_at: r.revoke_at,
