@@ -82,6 +82,7 @@ async fn configure(vault: &DevVault, issuer: &ServiceAccountIssuer, database_url
         request_timeout: std::time::Duration::from_secs(10),
         tls_skip_verify: false,
         max_retries: 0,
+        redirect_hosts: Vec::new(),
     })?;
     let root = SecretString::from(vault.root_token().to_string());
     let connection = match database_url {

@@ -17,6 +17,7 @@ mod injector;
 mod jwt;
 mod lifecycle;
 mod matrix;
+mod outage;
 mod pki;
 mod policy;
 mod proxy;

@@ -380,10 +380,22 @@ pub struct Agent {
 
 impl Agent {
     pub async fn spawn(args: &[&str], dir: &Path) -> Agent {
+        let mut command = vec![env!("CARGO_BIN_EXE_leasehold")];
+        command.extend(args);
+        Self::spawn_command(&command, dir).await
+    }
+
+    /// `command` (the binary, or a wrapper such as `ip netns exec <ns>` that
+    /// execs it, so the pid stays the agent's) with its output captured.
+    pub async fn spawn_command(command: &[&str], dir: &Path) -> Agent {
+        let (program, args) = command.split_first().expect("a command");
+        let program = if *program == "leasehold" { env!("CARGO_BIN_EXE_leasehold") } else { program };
+        let args: Vec<&str> =
+            args.iter().map(|a| if *a == "leasehold" { env!("CARGO_BIN_EXE_leasehold") } else { a }).collect();
         let log = dir.join(format!("agent-{}.log", rand_suffix()));
         let out = std::fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        let child = tokio::process::Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))

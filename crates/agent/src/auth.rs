@@ -280,11 +280,13 @@ impl<V: Vault> AuthLoop<V> {
         }
     }
 
-    /// Sleeps unless cancelled first; false when cancelled.
+    /// A retry's wait: cut short when Vault answers again (another loop's
+    /// request succeeded). False when cancelled.
     async fn sleep(&self, d: Duration, cancel: &CancellationToken) -> bool {
         tokio::select! {
             _ = cancel.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
+            _ = self.telemetry.vault_back() => true,
         }
     }
 }

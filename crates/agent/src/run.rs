@@ -87,6 +87,7 @@ pub fn client(config: &Config) -> Result<VaultClient, StartError> {
         request_timeout: config.vault.request_timeout,
         tls_skip_verify: config.vault.tls_skip_verify,
         max_retries: 3,
+        redirect_hosts: config.vault.redirect_hosts.clone(),
     })?)
 }
 
@@ -156,6 +157,7 @@ impl<V: Vault> Agent<V> {
             adopted,
             telemetry: self.telemetry.clone(),
             cancel: cancel.clone(),
+            request_timeout: self.config.vault.request_timeout,
         };
         let handle = tokio::spawn(supervisor.run());
         self.running.insert(cfg.name.clone(), Running { cfg, cancel, spec: spec_tx, handle });

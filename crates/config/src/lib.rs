@@ -53,6 +53,11 @@ pub struct VaultConfig {
     pub request_timeout: Duration,
     #[serde(default)]
     pub tls_skip_verify: bool,
+    /// Hosts a standby may redirect requests (and the token) to, besides
+    /// the configured one; another host over https with a verified
+    /// certificate needs no listing.
+    #[serde(default)]
+    pub redirect_hosts: Vec<String>,
 }
 
 /// Exactly one login method (checked by `validate`).

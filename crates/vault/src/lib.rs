@@ -4,8 +4,9 @@
 //!
 //! Transient failures (connection errors, 5xx, 429, 412) are retried with
 //! exponential backoff and full jitter, a few times; callers decide what to
-//! do after that. A standby's 307 is followed once, never to plain http
-//! from https.
+//! do after that. A standby's 307 is followed once, by hand: never to plain
+//! http from https, and to another host only when it is listed or proves
+//! itself with a verified certificate.
 
 mod types;
 
@@ -30,7 +31,13 @@ pub enum VaultError {
         unsent: bool,
     },
     #[error("{op}: Vault answered {status}: {}", errors.join("; "))]
-    Status { op: &'static str, status: u16, errors: Vec<String> },
+    Status {
+        op: &'static str,
+        status: u16,
+        errors: Vec<String>,
+        /// A 429 or 503's `Retry-After` (in seconds), capped at `MAX_RETRY_AFTER`.
+        retry_after: Option<Duration>,
+    },
     #[error("{op}: unexpected response from Vault: {reason}")]
     Decode { op: &'static str, reason: String },
     #[error("{op}: {reason}")]
@@ -58,6 +65,14 @@ impl VaultError {
             VaultError::Transport { .. } => true,
             VaultError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 412,
             _ => false,
+        }
+    }
+
+    /// How long Vault asked to be left alone (429 or 503 with `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            VaultError::Status { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 
@@ -133,6 +148,9 @@ pub struct ClientConfig {
     pub tls_skip_verify: bool,
     /// Retries of transient failures per request.
     pub max_retries: usize,
+    /// Hosts a standby's redirect may go to besides the configured one (see
+    /// `VaultClient::may_follow`).
+    pub redirect_hosts: Vec<String>,
 }
 
 /// Sees every request to Vault (for metrics): operation, HTTP status (0
@@ -156,33 +174,51 @@ pub struct VaultClient {
     /// start would otherwise open a connection each (memory here, a
     /// thundering herd at Vault).
     inflight: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Hosts a standby may redirect to besides the configured one.
+    redirect_hosts: Vec<String>,
+    /// Certificates are verified (`tls_skip_verify` off).
+    verified: bool,
 }
 
 /// See `VaultClient::inflight`.
 const MAX_IN_FLIGHT: usize = 16;
 
+/// The longest a TCP connect to Vault may take (less when
+/// `request_timeout` is shorter).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long an idle connection to Vault stays pooled.
+pub const POOL_IDLE: Duration = Duration::from_secs(5);
+
 impl VaultClient {
     pub fn new(cfg: ClientConfig) -> Result<Self, VaultError> {
         install_crypto_provider();
         let setup = |reason: String| VaultError::Setup { op: "client setup", reason };
-        let downgrade_guard = reqwest::redirect::Policy::custom(|attempt| {
-            // Follow one standby redirect; never from https to http.
-            let from_https = attempt.previous().first().is_some_and(|u| u.scheme() == "https");
-            if attempt.previous().len() > 1 {
-                attempt.stop()
-            } else if from_https && attempt.url().scheme() != "https" {
-                attempt.error("redirect would cause protocol downgrade")
-            } else {
-                attempt.follow()
-            }
-        });
         let mut builder = reqwest::Client::builder()
             .timeout(cfg.request_timeout)
-            .connect_timeout(cfg.request_timeout)
+            // A SYN lost once is sent again at 1 s; one still unanswered
+            // at 2 s went into a dead link, and a fresh attempt (the
+            // client's retry) finds a link that came back sooner than the
+            // kernel's next retransmission would (3 s, then 7 s).
+            .connect_timeout(cfg.request_timeout.min(CONNECT_TIMEOUT))
             // Many secrets issue at once at start: keep a few connections
             // for the renewals, not one per secret (each holds buffers).
             .pool_max_idle_per_host(8)
-            .redirect(downgrade_guard)
+            // A connection idle a while may sit on a path that died
+            // silently (a blackholed link sends no RST): a request on it
+            // hangs until the timeout. Renewals come minutes apart, so a
+            // pooled connection is reused only within a burst.
+            .pool_idle_timeout(POOL_IDLE)
+            // Dead peers found by the kernel, not by a request: keepalive
+            // probes on idle connections, and unacknowledged data (a
+            // request sent into a cut link) ends the connection after the
+            // request timeout rather than after minutes of retransmission.
+            .tcp_keepalive(Duration::from_secs(5))
+            .tcp_keepalive_interval(Duration::from_secs(2))
+            .tcp_keepalive_retries(3)
+            .tcp_user_timeout(cfg.request_timeout)
+            // Redirects are followed by hand (`call_once`, `may_follow`).
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("leasehold/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &cfg.ca_cert_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
@@ -208,6 +244,8 @@ impl VaultClient {
             observer: None,
             body_form: Default::default(),
             inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            redirect_hosts: cfg.redirect_hosts,
+            verified: !cfg.tls_skip_verify,
         })
     }
 
@@ -254,7 +292,13 @@ impl VaultClient {
             .with_max_delay(Duration::from_secs(2))
             .with_max_times(self.max_retries)
             .with_jitter();
-        attempt.retry(backoff).when(retry).await
+        // Vault's `Retry-After` wins over a shorter step; the caller's
+        // deadline (`tokio::time::timeout` around the call) bounds both.
+        attempt
+            .retry(backoff)
+            .when(retry)
+            .adjust(|e: &VaultError, step| step.map(|d| e.retry_after().map_or(d, |after| after.max(d))))
+            .await
     }
 
     async fn call_once(
@@ -265,7 +309,56 @@ impl VaultClient {
         token: Option<&SecretString>,
         body: Option<&Value>,
     ) -> Result<Envelope, VaultError> {
-        let mut req = self.http.request(method, self.url(path)).header("X-Vault-Request", "true");
+        // Never closed, so acquiring only waits.
+        let _permit = self.inflight.acquire().await.ok();
+        let url = self.url(path);
+        let first = self.send(op, method.clone(), url.clone(), token, body).await.map_err(|e| transport(op, "", &e))?;
+        let resp = match redirect_target(&first, &url) {
+            None => first,
+            // A standby points at the active node: followed once, by hand,
+            // so that the error can name both addresses and the token and
+            // JWT only go where `may_follow` allows.
+            Some(target) => {
+                let via = format!("redirected by {} to {}", show_origin(&self.base), show_origin(&target));
+                if let Err(why) = self.may_follow(&target) {
+                    return Err(VaultError::Transport {
+                        op,
+                        reason: format!(
+                            "{via}, which is not followed ({why}); point vault.address at the active node's \
+                             Service (vault-active) or list the host in vault.redirect_hosts"
+                        ),
+                        unsent: true,
+                    });
+                }
+                self.send(op, method, target, token, body).await.map_err(|e| transport(op, &format!("{via}: "), &e))?
+            }
+        };
+        let status = resp.status();
+        let retry_after = match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => retry_after(resp.headers()),
+            _ => None,
+        };
+        let bytes = read_capped(op, resp).await?;
+        if status == StatusCode::NO_CONTENT || (status.is_success() && bytes.is_empty()) {
+            return Ok(Envelope::default());
+        }
+        if !status.is_success() {
+            let errors = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.errors).unwrap_or_default();
+            return Err(VaultError::Status { op, status: status.as_u16(), errors, retry_after });
+        }
+        decode_body(op, &bytes)
+    }
+
+    /// One HTTP exchange, observed for the metrics.
+    async fn send(
+        &self,
+        op: &'static str,
+        method: Method,
+        url: reqwest::Url,
+        token: Option<&SecretString>,
+        body: Option<&Value>,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let mut req = self.http.request(method, url).header("X-Vault-Request", "true");
         if let Some(t) = token {
             req = req.header("X-Vault-Token", t.expose_secret());
         }
@@ -275,8 +368,6 @@ impl VaultClient {
         if let Some(b) = body {
             req = req.header(header::CONTENT_TYPE, "application/json").body(b.to_string());
         }
-        // Never closed, so acquiring only waits.
-        let _permit = self.inflight.acquire().await.ok();
         // A duration for the metric, no deadline: tokio's clock (paused in
         // tests), the one the agent's `clock::instant` reads.
         #[allow(clippy::disallowed_methods)]
@@ -285,18 +376,32 @@ impl VaultClient {
         if let Some(o) = &self.observer {
             o.observe(op, sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0), started.elapsed());
         }
-        let resp =
-            sent.map_err(|e| VaultError::Transport { op, reason: transport_reason(&e), unsent: e.is_connect() })?;
-        let status = resp.status();
-        let bytes = read_capped(op, resp).await?;
-        if status == StatusCode::NO_CONTENT || (status.is_success() && bytes.is_empty()) {
-            return Ok(Envelope::default());
+        sent
+    }
+
+    /// Whether a standby's redirect to `target` may carry the token (and a
+    /// login's JWT): never from https to anything else; to the configured
+    /// host, a host in `vault.redirect_hosts`, or another host over https
+    /// whose certificate is verified (it proves itself a Vault node of the
+    /// configured CA). Plain http or an unverified certificate to another
+    /// host would hand the token to whoever answers there.
+    fn may_follow(&self, target: &reqwest::Url) -> Result<(), &'static str> {
+        let https = target.scheme() == "https";
+        if self.base.scheme() == "https" && !https {
+            return Err("it leaves https");
         }
-        if !status.is_success() {
-            let errors = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.errors).unwrap_or_default();
-            return Err(VaultError::Status { op, status: status.as_u16(), errors });
+        if !https && target.scheme() != "http" {
+            return Err("not http or https");
         }
-        decode_body(op, &bytes)
+        let host = target.host_str().unwrap_or_default();
+        let same = self.base.host_str().is_some_and(|h| h.eq_ignore_ascii_case(host));
+        if same || self.redirect_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            return Ok(());
+        }
+        if https && self.verified {
+            return Ok(());
+        }
+        Err("another host, without a verified certificate")
     }
 
     /// `PUT <base>/<lease_id>`, the path form, so that a policy can grant
@@ -340,6 +445,35 @@ impl VaultClient {
     pub async fn write(&self, token: &SecretString, path: &str, body: &Value) -> Result<(), VaultError> {
         self.call("write", Method::POST, path, Some(token), Some(body)).await.map(|_| ())
     }
+}
+
+/// A 307 or 308's `Location`, resolved against the request's URL.
+fn redirect_target(resp: &reqwest::Response, url: &reqwest::Url) -> Option<reqwest::Url> {
+    if !matches!(resp.status(), StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT) {
+        return None;
+    }
+    let location = resp.headers().get(header::LOCATION)?.to_str().ok()?;
+    url.join(location).ok()
+}
+
+/// Scheme, host and port: never the path, which may hold a lease id.
+fn show_origin(url: &reqwest::Url) -> String {
+    url.origin().ascii_serialization()
+}
+
+fn transport(op: &'static str, via: &str, e: &reqwest::Error) -> VaultError {
+    VaultError::Transport { op, reason: format!("{via}{}", transport_reason(e)), unsent: e.is_connect() }
+}
+
+/// The longest `Retry-After` honoured: Vault's own are seconds; an hour
+/// from a broken proxy must not park the agent.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// `Retry-After` in seconds (the form Vault and its load balancers send),
+/// capped at `MAX_RETRY_AFTER`; an HTTP date or garbage is ignored.
+fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
 /// The largest answer read from Vault. Vault's own are a few KiB (a PKI
@@ -633,6 +767,7 @@ mod tests {
                 request_timeout: std::time::Duration::from_secs(1),
                 tls_skip_verify: false,
                 max_retries: 0,
+                redirect_hosts: Vec::new(),
             })
             .unwrap()
         };

@@ -20,6 +20,12 @@ enum Answer {
     Hangup,
     /// 503, as a Vault that failed after acting might.
     Unavailable,
+    /// 503 with `Retry-After: 1`.
+    Busy,
+    /// 307 to this host and port, as a standby points at the leader.
+    Redirect(&'static str, u16),
+    /// 200 with an empty JSON object.
+    Ok,
     /// 200 with a 300 MB body, chunked (no length said) or announced by
     /// Content-Length; the bytes the server managed to send are counted.
     Huge { announced: bool },
@@ -35,7 +41,13 @@ async fn server(answer: Answer) -> (String, Arc<AtomicUsize>) {
 
 /// `server`, adding the body bytes it sent to `sent`.
 async fn server_counting(answer: Answer, sent: Arc<AtomicUsize>) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    server_at("127.0.0.1", answer, sent).await
+}
+
+/// `server_counting` on another loopback address (Linux answers on all of
+/// 127.0.0.0/8): another host, as far as a redirect is concerned.
+async fn server_at(host: &str, answer: Answer, sent: Arc<AtomicUsize>) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind((host, 0)).await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let count = Arc::new(AtomicUsize::new(0));
     let seen = count.clone();
@@ -74,6 +86,21 @@ async fn server_counting(answer: Answer, sent: Arc<AtomicUsize>) -> (String, Arc
                     );
                     let _ = conn.write_all(reply.as_bytes()).await;
                 }
+                if let Answer::Busy = answer {
+                    let reply = "HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n";
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                }
+                if let Answer::Ok = answer {
+                    let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                }
+                if let Answer::Redirect(host, port) = answer {
+                    let path = String::from_utf8_lossy(&buf).split(' ').nth(1).unwrap_or("/").to_string();
+                    let reply = format!(
+                        "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{host}:{port}{path}\r\ncontent-length: 0\r\n\r\n"
+                    );
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                }
                 if let Answer::Huge { announced } = answer {
                     let head = if announced {
                         format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {HUGE}\r\n\r\n")
@@ -103,6 +130,10 @@ async fn server_counting(answer: Answer, sent: Arc<AtomicUsize>) -> (String, Arc
 }
 
 fn client(address: String) -> VaultClient {
+    client_with(address, Vec::new())
+}
+
+fn client_with(address: String, redirect_hosts: Vec<String>) -> VaultClient {
     VaultClient::new(ClientConfig {
         address,
         ca_cert_pem: None,
@@ -110,6 +141,7 @@ fn client(address: String) -> VaultClient {
         request_timeout: Duration::from_secs(5),
         tls_skip_verify: false,
         max_retries: 2,
+        redirect_hosts,
     })
     .unwrap()
 }
@@ -162,6 +194,75 @@ async fn an_issue_that_could_not_connect_is_retried() {
     let e = read.unwrap_err();
     assert!(e.is_unsent(), "{e}");
     assert_eq!(attempts.0.load(Ordering::SeqCst), 3, "the attempt and its 2 retries");
+}
+
+/// A port nobody listens on.
+fn dead_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn a_redirect_to_a_dead_leader_names_both_addresses_and_retries_the_configured_one() {
+    // #21: a standby redirected to the killed leader; the error said only
+    // "connection refused", while the configured address was up.
+    let dead = dead_port();
+    let (addr, count) = server(Answer::Redirect("127.0.0.1", dead)).await;
+    let lease = LeaseId::new("database/creds/app/abcdefgh12345678".into());
+    let e = client(addr.clone()).renew_lease(&token(), &lease, Duration::from_secs(60)).await.unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains(&format!("redirected by {addr} to http://127.0.0.1:{dead}")), "{text}");
+    assert!(!text.contains("abcdefgh12345678"), "the lease id leaked: {text}");
+    assert!(e.is_unsent(), "{text}");
+    assert_eq!(count.load(Ordering::SeqCst), 3, "each retry asked the configured address again");
+}
+
+#[tokio::test]
+async fn a_redirect_to_an_unlisted_host_over_http_carries_no_token() {
+    // #23: a standby (or whatever answers at the address) could send the
+    // token and the login JWT to any host.
+    let (elsewhere, reached) = server_at("127.0.0.2", Answer::Ok, Default::default()).await;
+    let port: u16 = elsewhere.rsplit(':').next().unwrap().parse().unwrap();
+    let (addr, _) = server(Answer::Redirect("127.0.0.2", port)).await;
+    let lease = LeaseId::new("database/creds/app/abcdefgh".into());
+    let e = client(addr.clone()).renew_lease(&token(), &lease, Duration::from_secs(60)).await.unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("which is not followed") && text.contains("vault.redirect_hosts"), "{text}");
+    assert_eq!(reached.load(Ordering::SeqCst), 0, "the token went to the other host");
+    // Listed, the same redirect is followed.
+    let listed = client_with(addr, vec!["127.0.0.2".into()]);
+    listed.renew_lease(&token(), &lease, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(reached.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn retry_after_spaces_the_clients_own_retries() {
+    // Real time: the server is real and the client's retries sleep on it.
+    #[allow(clippy::disallowed_methods)]
+    fn at() -> std::time::Instant {
+        std::time::Instant::now()
+    }
+    struct Times(std::sync::Mutex<Vec<std::time::Instant>>);
+    impl vault::RequestObserver for Times {
+        fn observe(&self, _: &'static str, _: u16, _: Duration) {
+            self.0.lock().unwrap().push(at());
+        }
+    }
+    let (addr, count) = server(Answer::Busy).await;
+    let times = Arc::new(Times(Default::default()));
+    let lease = LeaseId::new("database/creds/app/abcdefgh".into());
+    let e = client(addr)
+        .with_observer(times.clone())
+        .renew_lease(&token(), &lease, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(1)), "{e}");
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+    let times = times.0.lock().unwrap();
+    for pair in times.windows(2) {
+        // The backoff alone would start at 0.1 s.
+        assert!(pair[1] - pair[0] >= Duration::from_millis(950), "{:?} between retries", pair[1] - pair[0]);
+    }
 }
 
 #[tokio::test]

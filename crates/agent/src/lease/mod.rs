@@ -76,6 +76,12 @@ impl Held {
         if self.has_lease() { Some(self.times.expires_at()) } else { self.secret.data.expiration() }
     }
 
+    /// Until when these credentials can be counted on: a lease's safe end
+    /// (a second before the end Vault reported), else `expires_at`.
+    fn usable_until(&self) -> Option<SystemTime> {
+        if self.has_lease() { Some(self.times.safe_end()) } else { self.secret.data.expiration() }
+    }
+
     fn live(&self, name: &str) -> LiveLease {
         LiveLease {
             secret: name.to_string(),
@@ -156,6 +162,9 @@ pub struct Supervisor<V = VaultClient> {
     pub adopted: Option<Held>,
     pub telemetry: Arc<Telemetry>,
     pub cancel: CancellationToken,
+    /// `vault.request_timeout`: the longest a renewal or an issue may take
+    /// (`schedule::call_deadline` shortens it as the lease runs out).
+    pub request_timeout: Duration,
 }
 
 /// This process's offset on the `schedule::coalesce` grid: its lines are
@@ -216,6 +225,12 @@ impl<V: Vault> Supervisor<V> {
                 _ = crate::clock::sleep_until(wake) => {}
                 // The last connection of a replaced lease may have ended.
                 _ = replaced_closed, if !retired.is_empty() => {}
+                // Vault answers again: a retry waiting out its backoff goes now.
+                _ = self.telemetry.vault_back(), if retry_at.is_some() || renew_retry.is_some() => {
+                    retry_at = retry_at.map(|_| now());
+                    renew_retry = renew_retry.map(|_| now());
+                    continue;
+                }
                 changed = self.auth.changed(), if auth_open => {
                     auth_open = changed.is_ok();
                     continue;
@@ -268,11 +283,10 @@ impl<V: Vault> Supervisor<V> {
                 }
                 // The schedule weighs a renewal retry against replacing the
                 // lease; every retry is bounded by the life left in hand.
-                (Err(_), Step::Renew) => renew_retry = Some(now() + self.retry_delay(&mut backoff, held.as_ref())),
-                (Err(delay), _) => {
-                    let delay = delay.unwrap_or_else(|| self.retry_delay(&mut backoff, held.as_ref()));
-                    retry_at = Some(now() + delay);
+                (Err(after), Step::Renew) => {
+                    renew_retry = Some(now() + self.retry_delay(&mut backoff, held.as_ref(), after));
                 }
+                (Err(after), _) => retry_at = Some(now() + self.retry_delay(&mut backoff, held.as_ref(), after)),
             }
         }
         let mut live: Vec<LiveLease> = retired.into_iter().map(|r| r.held.live(&name)).collect();
@@ -309,11 +323,30 @@ impl<V: Vault> Supervisor<V> {
         None
     }
 
-    /// The backoff's next delay, bounded by what the credentials in hand
-    /// have left (`schedule::retry_delay`).
-    fn retry_delay(&self, backoff: &mut Backoff, held: Option<&Held>) -> Duration {
-        let end = held.and_then(|h| if h.has_lease() { Some(h.times.safe_end()) } else { h.expires_at() });
-        schedule::retry_delay(backoff.next_delay(), now(), end, rand::random())
+    /// The backoff's next delay, or Vault's `Retry-After` when longer,
+    /// bounded by what the credentials in hand have left
+    /// (`schedule::retry_delay`).
+    fn retry_delay(&self, backoff: &mut Backoff, held: Option<&Held>, retry_after: Option<Duration>) -> Duration {
+        let step = backoff.next_delay().max(retry_after.unwrap_or_default());
+        schedule::retry_delay(step, now(), held.and_then(Held::usable_until), rand::random())
+    }
+
+    /// Bounds a call to Vault by `schedule::call_deadline`: a request that
+    /// hangs on a dead link gives up when something else must be tried.
+    async fn within<T>(
+        &self,
+        op: &'static str,
+        until: Option<SystemTime>,
+        call: impl std::future::Future<Output = Result<T, VaultError>>,
+    ) -> Result<T, VaultError> {
+        let limit = schedule::call_deadline(now(), until, self.request_timeout);
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(VaultError::Transport {
+                op,
+                reason: format!("no answer within {:.1} s, all the lease allowed", limit.as_secs_f64()),
+                unsent: false,
+            })
+        })
     }
 
     fn persist(&self, held: &Option<Held>, retired: &[Retired]) {
@@ -401,7 +434,7 @@ impl<V: Vault> Supervisor<V> {
         }
     }
 
-    async fn read(&mut self, avoid: Option<&str>) -> Result<(Secret, String), VaultError> {
+    async fn read(&mut self, avoid: Option<&str>, until: Option<SystemTime>) -> Result<(Secret, String), VaultError> {
         let cfg = self.cfg();
         let token = self
             .token_other_than(avoid)
@@ -411,7 +444,8 @@ impl<V: Vault> Supervisor<V> {
             Method::Get => HttpMethod::GET,
             Method::Post => HttpMethod::POST,
         };
-        let result = self.client.read_secret(&token.token.secret, method, &cfg.path, cfg.body.as_ref()).await;
+        let call = self.client.read_secret(&token.token.secret, method, &cfg.path, cfg.body.as_ref());
+        let result = self.within("read secret", until, call).await;
         if let Err(e) = &result
             && e.is_permission_denied()
         {
@@ -421,10 +455,16 @@ impl<V: Vault> Supervisor<V> {
     }
 
     /// Reads the secret and counts it; a failure is counted and logged as
-    /// `failed_event`.
-    async fn fetch(&mut self, failed_event: &'static str, avoid: Option<&str>) -> Option<Held> {
+    /// `failed_event`, and gives Vault's `Retry-After` if it sent one. The
+    /// read gives up when `in_hand` (the credentials it replaces) end.
+    async fn fetch(
+        &mut self,
+        failed_event: &'static str,
+        avoid: Option<&str>,
+        in_hand: Option<&Held>,
+    ) -> Result<Held, Option<Duration>> {
         let name = self.name();
-        match self.read(avoid).await {
+        match self.read(avoid, in_hand.and_then(Held::usable_until)).await {
             Ok((secret, accessor)) => {
                 let at = now();
                 let fresh = Held {
@@ -436,11 +476,11 @@ impl<V: Vault> Supervisor<V> {
                 };
                 let t = &fresh.times;
                 self.telemetry.issued(&name, &fresh.secret.lease_id, t.ttl, t.renewable, at, fresh.expires_at());
-                Some(fresh)
+                Ok(fresh)
             }
             Err(e) => {
                 IssueFailed { secret: &name, event: failed_event, error: &e.to_string() }.emit(&self.telemetry);
-                None
+                Err(e.retry_after())
             }
         }
     }
@@ -458,7 +498,7 @@ impl<V: Vault> Supervisor<V> {
         // Replacing credentials that die with a final token: not under it.
         let avoid = held.as_ref().filter(|h| self.auth.borrow().token_end(&h.token_accessor).is_some());
         let avoid = avoid.map(|h| h.token_accessor.clone());
-        let Some(fresh) = self.fetch("issue_failed", avoid.as_deref()).await else { return Err(None) };
+        let fresh = self.fetch("issue_failed", avoid.as_deref(), held.as_ref()).await?;
         let at = fresh.issued_at;
         tracing::info!(
             event = "issued",
@@ -504,7 +544,7 @@ impl<V: Vault> Supervisor<V> {
 
     /// Secrets without a lease (KV): re-read and re-render when changed.
     async fn refresh(&mut self, held: &mut Option<Held>) -> Result<(), Option<Duration>> {
-        let Some(fresh) = self.fetch("refresh_failed", None).await else { return Err(None) };
+        let fresh = self.fetch("refresh_failed", None, held.as_ref()).await?;
         // A static role read again before its rotation: only `ttl` moved,
         // and the files stay as they are.
         let unchanged = held.as_ref().is_some_and(|h| h.secret.data.same_static_credentials(&fresh.secret.data));
@@ -521,7 +561,15 @@ impl<V: Vault> Supervisor<V> {
         let name = self.name();
         let Some(h) = held.as_mut() else { return Ok(()) };
         let Some(token) = self.current_token().await else { return Err(None) };
-        match self.client.renew_lease(&token.token.secret, &h.secret.lease_id, h.times.first_ttl).await {
+        let until = {
+            let spec = self.spec.borrow();
+            let policy =
+                Policy { renew_at: spec.cfg.renew_at, jitter: spec.cfg.jitter, reissue_at: spec.cfg.reissue_at() };
+            let token_end = self.auth.borrow().token_end(&h.token_accessor);
+            schedule::replace_by(&h.times, token_end, &policy, h.sample)
+        };
+        let call = self.client.renew_lease(&token.token.secret, &h.secret.lease_id, h.times.first_ttl);
+        match self.within("renew lease", Some(until), call).await {
             Ok(r) => {
                 let at = now();
                 h.times = h.times.renewed(at, r.lease_duration, r.renewable, &r.warnings);
@@ -545,7 +593,7 @@ impl<V: Vault> Supervisor<V> {
                 }
                 let error = h.secret.lease_id.redact(&e.to_string());
                 RenewFailed { secret: &name, lease: &h.secret.lease_id, error: &error }.emit(&self.telemetry);
-                Err(None)
+                Err(e.retry_after())
             }
         }
     }

@@ -111,9 +111,7 @@ pub fn next(
     let planned = plan(lease, token_end, policy, sample, &reissue_before);
     match (planned.action, renew_retry) {
         (Action::Renew, Some(retry)) => {
-            let end = token_end.map_or(lease.safe_end(), |t| t.min(lease.safe_end()));
-            let last_overlap = part(lease.first_ttl, 1.0 - policy.reissue_at.max(policy.renew_at)) + jitter;
-            let deadline = end.checked_sub(last_overlap).unwrap_or(SystemTime::UNIX_EPOCH);
+            let deadline = replace_by(lease, token_end, policy, sample);
             if retry < deadline {
                 Next { action: Action::Renew, at: retry }
             } else {
@@ -123,6 +121,35 @@ pub fn next(
         _ => planned,
     }
 }
+
+/// The replacement point of a lease whose renewals fail: it still has
+/// `(1 - reissue_at) × first TTL` (and the jitter's share) left before its
+/// safe end, or its token's end when that comes first. No renewal is
+/// waited for past it.
+pub fn replace_by(lease: &LeaseTimes, token_end: Option<SystemTime>, policy: &Policy, sample: f64) -> SystemTime {
+    let end = token_end.map_or(lease.safe_end(), |t| t.min(lease.safe_end()));
+    let overlap = part(lease.first_ttl, 1.0 - policy.reissue_at.max(policy.renew_at))
+        + part(lease.first_ttl, policy.jitter * sample);
+    end.checked_sub(overlap).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// How long one renewal or issue may take, the client's own retries
+/// included: `request_timeout`, but never past `until` (a renewal: its
+/// lease's `replace_by`; an issue: the end of the credentials in hand), so
+/// a request hanging on a dead link cannot outlast the point where
+/// something else must be tried. At least `MIN_CALL`; once `until` has
+/// passed (the credentials are dead) there is nothing left to race, and a
+/// slow Vault gets the whole `request_timeout` to create new ones.
+pub fn call_deadline(now: SystemTime, until: Option<SystemTime>, request_timeout: Duration) -> Duration {
+    match until.and_then(|u| u.duration_since(now).ok()) {
+        Some(left) => request_timeout.min(left).max(MIN_CALL),
+        None => request_timeout,
+    }
+}
+
+/// The shortest deadline a call gets: a round trip to Vault and its
+/// database plugin (creating a role) within it, even at the last moment.
+pub const MIN_CALL: Duration = Duration::from_secs(1);
 
 fn plan(
     lease: &LeaseTimes,
@@ -483,6 +510,22 @@ mod tests {
                 other => proptest::prop_assert!(false, "{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_call_never_outlasts_the_point_where_something_else_must_be_tried() {
+        // #21: a renewal hung 10 s (request_timeout) on a cut link while the
+        // lease had 3 s left.
+        let timeout = s(10.0);
+        assert_eq!(call_deadline(t(0.0), Some(t(3.0)), timeout), s(3.0));
+        assert_eq!(call_deadline(t(0.0), Some(t(300.0)), timeout), timeout);
+        assert_eq!(call_deadline(t(0.0), None, timeout), timeout, "nothing in hand: the request timeout");
+        assert_eq!(call_deadline(t(2.5), Some(t(3.0)), timeout), MIN_CALL, "almost late: still a chance");
+        assert_eq!(call_deadline(t(5.0), Some(t(3.0)), timeout), timeout, "dead: a slow Vault gets its time");
+        let policy = Policy { reissue_at: 0.75, ..POLICY };
+        let lease = LeaseTimes::issued(t(0.0), s(30.0), true);
+        assert_eq!(replace_by(&lease, None, &policy, 0.0), t(21.5));
+        assert_eq!(replace_by(&lease, Some(t(20.0)), &policy, 0.0), t(12.5), "the token ends first");
     }
 
     #[test]

@@ -82,6 +82,11 @@ pub struct Telemetry {
     secrets: Mutex<BTreeMap<String, SecretStatus>>,
     token: Mutex<TokenStatus>,
     proxies: metrics::Proxies,
+    /// The last request to Vault failed (no answer, 5xx, 429, 412).
+    vault_failing: std::sync::atomic::AtomicBool,
+    /// Woken when Vault answers after a failure: the loops waiting out a
+    /// backoff try again at once (`vault_back`).
+    vault_back: tokio::sync::Notify,
 }
 
 /// A panic aborts the process (panic = "abort"): a poisoned lock's data is
@@ -94,7 +99,21 @@ impl Telemetry {
     pub fn new() -> Arc<Telemetry> {
         let proxies = metrics::Proxies::default();
         let (metrics, registry) = Metrics::register(proxies.clone());
-        Arc::new(Telemetry { metrics, registry, secrets: Mutex::default(), token: Mutex::default(), proxies })
+        Arc::new(Telemetry {
+            metrics,
+            registry,
+            secrets: Mutex::default(),
+            token: Mutex::default(),
+            proxies,
+            vault_failing: Default::default(),
+            vault_back: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Completes when a request to Vault succeeds after one failed (the
+    /// one "Vault answers again" signal the auth and lease loops share).
+    pub fn vault_back(&self) -> tokio::sync::futures::Notified<'_> {
+        self.vault_back.notified()
     }
 
     /// Declares a secret (at start and on reload); keeps what is known.
@@ -334,6 +353,14 @@ impl Telemetry {
 
 impl RequestObserver for Telemetry {
     fn observe(&self, op: &'static str, code: u16, elapsed: Duration) {
+        // No answer, overloaded, sealed, standby: Vault is not serving. Any
+        // other answer after such a failure means it is again.
+        let failing = code == 0 || code >= 500 || code == 429 || code == 412;
+        if failing {
+            self.vault_failing.store(true, std::sync::atomic::Ordering::Relaxed);
+        } else if self.vault_failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            self.vault_back.notify_waiters();
+        }
         let labels = metrics::OpCode { op: op.to_string(), code: code.to_string() };
         self.metrics.vault_requests.get_or_create(&labels).inc();
         self.metrics
