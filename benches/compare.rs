@@ -609,6 +609,95 @@ impl Measured {
     }
 }
 
+// ---- a fleet after an outage (#21) -------------------------------------
+
+/// leasehold agents in the outage fleet, and OpenBao Agents beside them.
+const OUTAGE_LH: usize = 200;
+const OUTAGE_BAO: usize = 50;
+const OUTAGE: Duration = Duration::from_secs(60);
+
+/// Responses to `kind`'s requests per second from `from` (index 0) for
+/// `secs` seconds, and per accessor the first `database/creds` answer at
+/// or after `from`.
+fn per_second(audit: &Audit, kind: Kind, from: SystemTime, secs: usize) -> (Vec<usize>, Vec<SystemTime>) {
+    let accessors = audit.accessors();
+    let mut bins = vec![0usize; secs];
+    let mut first_creds: HashMap<String, SystemTime> = HashMap::new();
+    for e in audit.entries.iter().filter(|e| e["type"] == "response") {
+        let t = audit_time(e);
+        let Ok(since) = t.duration_since(from) else { continue };
+        let accessor = e["auth"]["accessor"].as_str().unwrap_or_default();
+        let mine = accessors.get(accessor) == Some(&kind)
+            || (e["request"]["path"] == "auth/kubernetes/login" && e["request"]["data"]["role"] == kind.role());
+        if !mine {
+            continue;
+        }
+        if let Some(bin) = bins.get_mut(since.as_secs() as usize) {
+            *bin += 1;
+        }
+        let path = e["request"]["path"].as_str().unwrap_or_default();
+        if path.starts_with("database/creds/") && e["error"].as_str().unwrap_or_default().is_empty() {
+            first_creds.entry(accessor.to_string()).or_insert(t);
+        }
+    }
+    (bins, first_creds.into_values().collect())
+}
+
+/// N agents on one OpenBao, Vault frozen (SIGSTOP: connections hang, as on
+/// a lost network) for a minute, longer than the 20 s leases, then back:
+/// the request rate at recovery against the steady rate, the time until
+/// every agent has credentials again, and whether the renewals spread out
+/// again afterwards.
+async fn fleet_after_outage(world: &World, t0: Instant) -> Vec<String> {
+    world.roles(1, "20s", "1h").await;
+    let mut agents: Vec<Running> =
+        (0..OUTAGE_LH).map(|i| spawn(world, Kind::Leasehold, 1, &format!("out{i}"))).collect();
+    agents.extend((0..OUTAGE_BAO).map(|i| spawn(world, Kind::BaoAgent, 1, &format!("outb{i}"))));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while agents.iter().any(|a| a.all_files.is_none()) && Instant::now() < deadline {
+        agents.iter_mut().for_each(Running::poll_files);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("[{:>4.0}s] outage fleet ready; steady 30 s", t0.elapsed().as_secs_f64());
+    let steady_from = SystemTime::now();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let pid = nix::unistd::Pid::from_raw(world.bao.pid());
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+    eprintln!("[{:>4.0}s] OpenBao frozen for {OUTAGE:?}", t0.elapsed().as_secs_f64());
+    tokio::time::sleep(OUTAGE).await;
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    let resumed = SystemTime::now();
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    for a in &mut agents {
+        a.stop();
+    }
+    let audit = Audit::read(&world.bao);
+    let mut rows = Vec::new();
+    for (kind, n) in [(Kind::Leasehold, OUTAGE_LH), (Kind::BaoAgent, OUTAGE_BAO)] {
+        let (steady, _) = per_second(&audit, kind, steady_from, 30);
+        let steady_rate = steady.iter().sum::<usize>() as f64 / 30.0;
+        let (after, back) = per_second(&audit, kind, resumed, 70);
+        let last = back.iter().max().and_then(|t| t.duration_since(resumed).ok());
+        let ready = if back.len() >= n {
+            format!("{:.1} s", last.unwrap_or_default().as_secs_f64())
+        } else {
+            format!("{} of {n} within 70 s", back.len())
+        };
+        let burst = after.iter().take(5).max().copied().unwrap_or(0);
+        // Once recovered: from 10 s after the resume (every lease renewed
+        // or re-issued by then) for 60 s, against its own mean.
+        let later = &after[10..];
+        let mean = later.iter().sum::<usize>() as f64 / later.len() as f64;
+        let peak = later.iter().max().copied().unwrap_or(0);
+        rows.push(format!(
+            "| {} | {n} | {steady_rate:.1} | {burst} | {ready} | {mean:.1} | {peak} ({:.1}× the mean) |",
+            kind.name(),
+            peak as f64 / mean.max(0.1)
+        ));
+    }
+    rows
+}
+
 // ---- the audit log -----------------------------------------------------
 
 struct Audit {
@@ -743,6 +832,7 @@ struct Figures {
     cpu_per_renewal_us: BTreeMap<Kind, Vec<f64>>,
     cpu_per_reissue_us: BTreeMap<Kind, Vec<f64>>,
     fleet: Vec<String>,
+    outage: Vec<String>,
     proxy: Vec<String>,
 }
 
@@ -838,6 +928,12 @@ async fn main() {
     let world = World::start().await;
     let mut fig = Figures::default();
     let sizes = [1usize, 10, 100, 1000];
+
+    // BENCH_OUTAGE_ONLY=1: only the fleet after an outage, printed.
+    if std::env::var("BENCH_OUTAGE_ONLY").is_ok() {
+        println!("{}", fleet_after_outage(&world, t0).await.join("\n"));
+        return;
+    }
 
     // BENCH_PROXY_ONLY=1: only the proxy's pgbench, printed.
     if std::env::var("BENCH_PROXY_ONLY").is_ok() {
@@ -1035,7 +1131,11 @@ async fn main() {
         a.stop();
     }
 
-    // 4. The PostgreSQL proxy: pgbench through it and direct.
+    // 4. A fleet after an outage.
+    eprintln!("[{:>4.0}s] a fleet after an outage", t0.elapsed().as_secs_f64());
+    fig.outage = fleet_after_outage(&world, t0).await;
+
+    // 5. The PostgreSQL proxy: pgbench through it and direct.
     eprintln!("[{:>4.0}s] pgbench through the proxy and direct", t0.elapsed().as_secs_f64());
     fig.proxy = proxy_bench(&world).await;
 
@@ -1174,6 +1274,12 @@ async fn main() {
         md,
         "\n## A fleet: 100 leasehold agents started at once on one OpenBao\n\n| | |\n|---|---|\n{}\n",
         fig.fleet.join("\n")
+    );
+    let _ = writeln!(
+        md,
+        "\n## A fleet after an outage\n\n{OUTAGE_LH} leasehold agents and {OUTAGE_BAO} OpenBao Agents (as many as fit beside them), one 20 s database lease each, on one OpenBao; OpenBao frozen (SIGSTOP: connections hang, as on a lost network) for {} s, longer than the leases, then resumed. Requests are OpenBao's audit responses to each kind's tokens, per second. *Ready again*: until every agent had new credentials. *Once recovered*: the 60 s from 10 s after the resume; the peak second against that mean (an outage synchronises a fleet; the first renewal after it is drawn over the whole renewal window to spread it again).\n\n| agent | N | steady req/s | busiest of the first 5 s | ready again after | req/s once recovered | busiest second once recovered |\n|---|---|---|---|---|---|---|\n{}\n",
+        OUTAGE.as_secs(),
+        fig.outage.join("\n")
     );
     let _ = writeln!(
         md,

@@ -52,6 +52,6 @@ async fn jwt_auth_runs_the_whole_lifecycle_on_openbao() {
     assert!(revoked, "the audit log shows the revocation of {}…: {revokes:?}\n{}", &lease[..24], agent.output());
     match &env.server {
         Server::OpenBao { reviewer, .. } => assert_eq!(reviewer.reviews(), 0, "JWT auth needs no TokenReview"),
-        Server::DevVault(_) => unreachable!("openbao_only"),
+        Server::DevVault(_) | Server::Raft { .. } => unreachable!("openbao_only"),
     }
 }

@@ -252,3 +252,97 @@ async fn a_blackholed_link_costs_no_login_and_credentials_return_within_3_s_of_i
         secs_between(long_cut, mended)
     );
 }
+
+/// OpenBao Agent (`bao agent`) rendering `database/creds/app` as JSON into
+/// `file`, logging in as leasehold does (Kubernetes auth, role `app`).
+fn bao_agent(env: &Env, file: &Path) -> tokio::process::Child {
+    let bin = devvault::testing::bao_bin().unwrap_or_else(|e| panic!("{e}"));
+    let config = env.dir.path().join("bao-agent.hcl");
+    let hcl = format!(
+        "vault {{\n  address = \"{url}\"\n}}\nauto_auth {{\n  method \"kubernetes\" {{\n    mount_path = \"auth/kubernetes\"\n    config = {{\n      role = \"app\"\n      token_path = \"{jwt}\"\n    }}\n  }}\n}}\ntemplate {{\n  destination = \"{file}\"\n  contents = <<EOT\n{{{{ with secret \"database/creds/app\" }}}}{{\"username\": \"{{{{ .Data.username }}}}\", \"password\": \"{{{{ .Data.password }}}}\"}}{{{{ end }}}}\nEOT\n}}\n",
+        url = env.url(),
+        jwt = env.token_path().display(),
+        file = file.display(),
+    );
+    std::fs::write(&config, hcl).unwrap();
+    let log = std::fs::File::create(env.dir.path().join("bao-agent.log")).unwrap();
+    tokio::process::Command::new(bin)
+        .args(["agent", &format!("-config={}", config.display())])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("bao agent starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_during_renewals_costs_no_more_logins_than_openbao_agent() {
+    // TTL 10 s: renewed at 4.5-5 s, replaced by 6.5 s at the latest while
+    // renewals fail. The election (12-14 s with OpenBao's default raft
+    // timings) outlasts the lease: both agents' credentials die, and what
+    // counts is how soon each has working ones once Vault answers again.
+    let env = Env::raft(Ttls { db_ttl: "10s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
+    let Server::Raft { cluster, .. } = &env.server else { unreachable!() };
+    let cluster = cluster.clone();
+    let leader = cluster.active().expect("an active node");
+    let config = env.config("", "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    // A platform team pointing at the balancing Service lists the nodes a
+    // standby may redirect to (docs/kubernetes.md).
+    let hosts = "  redirect_hosts: [127.0.0.11, 127.0.0.12, 127.0.0.13]\n";
+    std::fs::write(&config, text.replacen("vault:\n", &format!("vault:\n{hosts}"), 1)).unwrap();
+    let mut agent = env.spawn(&config).await;
+    let bao_file = env.secrets().join("bao-db.json");
+    let mut peer = bao_agent(&env, &bao_file);
+    first_user(&env, &agent).await;
+    assert!(eventually(30, async || creds(&bao_file).is_some()).await, "OpenBao Agent rendered nothing");
+    let started = Instant::now();
+    let t0 = SystemTime::now();
+    let ours = Probe::start(env.pg, env.secrets().join("db.json"));
+    let theirs = Probe::start(env.pg, bao_file.clone());
+
+    // The active node dies (SIGKILL) just before the first renewals.
+    until(started + Duration::from_secs(4)).await;
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.kill(leader)).await.unwrap();
+    let killed = SystemTime::now();
+    // "Vault answers again": the moment another node is active.
+    let c = cluster.clone();
+    let back = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c.active().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        SystemTime::now()
+    })
+    .await
+    .unwrap();
+    // Restarted later, sealed, unsealed by its operator: a standby again.
+    until(started + Duration::from_secs(30)).await;
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.restart(leader)).await.unwrap().unwrap();
+    until(started + Duration::from_secs(50)).await;
+    let (ours, theirs) = (ours.stop().await, theirs.stop().await);
+    let end = SystemTime::now();
+
+    let (ours_failed, theirs_failed) = (failed(&ours, t0, end), failed(&theirs, t0, end));
+    let late: Vec<_> = ours_failed.iter().filter(|l| secs_between(back, l.at) > 3.0).collect();
+    eprintln!(
+        "leader election: new leader {:.1} s after the kill; failed logins: leasehold {} of {}, OpenBao Agent {} of {}",
+        secs_between(killed, back),
+        ours_failed.len(),
+        ours.len(),
+        theirs_failed.len(),
+        theirs.len()
+    );
+    agent.signal(Signal::SIGTERM);
+    let code = agent.wait(Duration::from_secs(20)).await;
+    let _ = peer.start_kill();
+    assert!(late.is_empty(), "credentials dead more than 3 s after Vault answered again: {late:?}\n{}", agent.output());
+    assert!(
+        ours_failed.len() <= theirs_failed.len(),
+        "leasehold {ours_failed:?} against OpenBao Agent {theirs_failed:?}\n{}",
+        agent.output()
+    );
+    assert_eq!(code, 0, "{}", agent.output());
+}

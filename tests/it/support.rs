@@ -12,7 +12,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use devvault::testing::{Api, AuditEntry, OpenBao, PgCluster, Setup, TokenReviewer, setup_postgres, shared_cluster};
+use devvault::testing::{
+    Api, AuditEntry, OpenBao, PgCluster, RaftCluster, Setup, TokenReviewer, setup_postgres, shared_cluster,
+};
 use devvault::{DevTls, DevVault, ServiceAccountIssuer, SigningAlg};
 use serde_json::Value;
 
@@ -48,6 +50,13 @@ pub enum Server {
         reviewer: TokenReviewer,
     },
     DevVault(DevVault),
+    /// Three real `bao server` nodes with raft storage; the agent is given
+    /// `address` (a standby, as behind a Service that balances over all).
+    Raft {
+        cluster: Arc<RaftCluster>,
+        reviewer: TokenReviewer,
+        address: String,
+    },
 }
 
 pub struct Env {
@@ -84,6 +93,28 @@ impl Env {
         Self::start_on(ttls, false, false).await
     }
 
+    /// A raft cluster of three real OpenBao servers, configured through
+    /// the active node; the agent's address is a standby's.
+    pub async fn raft(ttls: Ttls<'_>) -> Env {
+        let pg = shared_cluster();
+        let issuer = Arc::new(ServiceAccountIssuer::generate(SigningAlg::Es256).unwrap());
+        let cluster = match tokio::task::spawn_blocking(RaftCluster::start).await.unwrap() {
+            Ok(c) => Arc::new(c),
+            Err(e) => panic!("the OpenBao raft cluster could not start: {e}"),
+        };
+        let reviewer = TokenReviewer::start(issuer.clone()).await.expect("TokenReview stand-in starts");
+        let active = cluster.active().expect("an active node after start");
+        let api = Api::new(&cluster.url(active), Some(&cluster.root_token));
+        let address = cluster.url((active + 1) % 3);
+        let server = Server::Raft { cluster, reviewer, address };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+        let env = Env { server, api, pg, issuer, dir, tls: None };
+        env.configure(&env.api, &ttls).await;
+        std::fs::write(env.token_path(), env.issuer.mint("default", "app", 3600).unwrap()).unwrap();
+        env
+    }
+
     async fn start(ttls: Ttls<'_>, tls: bool) -> Env {
         Self::start_on(ttls, tls, on_devvault()).await
     }
@@ -115,7 +146,7 @@ impl Env {
             token_max_ttl: ttls.token_max,
         };
         match &self.server {
-            Server::OpenBao { reviewer, .. } => {
+            Server::OpenBao { reviewer, .. } | Server::Raft { reviewer, .. } => {
                 setup.kubernetes_tokenreview(&reviewer.url(), self.issuer.certificate_pem()).await
             }
             Server::DevVault(_) => setup.kubernetes(&self.issuer).await,
@@ -141,6 +172,7 @@ impl Env {
             Server::OpenBao { proxy: Some(p), .. } => p.url(),
             Server::OpenBao { bao, proxy: None, .. } => bao.url(),
             Server::DevVault(v) => v.url(),
+            Server::Raft { address, .. } => address.clone(),
         }
     }
 
@@ -148,7 +180,7 @@ impl Env {
     pub fn openbao(&self) -> Option<&OpenBao> {
         match &self.server {
             Server::OpenBao { bao, .. } => Some(bao),
-            Server::DevVault(_) => None,
+            Server::DevVault(_) | Server::Raft { .. } => None,
         }
     }
 
@@ -235,6 +267,12 @@ secrets:
     pub async fn requests(&self) -> Vec<Req> {
         if let Server::OpenBao { bao, proxy: None, .. } = &self.server {
             return bao.audit().iter().filter(|e| e.kind == "response").map(Req::from_audit).collect();
+        }
+        if let Server::Raft { cluster, .. } = &self.server {
+            let mut all: Vec<Req> =
+                cluster.audit().iter().filter(|e| e.kind == "response").map(Req::from_audit).collect();
+            all.sort_by_key(|r| r.time);
+            return all;
         }
         self.api
             .requests()

@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 mod openbao;
+mod raft;
 mod tokenreview;
 
 pub use openbao::{AuditEntry, OpenBao, bao_bin};
+pub use raft::{Health, RaftCluster};
 pub use tokenreview::TokenReviewer;
 
 /// A PostgreSQL cluster in a temporary directory, listening on 127.0.0.1.

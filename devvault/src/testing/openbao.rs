@@ -142,27 +142,31 @@ impl OpenBao {
 
     /// Every audit entry so far, in order.
     pub fn audit(&self) -> Vec<AuditEntry> {
-        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .map(|v| AuditEntry {
-                time: v["time"].as_str().unwrap_or_default().to_string(),
-                kind: v["type"].as_str().unwrap_or_default().to_string(),
-                operation: v["request"]["operation"].as_str().unwrap_or_default().to_string(),
-                path: v["request"]["path"].as_str().unwrap_or_default().to_string(),
-                data: v["request"]["data"].clone(),
-                error: v["error"].as_str().unwrap_or_default().to_string(),
-                accessor: v["auth"]["accessor"].as_str().unwrap_or_default().to_string(),
-                response_data: v["response"]["data"].clone(),
-                has_body: ["data", "auth", "secret"].iter().any(|k| v["response"].get(k).is_some()),
-            })
-            .collect()
+        parse_audit(&std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default())
     }
 
     /// Audit responses (one per completed request) for `path`.
     pub fn responses(&self, path: &str) -> Vec<AuditEntry> {
         self.audit().into_iter().filter(|e| e.kind == "response" && e.path == path).collect()
     }
+}
+
+/// A file audit device's lines, the fields tests use.
+pub fn parse_audit(text: &str) -> Vec<AuditEntry> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| AuditEntry {
+            time: v["time"].as_str().unwrap_or_default().to_string(),
+            kind: v["type"].as_str().unwrap_or_default().to_string(),
+            operation: v["request"]["operation"].as_str().unwrap_or_default().to_string(),
+            path: v["request"]["path"].as_str().unwrap_or_default().to_string(),
+            data: v["request"]["data"].clone(),
+            error: v["error"].as_str().unwrap_or_default().to_string(),
+            accessor: v["auth"]["accessor"].as_str().unwrap_or_default().to_string(),
+            response_data: v["response"]["data"].clone(),
+            has_body: ["data", "auth", "secret"].iter().any(|k| v["response"].get(k).is_some()),
+        })
+        .collect()
 }
 
 /// Starts `bao server -dev` on `port` with `dir`'s config under a watchdog
@@ -182,19 +186,7 @@ fn launch(dir: &Path, port: u16, tls: bool) -> Result<Result<(i32, Child, ChildS
         log = log.display(),
         tls = if tls { format!("-dev-tls -dev-tls-cert-dir='{}'", dir.display()) } else { String::new() },
     );
-    let mut child = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting bao: {e}"))?;
-    let stdin = child.stdin.take().ok_or("no stdin for the bao watchdog")?;
-    let mut first = String::new();
-    if let Some(out) = child.stdout.take() {
-        BufReader::new(out).read_line(&mut first).map_err(|e| format!("reading bao's pid: {e}"))?;
-    }
-    let pid: i32 = first.trim().parse().map_err(|_| format!("bao's watchdog printed {first:?}"))?;
+    let (pid, mut child, stdin) = watched(&script)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         // The root token exists once dev mode prints it.
@@ -213,6 +205,26 @@ fn launch(dir: &Path, port: u16, tls: bool) -> Result<Result<(i32, Child, ChildS
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Runs `script` (which starts bao in the background, prints its pid, and
+/// kills it when a line or EOF arrives on stdin) under `sh`: the server's
+/// pid, the watchdog, and our end of its stdin.
+pub(super) fn watched(script: &str) -> Result<(i32, Child, ChildStdin), String> {
+    let mut child = Command::new("sh")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting bao: {e}"))?;
+    let stdin = child.stdin.take().ok_or("no stdin for the bao watchdog")?;
+    let mut first = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out).read_line(&mut first).map_err(|e| format!("reading bao's pid: {e}"))?;
+    }
+    let pid: i32 = first.trim().parse().map_err(|_| format!("bao's watchdog printed {first:?}"))?;
+    Ok((pid, child, stdin))
 }
 
 /// `GET /v1/sys/health` answers 200: initialized, unsealed, active.

@@ -63,6 +63,9 @@ pub struct Held {
     pub issued_at: SystemTime,
     /// Where in the jitter window this grant's next action falls.
     pub sample: f64,
+    /// Granted after failures (an outage): the next renewal is drawn over
+    /// the whole window before `renew_at` (`schedule::spread_renewal`).
+    pub spread: bool,
 }
 
 impl Held {
@@ -119,6 +122,7 @@ impl Held {
             token_accessor: r.token_accessor.clone(),
             issued_at: time(r.issued_at),
             sample: rand::random(),
+            spread: false,
         }
     }
 }
@@ -277,6 +281,11 @@ impl<V: Vault> Supervisor<V> {
             self.persist(&held, &retired);
             match (outcome, step) {
                 (Ok(()), _) => {
+                    // The first success after failures: an outage may have
+                    // synchronised a fleet; this grant's renewal spreads it.
+                    if let Some(h) = held.as_mut().filter(|_| retry_at.is_some() || renew_retry.is_some()) {
+                        h.spread = true;
+                    }
                     backoff.reset();
                     retry_at = None;
                     renew_retry = None;
@@ -406,7 +415,10 @@ impl<V: Vault> Supervisor<V> {
             return (Step::Refresh, later(at));
         }
         let token_end = self.auth.borrow().token_end(&h.token_accessor);
-        let next = schedule::next(&h.times, token_end, &policy, h.sample, renew_retry);
+        let mut next = schedule::next(&h.times, token_end, &policy, h.sample, renew_retry);
+        if h.spread && renew_retry.is_none() {
+            next = schedule::spread_renewal(next, &h.times, &policy, h.sample);
+        }
         let step = match next.action {
             Action::Renew => Step::Renew,
             Action::Reissue(bound) => Step::Reissue(bound),
@@ -473,6 +485,7 @@ impl<V: Vault> Supervisor<V> {
                     token_accessor: accessor,
                     issued_at: at,
                     sample: rand::random(),
+                    spread: false,
                 };
                 let t = &fresh.times;
                 self.telemetry.issued(&name, &fresh.secret.lease_id, t.ttl, t.renewable, at, fresh.expires_at());
@@ -574,6 +587,7 @@ impl<V: Vault> Supervisor<V> {
                 let at = now();
                 h.times = h.times.renewed(at, r.lease_duration, r.renewable, &r.warnings);
                 h.sample = rand::random();
+                h.spread = false;
                 let (ttl, renewable, capped) = (r.lease_duration, r.renewable, h.times.capped);
                 Renewed { secret: &name, lease: &h.secret.lease_id, ttl, renewable, capped, at }.emit(&self.telemetry);
                 Ok(())
@@ -659,7 +673,10 @@ impl<V: Vault> Supervisor<V> {
     async fn renew_retired(&mut self, h: &mut Held) {
         let name = self.name();
         let Some(token) = self.current_token().await else { return };
-        match self.client.renew_lease(&token.token.secret, &h.secret.lease_id, h.times.first_ttl).await {
+        let call = self.client.renew_lease(&token.token.secret, &h.secret.lease_id, h.times.first_ttl);
+        // Bounded like the current lease's renewals: a hung one must not
+        // hold up the loop that tends the current credentials.
+        match self.within("renew lease", h.usable_until(), call).await {
             Ok(r) => {
                 h.times = h.times.renewed(now(), r.lease_duration, r.renewable, &r.warnings);
                 h.sample = rand::random();
