@@ -250,3 +250,31 @@ async fn a_telemetry_flood_neither_grows_the_agent_nor_keeps_probes_out() {
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_served_to_loopback_only_unless_configured() {
+    // #23: /v1/status named every lease and error to whoever reached the
+    // telemetry port (0.0.0.0 by default). A non-loopback address of this
+    // host: the host's end of a veth pair the test creates.
+    let ns = crate::outage::Netns::create();
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    for (status, from_elsewhere) in [("", 404), ("  status: all\n", 200), ("  status: none\n", 404)] {
+        let config = env.config("", "");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let text =
+            text.replace("telemetry:\n  listen: 127.0.0.1:0\n", &format!("telemetry:\n  listen: 0.0.0.0:0\n{status}"));
+        std::fs::write(&config, text).unwrap();
+        let mut agent = env.spawn(&config).await;
+        let port = telemetry_addr(&agent).await.rsplit(':').next().unwrap().to_string();
+        let (local, elsewhere) = (format!("127.0.0.1:{port}"), format!("{}:{port}", ns.host_ip));
+        assert!(eventually(20, async || get(&local, "/readyz").await.0 == 200).await, "{}", agent.output());
+        let want_local = if status.contains("none") { 404 } else { 200 };
+        assert_eq!(get(&local, "/v1/status").await.0, want_local, "{status:?} from loopback");
+        assert_eq!(get(&elsewhere, "/v1/status").await.0, from_elsewhere, "{status:?} from {elsewhere}");
+        // Probes and metrics are served to everyone whatever the setting.
+        assert_eq!(get(&elsewhere, "/readyz").await.0, 200);
+        assert_eq!(get(&elsewhere, "/metrics").await.0, 200);
+        agent.signal(Signal::SIGTERM);
+        assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    }
+}

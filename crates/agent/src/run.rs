@@ -390,7 +390,9 @@ pub async fn run(loaded: Loaded, config_path: &Path, signals: Signals, opts: Opt
     let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
     tracing::info!(event = "telemetry_listening", addr = %addr, "serving /healthz, /readyz, /metrics and /v1/status");
     let server_stop = CancellationToken::new();
-    let server = tokio::spawn(crate::telemetry::server::serve(listener, telemetry.clone(), server_stop.clone()));
+    let access = loaded.config.telemetry.status;
+    let server =
+        tokio::spawn(crate::telemetry::server::serve(listener, telemetry.clone(), access, server_stop.clone()));
     let outcome = match client(&loaded.config) {
         Ok(c) => {
             let c = c.with_observer(telemetry.clone());

@@ -324,9 +324,10 @@ async fn a_hung_renewal_gives_up_at_the_replacement_point() {
     let (issues, renewals) = vault.get(|s| (s.issues.clone(), s.renewals.clone()));
     let at = |t: SystemTime| t.duration_since(started).unwrap().as_secs_f64();
     assert_eq!(renewals.len(), 1, "{renewals:?}");
-    assert!((9.0..=10.1).contains(&at(renewals[0])), "renewed at {}", at(renewals[0]));
+    // Jitter moves both up to 1 s earlier, coalescing 128 ms more.
+    assert!((8.8..=10.1).contains(&at(renewals[0])), "renewed at {}", at(renewals[0]));
     assert_eq!(issues.len(), 2, "the hung renewal was given up and new credentials issued");
-    assert!((13.0..=14.1).contains(&at(issues[1])), "re-issued at {} s", at(issues[1]));
+    assert!((12.8..=14.1).contains(&at(issues[1])), "re-issued at {} s", at(issues[1]));
 }
 
 #[tokio::test(start_paused = true)]

@@ -309,11 +309,45 @@ impl Default for ShutdownConfig {
 pub struct TelemetryConfig {
     #[serde(default = "d_listen", deserialize_with = "host_port")]
     pub listen: SocketAddr,
+    /// Who is served `/v1/status` (the probes and `/metrics` are served to
+    /// all).
+    #[serde(default)]
+    pub status: StatusAccess,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { listen: d_listen() }
+        TelemetryConfig { listen: d_listen(), status: StatusAccess::default() }
+    }
+}
+
+/// `telemetry.status`: `/v1/status` names the leases, their users' expiry
+/// and errors; the kubelet and Prometheus do not need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatusAccess {
+    /// Only to connections from a loopback address (`leasehold status` in
+    /// the pod, `kubectl port-forward`).
+    #[default]
+    Loopback,
+    /// To anyone who reaches `telemetry.listen`.
+    All,
+    /// Not served. (`none`, not `off`: YAML reads `off` as `false`.)
+    None,
+}
+
+impl StatusAccess {
+    /// Whether a connection from `peer` is served `/v1/status`.
+    pub fn serves(self, peer: std::net::IpAddr) -> bool {
+        match self {
+            StatusAccess::All => true,
+            StatusAccess::None => false,
+            // An IPv4 peer on an IPv6 socket arrives as ::ffff:127.0.0.1.
+            StatusAccess::Loopback => match peer {
+                std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+                v4 => v4.is_loopback(),
+            },
+        }
     }
 }
 

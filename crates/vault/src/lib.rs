@@ -178,6 +178,47 @@ pub struct VaultClient {
     redirect_hosts: Vec<String>,
     /// Certificates are verified (`tls_skip_verify` off).
     verified: bool,
+    /// What the client's own retries draw from (`RetryBudget`).
+    budget: std::sync::Arc<RetryBudget>,
+}
+
+/// The retries one client (one agent) may add, over all its requests: up
+/// to `RETRY_BURST` at once, refilled by `RETRY_RATE` a second. A Vault
+/// failing for a whole fleet then meets each agent's first attempts (which
+/// its loops pace by the life left), not up to four times as many: the
+/// fleet cannot amplify the outage. A failure past the budget goes back to
+/// the loop at once, which waits as its schedule says.
+struct RetryBudget {
+    /// Tokens, and when they were counted.
+    state: std::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+/// See `RetryBudget`.
+pub const RETRY_BURST: f64 = 10.0;
+/// See `RetryBudget` (retries per second).
+pub const RETRY_RATE: f64 = 1.0;
+
+impl RetryBudget {
+    fn new() -> RetryBudget {
+        RetryBudget { state: std::sync::Mutex::new((RETRY_BURST, Self::now())) }
+    }
+
+    // tokio's clock, as for the request metric: paused in tests.
+    #[allow(clippy::disallowed_methods)]
+    fn now() -> tokio::time::Instant {
+        tokio::time::Instant::now()
+    }
+
+    /// Takes one retry if the budget holds one.
+    fn try_spend(&self) -> bool {
+        let now = Self::now();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, counted) = *state;
+        let tokens = (tokens + now.duration_since(counted).as_secs_f64() * RETRY_RATE).min(RETRY_BURST);
+        let spend = tokens >= 1.0;
+        *state = (if spend { tokens - 1.0 } else { tokens }, now);
+        spend
+    }
 }
 
 /// See `VaultClient::inflight`.
@@ -246,6 +287,7 @@ impl VaultClient {
             inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             redirect_hosts: cfg.redirect_hosts,
             verified: !cfg.tls_skip_verify,
+            budget: std::sync::Arc::new(RetryBudget::new()),
         })
     }
 
@@ -296,7 +338,7 @@ impl VaultClient {
         // deadline (`tokio::time::timeout` around the call) bounds both.
         attempt
             .retry(backoff)
-            .when(retry)
+            .when(|e| retry(e) && self.budget.try_spend())
             .adjust(|e: &VaultError, step| step.map(|d| e.retry_after().map_or(d, |after| after.max(d))))
             .await
     }

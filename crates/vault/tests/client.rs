@@ -236,6 +236,28 @@ async fn a_redirect_to_an_unlisted_host_over_http_carries_no_token() {
 }
 
 #[tokio::test]
+async fn a_vault_failing_for_everyone_meets_a_bounded_number_of_retries() {
+    // #21: a fleet must not amplify an outage. 30 renewals at once against
+    // a Vault answering 503 to all: each may be retried twice, but the
+    // client's retry budget (10, refilled 1 a second) caps the extra ones.
+    let (addr, count) = server(Answer::Unavailable).await;
+    let client = client(addr);
+    let lease = LeaseId::new("database/creds/app/abcdefgh".into());
+    let mut renewals = tokio::task::JoinSet::new();
+    for _ in 0..30 {
+        let (client, lease) = (client.clone(), lease.clone());
+        renewals.spawn(async move { client.renew_lease(&token(), &lease, Duration::from_secs(60)).await });
+    }
+    while let Some(result) = renewals.join_next().await {
+        assert!(result.unwrap().is_err());
+    }
+    let sent = count.load(Ordering::SeqCst);
+    // 30 first attempts, at most 10 retries from the burst and a few from
+    // the refill while they ran (90 without a budget).
+    assert!((30..=45).contains(&sent), "{sent} requests for 30 renewals");
+}
+
+#[tokio::test]
 async fn retry_after_spaces_the_clients_own_retries() {
     // Real time: the server is real and the client's retries sleep on it.
     #[allow(clippy::disallowed_methods)]

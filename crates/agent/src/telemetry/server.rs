@@ -18,13 +18,22 @@ use tokio_util::sync::CancellationToken;
 
 use super::Telemetry;
 
-pub fn router(t: Arc<Telemetry>) -> Router {
-    Router::new()
+/// The endpoints; `/v1/status` only `with_status` (`telemetry.status`
+/// decides per connection).
+pub fn router(t: Arc<Telemetry>, with_status: bool) -> Router {
+    let r = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/status", get(status))
-        .with_state(t)
+        .route("/metrics", get(metrics));
+    let r = if with_status {
+        r.route("/v1/status", get(status))
+    } else {
+        r.route(
+            "/v1/status",
+            get(|| async { (StatusCode::NOT_FOUND, "not served to this address (telemetry.status)\n") }),
+        )
+    };
+    r.with_state(t)
 }
 
 /// Connections open at once. A probe or a scrape takes one for a moment;
@@ -37,15 +46,21 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// oldest one that has not sent a request yet is closed to make room, so a
 /// flood of silent connections cannot keep the kubelet's probes out (they
 /// send their request at once, and are served).
-pub async fn serve(listener: tokio::net::TcpListener, t: Arc<Telemetry>, stop: CancellationToken) {
-    let router = router(t);
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    t: Arc<Telemetry>,
+    access: config::StatusAccess,
+    stop: CancellationToken,
+) {
+    let (full, probes) = (router(t.clone(), true), router(t, false));
     let mut accept_errors = listen::AcceptErrors::default();
     let waiting = Arc::new(Mutex::new(Waiting::default()));
     let open = Arc::new(AtomicUsize::new(0));
     loop {
         let accept = || listener.accept();
         let next = listen::next(accept, &mut accept_errors, "telemetry_accept_failed", "telemetry", &stop).await;
-        let Some((stream, _)) = next else { return };
+        let Some((stream, peer)) = next else { return };
+        let router = if access.serves(peer.ip()) { full.clone() } else { probes.clone() };
         if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
             let evicted = super::lock(&waiting).evict_oldest();
             if !evicted {
@@ -55,7 +70,7 @@ pub async fn serve(listener: tokio::net::TcpListener, t: Arc<Telemetry>, stop: C
             }
         }
         let (id, cancel) = super::lock(&waiting).add(stop.child_token());
-        let (waiting, open, router) = (waiting.clone(), open.clone(), router.clone());
+        let (waiting, open) = (waiting.clone(), open.clone());
         open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             // The first request's arrival takes the connection off the
