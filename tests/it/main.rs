@@ -13,6 +13,7 @@ mod demo;
 mod docs;
 mod faults;
 mod hooks;
+mod hostile;
 mod injector;
 mod jwt;
 mod lifecycle;

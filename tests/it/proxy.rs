@@ -482,3 +482,54 @@ async fn silent_clients_are_closed_and_failing_accepts_back_off() {
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_is_capped_and_the_agent_keeps_writing_its_files() {
+    // #23: 2,000 silent connections (no password is asked before the
+    // startup packet) held 2,000 descriptors and tasks; under `ulimit -n
+    // 256` the agent failed its state and credential writes. With
+    // `max_connections: 50` the rest are told 53300 at once.
+    let env = Env::new(Ttls { db_ttl: "6s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
+    let port = free_port();
+    let upstream = format!("127.0.0.1:{}", env.pg.port);
+    let secret = proxied("db", &env, port, &upstream, "disable") + "      max_connections: 50\n";
+    let mut agent = env.spawn(&env.config_with_secrets(&secret)).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let pid = agent.child.id().unwrap();
+    let (soft, limit) = crate::support::nofile(pid);
+    limit(256);
+    let mut silent = Vec::new();
+    let mut refused = 0;
+    for _ in 0..2000 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { continue };
+        if silent.len() < 50 {
+            silent.push(s);
+            continue;
+        }
+        // Told at once, or not at all: without the cap the connection is
+        // held, and after 20 of those the flood is not worth going on with.
+        let mut answer = Vec::new();
+        if tokio::time::timeout(Duration::from_millis(500), s.read_to_end(&mut answer)).await.is_ok()
+            && String::from_utf8_lossy(&answer).contains("too many connections")
+        {
+            refused += 1;
+        } else {
+            silent.push(s);
+            if silent.len() > 70 {
+                break;
+            }
+        }
+    }
+    assert!(refused >= 1900, "{refused} of 1,950 told 53300:\n{}", agent.output());
+    // The cap held: renewals (every 3 s) and a re-issue's files go on.
+    let renewed = agent.events("renewed").len();
+    assert!(eventually(15, async || agent.events("renewed").len() > renewed).await, "{}", agent.output());
+    assert!(agent.events("render_failed").is_empty() && agent.output().matches("state_write_failed").count() == 0);
+    let capped = agent.events("proxy_connections_capped");
+    assert!(!capped.is_empty() && capped.len() <= 3, "{} cap warnings:\n{}", capped.len(), agent.output());
+    drop(silent);
+    limit(soft);
+    assert!(eventually(15, async || query(port).await.is_ok()).await, "served after:\n{}", agent.output());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}

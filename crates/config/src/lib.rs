@@ -209,10 +209,19 @@ pub struct ProxyConfig {
     /// password): a connection that says nothing is closed then.
     #[serde(default = "d_proxy_startup_timeout", with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// Client connections at once, cancel requests included: more are
+    /// told `53300` and closed, so a flood cannot take the descriptors the
+    /// agent needs for its state and credential files.
+    #[serde(default = "d_proxy_max_connections")]
+    pub max_connections: usize,
 }
 
 fn d_proxy_startup_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn d_proxy_max_connections() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -731,6 +740,9 @@ impl ProxyConfig {
         let port = p.upstream.rsplit_once(':').and_then(|(h, port)| (!h.is_empty()).then_some(port));
         if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
             return Err((key("proxy.upstream"), format!("{:?} is not HOST:PORT", p.upstream)));
+        }
+        if p.max_connections == 0 {
+            return Err((key("proxy.max_connections"), "must be at least 1".into()));
         }
         match (p.upstream_tls, &p.ca_cert) {
             (UpstreamTls::VerifyFull, None) => {

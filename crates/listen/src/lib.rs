@@ -12,8 +12,31 @@ use tokio::time::Instant;
 #[derive(Default)]
 pub struct AcceptErrors {
     in_a_row: u32,
+    log: Throttle,
+}
+
+/// Events of one kind logged at most every `LOG_EVERY`, each line with how
+/// many it stands for.
+#[derive(Default)]
+pub struct Throttle {
     unlogged: u64,
     logged_at: Option<Instant>,
+}
+
+impl Throttle {
+    /// One more event: `Some(count)` (the events since the last line) when
+    /// it is time to log one.
+    pub fn tick(&mut self) -> Option<u64> {
+        self.unlogged += 1;
+        // A log throttle, no deadline: tokio's clock directly.
+        #[allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        if self.logged_at.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 impl AcceptErrors {
@@ -26,14 +49,8 @@ impl AcceptErrors {
     /// and returns how long to pause before accepting again.
     pub fn failed(&mut self, event: &'static str, listener: &str, e: &std::io::Error) -> Duration {
         self.in_a_row = self.in_a_row.saturating_add(1);
-        self.unlogged += 1;
-        // A pause and a log throttle, no deadline: tokio's clock directly.
-        #[allow(clippy::disallowed_methods)]
-        let now = Instant::now();
-        if self.logged_at.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
-            tracing::warn!(event, listener, error = %e, failures = self.unlogged, "accepting connections fails (out of descriptors?); backing off");
-            self.unlogged = 0;
-            self.logged_at = Some(now);
+        if let Some(failures) = self.log.tick() {
+            tracing::warn!(event, listener, error = %e, failures, "accepting connections fails (out of descriptors?); backing off");
         }
         pause(self.in_a_row)
     }

@@ -55,6 +55,8 @@ pub enum ProxyError {
     NoCredentials,
     #[error("no startup packet within {0:?} (proxy.startup_timeout)")]
     StartupTimeout(std::time::Duration),
+    #[error("too many connections ({0} open: proxy.max_connections)")]
+    TooManyConnections(usize),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -222,14 +224,33 @@ pub async fn serve(
         }
     };
     let mut accept_errors = listen::AcceptErrors::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let mut turned_away = listen::Throttle::default();
     loop {
         let accept = || listener.accept();
-        let Some(client) = listen::next(accept, &mut accept_errors, "proxy_accept_failed", &secret, &stop).await else {
+        let Some(mut client) = listen::next(accept, &mut accept_errors, "proxy_accept_failed", &secret, &stop).await
+        else {
             return;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Told why at once, not drained for long: the descriptor is
+            // what the cap protects. Logged at most every 10 s.
+            feed.stats.failed.fetch_add(1, Ordering::Relaxed);
+            if let Some(count) = turned_away.tick() {
+                tracing::warn!(event = "proxy_connections_capped", secret = %secret, max = cfg.max_connections, turned_away = count, "too many proxy connections: new ones are turned away");
+            }
+            let max = cfg.max_connections;
+            tokio::spawn(async move {
+                let e = ProxyError::TooManyConnections(max);
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_millis(200), refuse(&mut client, "53300", &e)).await;
+            });
+            continue;
         };
         let (secret, cfg, tls, creds, feed, stop) =
             (secret.clone(), cfg.clone(), tls.clone(), creds.clone(), feed.clone(), stop.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = connection(client, &cfg, tls, creds, &feed, stop).await {
                 feed.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(event = "proxy_connection_failed", secret = %secret, error = %e, "a proxied connection failed");
