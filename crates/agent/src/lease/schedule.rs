@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::timing::part;
-pub use crate::timing::{DEAD_RETRY, MIN_RETRY, Policy, renew_point, renewal_capped, retry_delay};
+pub use crate::timing::{MIN_RETRY, Policy, renew_point, renewal_capped, retry_delay};
 
 /// What we know of a lease we hold.
 #[derive(Debug, Clone, Copy, PartialEq)]
