@@ -113,6 +113,8 @@ pub struct InjectorArgs {
 
 fn main() -> ExitCode {
     agent::telemetry::harden();
+    // Listeners budget descriptors against the soft limit (listen::RESERVE).
+    listen::raise_nofile();
     // Before any HTTP client: `status` and hooks build their own.
     vault::install_crypto_provider();
     let cli = Cli::parse();

@@ -444,8 +444,9 @@ fn injector_defaults() -> injector::plan::Defaults {
 
 /// #23: after the TLS handshake nothing bounded a connection, and out of
 /// descriptors the accept loop spun. Now a request's headers must arrive
-/// within 10 s, connections beyond the cap are closed at once, failing
-/// accepts back off; probes and reviews are served throughout.
+/// within 10 s, connections beyond the cap or within the descriptor
+/// reserve are closed at once, failing accepts back off; probes and
+/// reviews are served throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_or_a_descriptor_flood_cannot_stall_the_injector() {
     let tls = DevTls::generate().unwrap();
@@ -485,10 +486,21 @@ async fn a_slowloris_or_a_descriptor_flood_cannot_stall_the_injector() {
     assert!(sent.elapsed() >= Duration::from_secs(9), "closed by the header timeout, not before: {:?}", sent.elapsed());
     drop(slow);
 
-    // Out of descriptors: the soft limit set to what it holds now plus 4.
+    // Near the descriptor limit (within listen::RESERVE of it): new
+    // connections are closed at once instead of being held.
     let pid = inj.agent.child.id().unwrap();
     let (soft, set) = crate::support::nofile(pid);
     set(crate::support::settled_fds(pid).await + 4);
+    for _ in 0..40 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut rest);
+        let closed = tokio::time::timeout(Duration::from_secs(2), read).await;
+        assert!(closed.is_ok(), "a connection within the descriptor reserve is closed at once");
+    }
+    // Out of descriptors altogether (no new descriptor under 3): accepting
+    // fails, and backs off.
+    set(3);
     let mut flood = Vec::new();
     for _ in 0..40 {
         flood.extend(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok());

@@ -27,3 +27,4 @@ mod rotation;
 mod state;
 mod telemetry;
 mod token;
+mod upstream_auth;

@@ -5,19 +5,21 @@
 
 // Tests measure real time; the agent's clock rule (clippy.toml) is not for them.
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::{Env, Ttls, eventually};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// `psql` through the proxy as a user name that means nothing, no password:
 /// the user the server saw (`pg_stat_activity`), or psql's error.
-async fn query(port: u16) -> Result<String, String> {
+pub(crate) async fn query(port: u16) -> Result<String, String> {
     let out = tokio::process::Command::new("psql")
         .args([
             &format!("host=127.0.0.1 port={port} user=whoever dbname=postgres sslmode=prefer connect_timeout=5"),
@@ -109,11 +111,21 @@ async fn bad_clients_and_upstreams_get_clear_errors_and_others_are_served() {
     let (good, refused, no_tls) = (free_port(), free_port(), free_port());
     let upstream = format!("127.0.0.1:{}", env.pg.port);
     let closed = format!("127.0.0.1:{}", free_port());
+    // A server that answers SSLRequest with 'N', as one without TLS does.
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain_addr = plain.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = plain.accept().await {
+            let mut request = [0u8; 8];
+            if s.read_exact(&mut request).await.is_ok() {
+                let _ = s.write_all(b"N").await;
+            }
+        }
+    });
     let secrets = [
         proxied("db", &env, good, &upstream, "disable"),
         proxied("refused", &env, refused, &closed, "disable"),
-        // The test cluster has no TLS.
-        proxied("notls", &env, no_tls, &upstream, "require"),
+        proxied("notls", &env, no_tls, &plain_addr, "require"),
     ]
     .concat();
     let mut agent = env.spawn(&env.config_with_secrets(&secrets)).await;
@@ -146,6 +158,8 @@ async fn bad_clients_and_upstreams_get_clear_errors_and_others_are_served() {
 /// many times.
 struct Session {
     s: tokio::net::TcpStream,
+    /// `BackendKeyData`'s body: what a CancelRequest names.
+    key: Vec<u8>,
 }
 
 /// An `ErrorResponse`'s SQLSTATE and message.
@@ -183,7 +197,7 @@ impl Session {
 
     async fn connect(port: u16, password: Option<&str>) -> Result<Session, PgError> {
         let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut me = Session { s };
+        let mut me = Session { s, key: Vec::new() };
         let mut body = 196_608i32.to_be_bytes().to_vec();
         body.extend_from_slice(b"user\0whoever\0database\0postgres\0\0");
         let mut startup = ((body.len() + 4) as i32).to_be_bytes().to_vec();
@@ -197,10 +211,22 @@ impl Session {
                     me.send(b'p', p.as_bytes()).await;
                 }
                 b'E' => return Err(pg_error(&body)),
+                b'K' => me.key = body,
                 b'Z' => return Ok(me),
                 _ => {}
             }
         }
+    }
+
+    /// Sends a CancelRequest for `key` on a connection of its own.
+    async fn cancel(port: u16, key: &[u8]) {
+        let mut packet = 16i32.to_be_bytes().to_vec();
+        packet.extend_from_slice(&80_877_102i32.to_be_bytes());
+        packet.extend_from_slice(key);
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
+        let _ = s.write_all(&packet).await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
     }
 
     /// The first column of every row, or the error.
@@ -487,12 +513,14 @@ async fn silent_clients_are_closed_and_failing_accepts_back_off() {
 async fn a_connection_flood_is_capped_and_the_agent_keeps_writing_its_files() {
     // #23: 2,000 silent connections (no password is asked before the
     // startup packet) held 2,000 descriptors and tasks; under `ulimit -n
-    // 256` the agent failed its state and credential writes. With
-    // `max_connections: 50` the rest are told 53300 at once.
+    // 256` the agent failed its state and credential writes. With the
+    // defaults (max_connections 256, a reserve of 192 descriptors) the
+    // proxy holds at most 32 connections there, and the rest are told
+    // 53300 at once.
     let env = Env::new(Ttls { db_ttl: "6s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
     let port = free_port();
     let upstream = format!("127.0.0.1:{}", env.pg.port);
-    let secret = proxied("db", &env, port, &upstream, "disable") + "      max_connections: 50\n";
+    let secret = proxied("db", &env, port, &upstream, "disable");
     let mut agent = env.spawn(&env.config_with_secrets(&secret)).await;
     assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
     let pid = agent.child.id().unwrap();
@@ -530,6 +558,64 @@ async fn a_connection_flood_is_capped_and_the_agent_keeps_writing_its_files() {
     drop(silent);
     limit(soft);
     assert!(eventually(15, async || query(port).await.is_ok()).await, "served after:\n{}", agent.output());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}
+
+/// A TCP relay to `to` counting the connections it is asked for.
+async fn counting_relay(to: u16) -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+            });
+        }
+    });
+    (port, count)
+}
+
+/// #23: every CancelRequest opened an upstream connection, whoever sent
+/// it. Now only a key the proxy handed out to a live session is forwarded:
+/// 500 made-up ones open nothing, and a real one still cancels its query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_cancel_keys_the_proxy_handed_out_reach_the_database() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let (relay, upstream_connections) = counting_relay(env.pg.port).await;
+    let port = free_port();
+    let mut agent =
+        env.spawn(&env.config_with_secrets(&proxied("db", &env, port, &format!("127.0.0.1:{relay}"), "disable"))).await;
+    assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
+    let mut session = Session::connect(port, None).await.expect("a session through the proxy");
+    assert_eq!(session.key.len(), 8, "the server's key reached the client");
+    let before = upstream_connections.load(Ordering::SeqCst);
+
+    let forged = (0..500u32).map(|i| {
+        let mut key = session.key.clone();
+        let secret = u32::from_be_bytes([key[4], key[5], key[6], key[7]]) ^ (i + 1);
+        key[4..].copy_from_slice(&secret.to_be_bytes());
+        tokio::spawn(async move { Session::cancel(port, &key).await })
+    });
+    for f in forged.collect::<Vec<_>>() {
+        f.await.unwrap();
+    }
+    let opened = upstream_connections.load(Ordering::SeqCst) - before;
+    assert!(opened <= 3, "500 forged cancel requests opened {opened} upstream connections");
+
+    // The real key still cancels the session's query.
+    let key = session.key.clone();
+    let cancel = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Session::cancel(port, &key).await;
+    });
+    let e = session.query("SELECT pg_sleep(30)").await.expect_err("cancelled");
+    assert_eq!(e.code, "57014", "{e:?}");
+    cancel.await.unwrap();
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }

@@ -198,6 +198,17 @@ pub struct ProxyConfig {
     /// The CA of the database's certificate (`verify-full`).
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// SCRAM-SHA-256-PLUS (`tls-server-end-point`) with the upstream; unset:
+    /// `require` under `upstream_tls: require` (the certificate is not
+    /// checked, so the binding is what shows the server is the database),
+    /// `prefer` otherwise (`ProxyConfig::channel_binding`).
+    #[serde(default, rename = "channel_binding")]
+    pub channel_binding_key: Option<ChannelBinding>,
+    /// Answer a server asking for a cleartext or md5 password even though
+    /// its certificate is not verified (`upstream_tls` other than
+    /// `verify-full`): whoever answers gets the password or its hash.
+    #[serde(default)]
+    pub allow_plain_password: bool,
     /// What happens to connections of replaced credentials.
     #[serde(default)]
     pub replaced_connections: ReplacedConnections,
@@ -234,6 +245,19 @@ pub enum ReplacedConnections {
     /// Kept until the client closes them, the old lease renewed meanwhile
     /// (closed between transactions only before the lease ends for good).
     Keep,
+}
+
+/// libpq's `channel_binding`, for the proxy's upstream logins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelBinding {
+    /// Never bound (plain SCRAM-SHA-256).
+    Disable,
+    /// Bound when the server offers it over TLS.
+    Prefer,
+    /// Only SCRAM-SHA-256-PLUS: every other method, and a server letting the
+    /// proxy in without one, is refused.
+    Require,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -735,6 +759,15 @@ impl SecretConfig {
 type Key<'a> = &'a dyn Fn(&str) -> String;
 
 impl ProxyConfig {
+    /// `channel_binding`, or its default for `upstream_tls`.
+    pub fn channel_binding(&self) -> ChannelBinding {
+        match (self.channel_binding_key, self.upstream_tls) {
+            (Some(b), _) => b,
+            (None, UpstreamTls::Require) => ChannelBinding::Require,
+            (None, UpstreamTls::Disable | UpstreamTls::VerifyFull) => ChannelBinding::Prefer,
+        }
+    }
+
     fn validate(&self, key: Key) -> Result<(), (String, String)> {
         let p = self;
         let port = p.upstream.rsplit_once(':').and_then(|(h, port)| (!h.is_empty()).then_some(port));
@@ -752,6 +785,15 @@ impl ProxyConfig {
                 return Err((key("proxy.ca_cert"), "is used only with upstream_tls: verify-full".into()));
             }
             _ => {}
+        }
+        if p.upstream_tls == UpstreamTls::Disable && p.channel_binding_key == Some(ChannelBinding::Require) {
+            return Err((key("proxy.channel_binding"), "require needs TLS: upstream_tls is disable".into()));
+        }
+        if p.channel_binding() == ChannelBinding::Require && p.allow_plain_password {
+            return Err((
+                key("proxy.allow_plain_password"),
+                "contradicts channel_binding: require (the default under upstream_tls: require); set channel_binding: prefer too".into(),
+            ));
         }
         Ok(())
     }
@@ -911,9 +953,34 @@ secrets:
                 "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      upstream_tls: prefer\n",
                 "secrets[0].proxy.upstream_tls",
             ),
+            (
+                "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      upstream_tls: disable\n      channel_binding: require\n",
+                "secrets[0].proxy.channel_binding",
+            ),
+            (
+                "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      allow_plain_password: true\n",
+                "secrets[0].proxy.allow_plain_password",
+            ),
         ] {
             assert_eq!(error_key(&with(proxy)), key, "{proxy}");
         }
+    }
+
+    /// #23: with the certificate unchecked, channel binding is what keeps a
+    /// man in the middle out, so it is required by default there.
+    #[test]
+    fn channel_binding_is_required_where_the_certificate_is_not_checked() {
+        let with = |proxy: &str| MINIMAL.replace("    files:\n", &format!("    proxy:\n{proxy}    files:\n"));
+        let binding = |extra: &str| {
+            let text = with(&format!("      listen: 127.0.0.1:5432\n      upstream: db:5432\n{extra}"));
+            parse(&text).unwrap().secrets[0].proxy.clone().unwrap().channel_binding()
+        };
+        assert_eq!(binding(""), ChannelBinding::Require);
+        assert_eq!(binding("      upstream_tls: disable\n"), ChannelBinding::Prefer);
+        assert_eq!(binding("      upstream_tls: verify-full\n      ca_cert: /ca.pem\n"), ChannelBinding::Prefer);
+        assert_eq!(binding("      channel_binding: disable\n"), ChannelBinding::Disable);
+        let plain = "      channel_binding: prefer\n      allow_plain_password: true\n";
+        assert_eq!(binding(plain), ChannelBinding::Prefer);
     }
 
     #[test]

@@ -131,10 +131,14 @@ pub async fn serve(
             tracing::debug!(event = "connection_refused", peer = %peer, "over the connection cap");
             continue;
         };
+        let Ok(fds) = listen::Descriptors::take(1) else {
+            tracing::debug!(event = "connection_refused", peer = %peer, "out of descriptors (listen::RESERVE kept)");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let _held = (slot, fds);
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
             let tls = match handshake {
                 Ok(Ok(s)) => s,

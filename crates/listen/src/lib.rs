@@ -1,11 +1,67 @@
 //! Bounded listeners, shared by every server of the process (the proxy,
-//! the injector, telemetry): what to do when accepting fails. Out of
+//! the injector, telemetry): what to do when accepting fails, and how many
+//! descriptors connections may take (`Descriptors`). Out of
 //! descriptors (EMFILE) `accept` fails at once, forever: a loop that just
 //! retries spins a core and floods the log (264 MB in 20 s, once).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// Descriptors never taken by the proxy's and the injector's connections:
+/// telemetry's (at most 128, its own cap) and 64 for Vault, state and
+/// credential writes, hooks and the runtime. Out of descriptors the agent
+/// could write nothing.
+pub const RESERVE: u64 = 192;
+
+/// Descriptors held by admitted connections, process-wide (the limit is
+/// the process's).
+static HELD: AtomicU64 = AtomicU64::new(0);
+
+/// Descriptors an admitted connection holds until dropped.
+pub struct Descriptors(u64);
+
+impl Descriptors {
+    /// `n` descriptors for a new connection, if the soft `RLIMIT_NOFILE`
+    /// less `RESERVE` has room; else `Err(limit)`. The limit is read each
+    /// time: an operator may lower it while the agent runs (`prlimit`).
+    pub fn take(n: u64) -> Result<Descriptors, u64> {
+        let limit = nofile();
+        let admitted =
+            HELD.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| admit(held, n, limit).then_some(held + n));
+        admitted.map(|_| Descriptors(n)).map_err(|_| limit)
+    }
+}
+
+/// Whether `n` more descriptors fit beside `held` under `limit`.
+fn admit(held: u64, n: u64, limit: u64) -> bool {
+    held.saturating_add(n) <= limit.saturating_sub(RESERVE)
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        HELD.fetch_sub(self.0, Ordering::Relaxed);
+    }
+}
+
+/// The soft limit on open descriptors (unlimited when it cannot be read).
+fn nofile() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(soft, _)| soft)
+}
+
+/// Raises the soft descriptor limit to the hard one (at most 2^20), as Go
+/// programs do at start: a soft limit of 1,024 is a default nobody chose,
+/// the hard one is the operator's.
+pub fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(1 << 20);
+        if soft < want {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, want, hard);
+        }
+    }
+}
 
 /// Failed accepts in a row: the pause before the next (10 ms doubling to
 /// 1 s) and a warning at most every 10 s, with how many it stands for.
@@ -100,6 +156,19 @@ fn pause(in_a_row: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The budget is the soft limit less the reserve, shared by every
+    /// listener.
+    #[test]
+    fn connections_never_take_the_reserve() {
+        assert!(admit(0, 2, 256) && admit(62, 2, 256));
+        assert!(!admit(63, 2, 256), "64 of 256 for connections, 192 kept");
+        assert!(!admit(0, 1, 100), "a limit under the reserve admits nothing");
+        assert!(admit(100_000, 2, u64::MAX), "unlimited");
+        let held = Descriptors::take(2).expect("this process has descriptors to spare");
+        assert!(HELD.load(Ordering::Relaxed) >= 2);
+        drop(held);
+    }
 
     #[test]
     fn pauses_double_from_10_ms_to_1_s() {

@@ -1,8 +1,8 @@
 //! The local PostgreSQL proxy of a database secret (`proxy:`): the app
 //! connects to `listen` with any user name, and no password or the local
 //! one (`local_password`); every connection is opened upstream with the
-//! secret's **current** credentials (SCRAM-SHA-256, md5 or cleartext, as
-//! the server asks), then the bytes are relayed both ways. After a rotation
+//! secret's **current** credentials (SCRAM-SHA-256-PLUS or SCRAM-SHA-256;
+//! md5 or cleartext only to a verified server: `auth.rs`), then the bytes are relayed both ways. After a rotation
 //! new connections log in as the new user; a connection of a replaced user
 //! is closed between transactions when the supervisor drains its lease, and
 //! at once when the lease is revoked. Cancel requests pass through: the
@@ -13,14 +13,18 @@
 //! - `relay.rs`: relaying while following the framing, to know when a
 //!   session is idle;
 //! - `upstream.rs`: connecting, TLS and authenticating upstream;
-//! - `scram.rs`: SCRAM-SHA-256's client side.
+//! - `auth.rs`: which authentication requests are answered (pure);
+//! - `scram.rs`: SCRAM-SHA-256's client side;
+//! - `binding.rs`: `tls-server-end-point` channel binding data.
 
+pub mod auth;
+pub mod binding;
 pub mod relay;
 pub mod scram;
 pub mod upstream;
 pub mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -57,6 +61,8 @@ pub enum ProxyError {
     StartupTimeout(std::time::Duration),
     #[error("too many connections ({0} open: proxy.max_connections)")]
     TooManyConnections(usize),
+    #[error("too many connections (the descriptor limit is {0}, and {reserve} are kept for the agent's own work)", reserve = listen::RESERVE)]
+    OutOfDescriptors(u64),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -166,6 +172,32 @@ pub struct Stats {
     /// Open connections by credential generation, with its user.
     open: Mutex<BTreeMap<u64, (String, u64)>>,
     replaced_closed: Notify,
+    pub keys: Arc<Keys>,
+}
+
+/// The cancel keys (`BackendKeyData`: process id and secret) of the
+/// sessions open now.
+#[derive(Default)]
+pub struct Keys(Mutex<BTreeSet<Vec<u8>>>);
+
+/// A key handed out, until its session ends.
+pub struct HandedOut(Arc<Keys>, Vec<u8>);
+
+impl Drop for HandedOut {
+    fn drop(&mut self) {
+        lock(&self.0.0).remove(&self.1);
+    }
+}
+
+impl Keys {
+    pub fn handed_out(&self, key: &[u8]) -> bool {
+        lock(&self.0).contains(key)
+    }
+
+    fn hand_out(self: &Arc<Self>, key: Vec<u8>) -> HandedOut {
+        lock(&self.0).insert(key.clone());
+        HandedOut(self.clone(), key)
+    }
 }
 
 impl Stats {
@@ -232,20 +264,28 @@ pub async fn serve(
         else {
             return;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Told why at once, not drained for long: the descriptor is
-            // what the cap protects. Logged at most every 10 s.
-            feed.stats.failed.fetch_add(1, Ordering::Relaxed);
-            if let Some(count) = turned_away.tick() {
-                tracing::warn!(event = "proxy_connections_capped", secret = %secret, max = cfg.max_connections, turned_away = count, "too many proxy connections: new ones are turned away");
+        // Two descriptors a connection: the client's and the upstream's.
+        let admitted = match (slots.clone().try_acquire_owned(), listen::Descriptors::take(2)) {
+            (Ok(slot), Ok(fds)) => Ok((slot, fds)),
+            (Err(_), _) => Err(ProxyError::TooManyConnections(cfg.max_connections)),
+            (_, Err(limit)) => Err(ProxyError::OutOfDescriptors(limit)),
+        };
+        let slot = match admitted {
+            Ok(slot) => slot,
+            Err(e) => {
+                // Told why at once, not drained for long: the descriptor is
+                // what the cap protects. Logged at most every 10 s.
+                feed.stats.failed.fetch_add(1, Ordering::Relaxed);
+                if let Some(count) = turned_away.tick() {
+                    tracing::warn!(event = "proxy_connections_capped", secret = %secret, error = %e, turned_away = count, "too many proxy connections: new ones are turned away");
+                }
+                tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_millis(200), refuse(&mut client, "53300", &e))
+                            .await;
+                });
+                continue;
             }
-            let max = cfg.max_connections;
-            tokio::spawn(async move {
-                let e = ProxyError::TooManyConnections(max);
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_millis(200), refuse(&mut client, "53300", &e)).await;
-            });
-            continue;
         };
         let (secret, cfg, tls, creds, feed, stop) =
             (secret.clone(), cfg.clone(), tls.clone(), creds.clone(), feed.clone(), stop.clone());
@@ -307,7 +347,15 @@ async fn connection(
         }
     };
     let params = match startup {
-        wire::Startup::Cancel(packet) => return upstream::cancel(cfg, tls, &packet).await,
+        // Only for a key the proxy handed out: anyone else's would open
+        // upstream connections for nothing (the server would ignore it).
+        wire::Startup::Cancel(packet) if feed.stats.keys.handed_out(&packet[8..]) => {
+            return upstream::cancel(cfg, tls, &packet).await;
+        }
+        wire::Startup::Cancel(_) => {
+            tracing::debug!(event = "proxy_cancel_ignored", "a cancel request for a key the proxy did not hand out");
+            return Ok(());
+        }
         wire::Startup::Session(params) => params,
     };
     let password = async {
@@ -342,6 +390,8 @@ async fn connection(
     };
     let user = data.str("username").unwrap_or_default().to_string();
     client.write_all(&wire::AUTHENTICATION_OK).await?;
+    let key = upstream::until_ready(&mut server, &mut client).await?;
+    let _key = key.map(|k| feed.stats.keys.hand_out(k));
     feed.stats.opened_as(generation, &user);
     let result = relay(&mut client, &mut server, &mut creds, &user, &feed.stats, stop).await;
     feed.stats.closed(generation);
@@ -383,7 +433,7 @@ async fn relay(
     stats: &Stats,
     stop: CancellationToken,
 ) -> std::io::Result<End> {
-    let idle = relay::Idle::default();
+    let idle = relay::Idle::logged_in();
     let closing = AtomicBool::new(false);
     let (client_r, client_w) = tokio::io::split(client);
     let (server_r, server_w) = tokio::io::split(server);

@@ -83,6 +83,14 @@ pub struct Idle {
 }
 
 impl Idle {
+    /// A session past its login's `ReadyForQuery` (read by
+    /// `upstream::until_ready`): idle until the client asks something.
+    pub fn logged_in() -> Idle {
+        let idle = Idle::default();
+        idle.ready_idle.store(true, Ordering::Relaxed);
+        idle
+    }
+
     pub fn is_idle(&self) -> bool {
         !self.lost.load(Ordering::Relaxed)
             && self.outstanding.load(Ordering::Relaxed) <= 0
@@ -232,5 +240,6 @@ mod tests {
         assert!(!idle.is_idle(), "one of two answered");
         idle.server(&mut s, &msg(b'Z', b"I"));
         assert!(idle.is_idle());
+        assert!(Idle::logged_in().is_idle(), "the login's ReadyForQuery read before relaying");
     }
 }

@@ -26,25 +26,57 @@ pub enum ScramError {
 /// blocking thread (`upstream::open`), never the runtime's.
 pub const MAX_ITERATIONS: u32 = 100_000;
 
+/// The channel binding of one exchange (RFC 5802 §6, RFC 5929).
+pub enum Binding {
+    /// `n`: none.
+    No,
+    /// `y`: the client could bind, the server did not offer it.
+    ServerDoesNot,
+    /// `p=tls-server-end-point` with this data (`binding::server_end_point`).
+    ServerEndPoint(Vec<u8>),
+}
+
+impl Binding {
+    fn header(&self) -> &'static str {
+        match self {
+            Binding::No => "n,,",
+            Binding::ServerDoesNot => "y,,",
+            Binding::ServerEndPoint(_) => "p=tls-server-end-point,,",
+        }
+    }
+}
+
 pub struct Scram {
     password: Vec<u8>,
+    binding: Binding,
     client_nonce: String,
     client_first_bare: String,
     server_signature: Option<[u8; 32]>,
 }
 
 impl Scram {
-    pub fn new(password: &str) -> Scram {
+    pub fn new(password: &str, binding: Binding) -> Scram {
         let bytes: [u8; 18] = rand::random();
         let client_nonce = B64.encode(bytes);
         // PostgreSQL takes the user from the startup message: `n=` is empty.
         let client_first_bare = format!("n=,r={client_nonce}");
-        Scram { password: password.as_bytes().to_vec(), client_nonce, client_first_bare, server_signature: None }
+        Scram {
+            password: password.as_bytes().to_vec(),
+            binding,
+            client_nonce,
+            client_first_bare,
+            server_signature: None,
+        }
     }
 
-    /// The client-first message (no channel binding).
+    /// SASL's mechanism name for this exchange.
+    pub fn mechanism(&self) -> &'static str {
+        if matches!(self.binding, Binding::ServerEndPoint(_)) { "SCRAM-SHA-256-PLUS" } else { "SCRAM-SHA-256" }
+    }
+
+    /// The client-first message.
     pub fn first(&self) -> Vec<u8> {
-        format!("n,,{}", self.client_first_bare).into_bytes()
+        format!("{}{}", self.binding.header(), self.client_first_bare).into_bytes()
     }
 
     /// The client-final message for the server-first message.
@@ -66,8 +98,13 @@ impl Scram {
         let salted_key = hmac::Key::new(hmac::HMAC_SHA256, &salted);
         let client_key = hmac::sign(&salted_key, b"Client Key");
         let stored_key = digest::digest(&digest::SHA256, client_key.as_ref());
-        // c=biws: base64 of "n,,", no channel binding.
-        let without_proof = format!("c=biws,r={nonce}");
+        // c=: the GS2 header and the binding data, so the server checks
+        // that both ends saw the same TLS certificate.
+        let mut c = self.binding.header().as_bytes().to_vec();
+        if let Binding::ServerEndPoint(data) = &self.binding {
+            c.extend_from_slice(data);
+        }
+        let without_proof = format!("c={},r={nonce}", B64.encode(c));
         let auth_message = format!("{},{text},{without_proof}", self.client_first_bare);
         let signature = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, stored_key.as_ref()), auth_message.as_bytes());
         let proof: Vec<u8> = client_key.as_ref().iter().zip(signature.as_ref()).map(|(a, b)| a ^ b).collect();
@@ -103,7 +140,7 @@ mod tests {
     /// RFC 7677's example (user "user", password "pencil"), with its nonce.
     #[test]
     fn the_rfc_7677_exchange() {
-        let mut s = Scram::new("pencil");
+        let mut s = Scram::new("pencil", Binding::No);
         s.client_nonce = "rOprNGfwEbeRWgbNEkqO".into();
         s.client_first_bare = "n=user,r=rOprNGfwEbeRWgbNEkqO".into();
         let server_first = b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
@@ -116,16 +153,31 @@ mod tests {
         assert_eq!(s.finish(b"v=AAAATRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="), Err(ScramError::Signature));
     }
 
+    /// The binding data travels in `c=` after the GS2 header, and the
+    /// header of the first message is the same one.
+    #[test]
+    fn channel_binding_goes_into_the_final_message() {
+        let mut s = Scram::new("pencil", Binding::ServerEndPoint(vec![1, 2, 3]));
+        assert_eq!(s.mechanism(), "SCRAM-SHA-256-PLUS");
+        assert!(s.first().starts_with(b"p=tls-server-end-point,,n=,r="));
+        let nonce = format!("{}srv", s.client_nonce);
+        let last = String::from_utf8(s.respond(format!("r={nonce},s=QSXCR+Q6sek8bf92,i=4096").as_bytes()).unwrap());
+        let want = B64.encode(b"p=tls-server-end-point,,\x01\x02\x03");
+        assert!(last.unwrap().starts_with(&format!("c={want},r={nonce},p=")));
+        let y = Scram::new("pencil", Binding::ServerDoesNot);
+        assert_eq!((y.mechanism(), &y.first()[..5]), ("SCRAM-SHA-256", &b"y,,n="[..]));
+    }
+
     #[test]
     fn a_nonce_that_is_not_ours_is_refused() {
-        let mut s = Scram::new("pw");
+        let mut s = Scram::new("pw", Binding::No);
         assert_eq!(s.respond(b"r=someone-else,s=AAAA,i=4096"), Err(ScramError::Nonce));
         assert_eq!(s.respond(b"garbage"), Err(ScramError::Malformed));
     }
 
     #[test]
     fn an_iteration_bomb_is_refused_before_any_work() {
-        let mut sc = Scram::new("pencil");
+        let mut sc = Scram::new("pencil", Binding::No);
         let nonce = format!("{}server", sc.client_nonce);
         for (i, refused) in [(4096u32, false), (MAX_ITERATIONS, false), (MAX_ITERATIONS + 1, true), (u32::MAX, true)] {
             let first = format!("r={nonce},s=QSXCR+Q6sek8bf92,i={i}");

@@ -1,8 +1,8 @@
 //! The proxy's side toward the database: TCP, TLS as `upstream_tls` says
 //! (`disable`; `require`: encrypted, the certificate not checked, as libpq's
 //! `sslmode=require`; `verify-full`: checked against `ca_cert`, and the
-//! host name), and the login with the secret's
-//! credentials.
+//! host name), and the login with the secret's credentials, answering
+//! only what `auth::answer` allows.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,7 +11,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::scram::Scram;
+use super::auth::{self, Answer, Gs2, Policy, Progress, Request};
+use super::binding::{BindingError, server_end_point};
+use super::scram::{Binding, Scram};
 use super::wire::{self, error_message, read_message};
 use super::{Io, ProxyError};
 use config::{ProxyConfig, UpstreamTls};
@@ -43,7 +45,15 @@ pub fn tls_config(cfg: &ProxyConfig) -> Result<Option<Arc<rustls::ClientConfig>>
     Ok(Some(Arc::new(config)))
 }
 
-async fn connect(cfg: &ProxyConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Box<dyn Io>, ProxyError> {
+/// A connection to the upstream, and the channel binding data of its TLS
+/// session (`None` without TLS; the error when the certificate cannot be
+/// bound to).
+struct Upstream {
+    io: Box<dyn Io>,
+    binding: Option<Result<Vec<u8>, BindingError>>,
+}
+
+async fn connect(cfg: &ProxyConfig, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Upstream, ProxyError> {
     let addr = &cfg.upstream;
     let connect_failed = |e: std::io::Error| ProxyError::Connect { addr: addr.clone(), error: e.to_string() };
     let timeout = std::time::Duration::from_secs(10);
@@ -52,7 +62,7 @@ async fn connect(cfg: &ProxyConfig, tls: Option<Arc<rustls::ClientConfig>>) -> R
         Err(_) => return Err(connect_failed(std::io::Error::other("timed out after 10s"))),
     };
     let _ = tcp.set_nodelay(true);
-    let Some(tls) = tls else { return Ok(Box::new(tcp)) };
+    let Some(tls) = tls else { return Ok(Upstream { io: Box::new(tcp), binding: None }) };
     let mut tcp = tcp;
     tcp.write_all(&wire::ssl_request()).await?;
     match tcp.read_u8().await? {
@@ -64,7 +74,14 @@ async fn connect(cfg: &ProxyConfig, tls: Option<Arc<rustls::ClientConfig>>) -> R
     let name = ServerName::try_from(host.to_string()).map_err(|e| ProxyError::Tls(format!("{host}: {e}")))?;
     let stream =
         tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| ProxyError::Tls(e.to_string()))?;
-    Ok(Box::new(stream))
+    let binding = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|leaf| server_end_point(leaf.as_ref()))
+        .unwrap_or(Err(BindingError::Malformed));
+    Ok(Upstream { io: Box::new(stream), binding: Some(binding) })
 }
 
 /// A logged-in upstream connection for a client that sent `params`: the
@@ -86,9 +103,15 @@ pub async fn open(
     if !database.is_empty() {
         params.insert("database".into(), database);
     }
-    let mut s = connect(cfg, tls).await?;
+    let policy = Policy {
+        tls: cfg.upstream_tls,
+        binding: cfg.channel_binding(),
+        allow_plain_password: cfg.allow_plain_password,
+    };
+    let Upstream { io: mut s, binding } = connect(cfg, tls).await?;
     s.write_all(&wire::startup_message(&params)).await?;
     let mut scram: Option<Scram> = None;
+    let mut progress = Progress::None;
     loop {
         let (kind, body) = read_message(&mut s).await?;
         match kind {
@@ -96,32 +119,13 @@ pub async fn open(
             b'R' if body.len() >= 4 => {
                 let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                 let rest = &body[4..];
-                match code {
-                    // Before SASLFinal: the server never proved it knew the
-                    // password (anyone in the middle can say "ok").
-                    0 if scram.is_some() => {
-                        return Err(ProxyError::Refused(
-                            "SCRAM: the server said ok without proving it knows the password".into(),
-                        ));
-                    }
-                    0 => return Ok(s),
-                    3 => send(&mut s, b'p', &cstr(password)).await?,
-                    5 if rest.len() == 4 => {
-                        let salt = [rest[0], rest[1], rest[2], rest[3]];
-                        send(&mut s, b'p', &cstr(&md5_password(user, password, salt))).await?;
-                    }
+                let request = match code {
+                    0 => Request::Ok,
+                    3 => Request::Cleartext,
+                    5 => Request::Md5,
                     10 => {
-                        let offers = rest.split(|c| *c == 0).any(|m| m == b"SCRAM-SHA-256");
-                        if !offers {
-                            return Err(ProxyError::Protocol("the server offers no SCRAM-SHA-256".into()));
-                        }
-                        let sc = Scram::new(password);
-                        let first = sc.first();
-                        let mut msg = cstr("SCRAM-SHA-256");
-                        msg.extend_from_slice(&(first.len() as i32).to_be_bytes());
-                        msg.extend_from_slice(&first);
-                        send(&mut s, b'p', &msg).await?;
-                        scram = Some(sc);
+                        let offers = |m: &[u8]| rest.split(|c| *c == 0).any(|o| o == m);
+                        Request::Sasl { scram: offers(b"SCRAM-SHA-256"), plus: offers(b"SCRAM-SHA-256-PLUS") }
                     }
                     11 => {
                         let mut sc = scram.take().ok_or_else(|| ProxyError::Protocol("SASL continue first".into()))?;
@@ -138,12 +142,45 @@ pub async fn open(
                         let reply = reply.map_err(|e| ProxyError::Refused(format!("SCRAM: {e}")))?;
                         send(&mut s, b'p', &reply).await?;
                         scram = Some(sc);
+                        continue;
                     }
                     12 => {
                         let sc = scram.take().ok_or_else(|| ProxyError::Protocol("SASL final first".into()))?;
                         sc.finish(rest).map_err(|e| ProxyError::Refused(format!("SCRAM: the server's proof: {e}")))?;
+                        progress = Progress::Proved { bound: sc.mechanism() == "SCRAM-SHA-256-PLUS" };
+                        continue;
                     }
                     other => return Err(ProxyError::Protocol(format!("authentication method {other}"))),
+                };
+                match auth::answer(policy, progress, request) {
+                    Answer::Accept => return Ok(s),
+                    Answer::Refuse(why) => return Err(ProxyError::Refused(why)),
+                    Answer::SendCleartext => send(&mut s, b'p', &cstr(password)).await?,
+                    Answer::SendMd5 => {
+                        let [a, b, c, d] = rest else {
+                            return Err(ProxyError::Protocol("an md5 request without its 4-byte salt".into()));
+                        };
+                        send(&mut s, b'p', &cstr(&md5_password(user, password, [*a, *b, *c, *d]))).await?;
+                    }
+                    Answer::Scram(gs2) => {
+                        let binding = match (gs2, &binding) {
+                            (Gs2::Bound, Some(Ok(data))) => Binding::ServerEndPoint(data.clone()),
+                            (Gs2::Bound, Some(Err(e))) => return Err(ProxyError::Refused(e.to_string())),
+                            (Gs2::Bound, None) => {
+                                return Err(ProxyError::Protocol("channel binding without TLS".into()));
+                            }
+                            (Gs2::ServerDoesNot, _) => Binding::ServerDoesNot,
+                            (Gs2::No, _) => Binding::No,
+                        };
+                        let sc = Scram::new(password, binding);
+                        let first = sc.first();
+                        let mut msg = cstr(sc.mechanism());
+                        msg.extend_from_slice(&(first.len() as i32).to_be_bytes());
+                        msg.extend_from_slice(&first);
+                        send(&mut s, b'p', &msg).await?;
+                        scram = Some(sc);
+                        progress = Progress::Started;
+                    }
                 }
             }
             other => return Err(ProxyError::Protocol(format!("message {:?} before the login", other as char))),
@@ -151,14 +188,38 @@ pub async fn open(
     }
 }
 
+/// Passes what the server sends after `AuthenticationOk` (parameters,
+/// notices, its cancel key) to the client, up to the login's
+/// `ReadyForQuery`; returns the cancel key (`BackendKeyData`'s body), which
+/// `cancel` then accepts from clients. An error the server sends instead
+/// (the database does not exist, too many connections) reaches the client
+/// as it is.
+pub async fn until_ready(server: &mut Box<dyn Io>, client: &mut Box<dyn Io>) -> Result<Option<Vec<u8>>, ProxyError> {
+    let mut key = None;
+    loop {
+        let (kind, body) = read_message(server).await?;
+        let mut m = vec![kind];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(&body);
+        client.write_all(&m).await?;
+        match kind {
+            b'K' => key = Some(body),
+            b'Z' => return Ok(key),
+            b'E' => return Err(ProxyError::Refused(error_message(&body))),
+            _ => {}
+        }
+    }
+}
+
 /// Forwards a client's `CancelRequest` to the server, which matches its
-/// process id and key (passed to the client unchanged).
+/// process id and key (passed to the client unchanged; `Keys` says which
+/// the proxy handed out).
 pub async fn cancel(
     cfg: &ProxyConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
     packet: &[u8],
 ) -> Result<(), ProxyError> {
-    let mut s = connect(cfg, tls).await?;
+    let mut s = connect(cfg, tls).await?.io;
     s.write_all(packet).await?;
     let _ = s.shutdown().await;
     Ok(())

@@ -28,6 +28,10 @@ pub use tokenreview::TokenReviewer;
 pub struct PgCluster {
     pub port: u16,
     pub dir: PathBuf,
+    /// The CA of the server's TLS certificate (for `localhost` and
+    /// 127.0.0.1): PostgreSQL serves TLS as production databases do, and
+    /// plain connections too.
+    pub ca_pem: String,
     password: String,
     _watchdog: Mutex<(Child, ChildStdin)>,
 }
@@ -106,9 +110,16 @@ impl PgCluster {
         let password = format!("pg-{}", crate::ids::base62(16));
         let pwfile = dir.join("pwfile");
         std::fs::write(&pwfile, format!("{password}\n")).map_err(|e| format!("writing pwfile: {e}"))?;
+        let tls = crate::tls::DevTls::generate().map_err(|e| e.to_string())?;
+        let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&cert, &tls.cert_pem).map_err(|e| format!("writing the server certificate: {e}"))?;
+        std::fs::write(&key, tls.key_pem()).map_err(|e| format!("writing the server key: {e}"))?;
+        // PostgreSQL refuses a key others can read.
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| format!("chmod the server key: {e}"))?;
         if root {
             let (uid, gid) = postgres_ids()?;
-            for p in [&dir, &pwfile] {
+            for p in [&dir, &pwfile, &cert, &key] {
                 std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", p.display()))?;
             }
         }
@@ -132,12 +143,15 @@ impl PgCluster {
         let log = dir.join("postgres.log");
         let script = format!(
             "'{postgres}' -D '{data}' -p {port} -k '{dir}' -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 >'{log}' 2>&1 & pid=$!; \
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 \
+             -c ssl=on -c ssl_cert_file='{cert}' -c ssl_key_file='{key}' >'{log}' 2>&1 & pid=$!; \
              read _ignored; kill -INT $pid; wait $pid; rm -rf '{dir}'",
             postgres = bin.join("postgres").display(),
             data = data.display(),
             dir = dir.display(),
             log = log.display(),
+            cert = cert.display(),
+            key = key.display(),
         );
         let mut child = command(root, Path::new("sh"))
             .args(["-c", &script])
@@ -163,7 +177,7 @@ impl PgCluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(PgCluster { port, dir, password, _watchdog: Mutex::new((child, stdin)) })
+        Ok(PgCluster { port, dir, ca_pem: tls.ca_pem, password, _watchdog: Mutex::new((child, stdin)) })
     }
 
     pub fn admin_password(&self) -> &str {
