@@ -94,7 +94,7 @@ pub struct InjectorArgs {
     #[arg(long, default_value = "kubernetes")]
     pub auth_path: String,
     /// The agent's image.
-    #[arg(long, default_value = concat!("leasehold/leasehold:", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, default_value = concat!("ghcr.io/leasehold/leasehold:", env!("CARGO_PKG_VERSION")))]
     pub image: String,
     /// The cluster is older than 1.29 (no native sidecars): an `--once`
     /// init container plus a regular sidecar.

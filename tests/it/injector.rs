@@ -54,7 +54,7 @@ async fn start_injector(tls: &DevTls, extra: &[&str]) -> Injector {
         "--vault-address",
         "https://vault.vault.svc:8200",
         "--image",
-        "leasehold/leasehold:0.1.0",
+        "ghcr.io/leasehold/leasehold:0.1.0",
     ];
     args.extend_from_slice(extra);
     let agent = Agent::spawn(&args, dir.path()).await;
@@ -435,7 +435,7 @@ fn injector_defaults() -> injector::plan::Defaults {
         vault_ca_pem: None,
         vault_namespace: String::new(),
         auth_mount: "kubernetes".into(),
-        image: "leasehold/leasehold:0.1.0".into(),
+        image: "ghcr.io/leasehold/leasehold:0.1.0".into(),
         legacy: false,
         token_audience: None,
         telemetry_port: 9102,

@@ -14,6 +14,7 @@ mod docs;
 mod faults;
 mod hooks;
 mod hostile;
+mod image;
 mod injector;
 mod jwt;
 mod lifecycle;
