@@ -5,7 +5,6 @@
 //! An app stand-in logs in to PostgreSQL with the file's credentials every
 //! 200 ms and counts what fails.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,24 +83,6 @@ impl Drop for Netns {
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).output();
         let _ = std::process::Command::new("ip").args(["link", "del", &self.host_if]).output();
     }
-}
-
-/// A TCP forwarder on `listen_ip` (the host's end of the link) to `to`:
-/// how the namespace reaches a server that listens on the host's loopback.
-pub async fn forward(listen_ip: &str, to: String) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind((listen_ip, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let to = to.clone();
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// One login of the app stand-in.
@@ -187,7 +168,7 @@ async fn a_blackholed_link_costs_no_login_and_credentials_return_within_3_s_of_i
     // 14 s at the latest if renewals keep failing (reissue_at 0.75).
     let env = Env::openbao_only(Ttls { db_ttl: "20s", db_max: "1h", token_ttl: "1h", token_max: "2h" }).await;
     let ns = Netns::create();
-    let vault = forward(&ns.host_ip, env.url().trim_start_matches("http://").to_string()).await;
+    let (vault, _) = forward(&ns.host_ip, env.url().trim_start_matches("http://").to_string()).await;
     let config = env.config("", "shutdown:\n  timeout: 4s\n");
     let text = std::fs::read_to_string(&config).unwrap().replace(&env.url(), &format!("http://{vault}"));
     std::fs::write(&config, text).unwrap();

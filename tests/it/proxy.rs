@@ -5,8 +5,7 @@
 
 // Tests measure real time; the agent's clock rule (clippy.toml) is not for them.
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::support::{Env, Ttls, eventually};
@@ -562,34 +561,17 @@ async fn a_connection_flood_is_capped_and_the_agent_keeps_writing_its_files() {
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }
 
-/// A TCP relay to `to` counting the connections it is asked for.
-async fn counting_relay(to: u16) -> (u16, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let count = Arc::new(AtomicUsize::new(0));
-    let counted = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else { return };
-                let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
-            });
-        }
-    });
-    (port, count)
-}
-
 /// #23: every CancelRequest opened an upstream connection, whoever sent
 /// it. Now only a key the proxy handed out to a live session is forwarded:
 /// 500 made-up ones open nothing, and a real one still cancels its query.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_cancel_keys_the_proxy_handed_out_reach_the_database() {
     let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
-    let (relay, upstream_connections) = counting_relay(env.pg.port).await;
+    let (relay, upstream_connections) =
+        crate::support::forward("127.0.0.1", format!("127.0.0.1:{}", env.pg.port)).await;
     let port = free_port();
     let mut agent =
-        env.spawn(&env.config_with_secrets(&proxied("db", &env, port, &format!("127.0.0.1:{relay}"), "disable"))).await;
+        env.spawn(&env.config_with_secrets(&proxied("db", &env, port, &relay.to_string(), "disable"))).await;
     assert!(eventually(20, async || env.read_json("db.json").is_some()).await, "{}", agent.output());
     let mut session = Session::connect(port, None).await.expect("a session through the proxy");
     assert_eq!(session.key.len(), 8, "the server's key reached the client");

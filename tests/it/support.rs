@@ -527,3 +527,25 @@ pub async fn settled_fds(pid: u32) -> usize {
     }
     last
 }
+
+/// A TCP forwarder on `listen_ip` to `to` (how a network namespace reaches
+/// a server on the host's loopback; a stand-in upstream that counts), and
+/// how many connections it was asked for.
+pub async fn forward(listen_ip: &str, to: String) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind((listen_ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let to = to.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (addr, count)
+}

@@ -1,6 +1,7 @@
 //! Renewal timing that tokens and leases share: the policy, the renewal
-//! point, how to tell a capped renewal and how long to wait before a retry. Pure; `auth` and
-//! `lease::schedule` both build on it (so neither imports the other for it).
+//! point, how to tell a capped renewal and how long to wait before a
+//! retry. Pure; `auth` and `lease::schedule` both build on it (so neither
+//! imports the other for it).
 
 use std::time::{Duration, SystemTime};
 

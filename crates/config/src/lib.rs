@@ -921,9 +921,14 @@ secrets:
         assert_eq!(env_source(Path::new("env:")), None, "a file named `env:`");
     }
 
+    /// MINIMAL with `proxy` (its keys, indented) under the secret.
+    fn with_proxy(proxy: &str) -> String {
+        MINIMAL.replace("    files:\n", &format!("    proxy:\n{proxy}    files:\n"))
+    }
+
     #[test]
     fn a_proxy_is_checked() {
-        let with = |proxy: &str| MINIMAL.replace("    files:\n", &format!("    proxy:\n{proxy}    files:\n"));
+        let with = with_proxy;
         let ok = parse(&with("      listen: 127.0.0.1:5432\n      upstream: db.prod.svc:5432\n")).unwrap();
         let p = ok.secrets[0].proxy.clone().unwrap();
         assert_eq!((p.upstream_tls, p.ca_cert), (UpstreamTls::Require, None));
@@ -970,9 +975,8 @@ secrets:
     /// man in the middle out, so it is required by default there.
     #[test]
     fn channel_binding_is_required_where_the_certificate_is_not_checked() {
-        let with = |proxy: &str| MINIMAL.replace("    files:\n", &format!("    proxy:\n{proxy}    files:\n"));
         let binding = |extra: &str| {
-            let text = with(&format!("      listen: 127.0.0.1:5432\n      upstream: db:5432\n{extra}"));
+            let text = with_proxy(&format!("      listen: 127.0.0.1:5432\n      upstream: db:5432\n{extra}"));
             parse(&text).unwrap().secrets[0].proxy.clone().unwrap().channel_binding()
         };
         assert_eq!(binding(""), ChannelBinding::Require);

@@ -2,12 +2,13 @@
 //! connects to `listen` with any user name, and no password or the local
 //! one (`local_password`); every connection is opened upstream with the
 //! secret's **current** credentials (SCRAM-SHA-256-PLUS or SCRAM-SHA-256;
-//! md5 or cleartext only to a verified server: `auth.rs`), then the bytes are relayed both ways. After a rotation
-//! new connections log in as the new user; a connection of a replaced user
-//! is closed between transactions when the supervisor drains its lease, and
-//! at once when the lease is revoked. Cancel requests pass through: the
-//! server's own process id and key reach the client unchanged, so a cancel
-//! names the right backend.
+//! md5 or cleartext only to a verified server: `auth.rs`), then the bytes
+//! are relayed both ways. After a rotation new connections log in as the
+//! new user; a connection of a replaced user is closed between
+//! transactions when the supervisor drains its lease, and at once when the
+//! lease is revoked. Cancel requests pass through for the keys the proxy
+//! handed out: the server's own process id and key reach the client
+//! unchanged, so a cancel names the right backend.
 //!
 //! - `wire.rs`: the few protocol messages the proxy reads and writes;
 //! - `relay.rs`: relaying while following the framing, to know when a
@@ -172,31 +173,31 @@ pub struct Stats {
     /// Open connections by credential generation, with its user.
     open: Mutex<BTreeMap<u64, (String, u64)>>,
     replaced_closed: Notify,
-    pub keys: Arc<Keys>,
+    keys: Keys,
 }
 
 /// The cancel keys (`BackendKeyData`: process id and secret) of the
 /// sessions open now.
 #[derive(Default)]
-pub struct Keys(Mutex<BTreeSet<Vec<u8>>>);
+struct Keys(Mutex<BTreeSet<Vec<u8>>>);
 
 /// A key handed out, until its session ends.
-pub struct HandedOut(Arc<Keys>, Vec<u8>);
+struct HandedOut<'a>(&'a Keys, Vec<u8>);
 
-impl Drop for HandedOut {
+impl Drop for HandedOut<'_> {
     fn drop(&mut self) {
         lock(&self.0.0).remove(&self.1);
     }
 }
 
 impl Keys {
-    pub fn handed_out(&self, key: &[u8]) -> bool {
+    fn handed_out(&self, key: &[u8]) -> bool {
         lock(&self.0).contains(key)
     }
 
-    fn hand_out(self: &Arc<Self>, key: Vec<u8>) -> HandedOut {
+    fn hand_out(&self, key: Vec<u8>) -> HandedOut<'_> {
         lock(&self.0).insert(key.clone());
-        HandedOut(self.clone(), key)
+        HandedOut(self, key)
     }
 }
 

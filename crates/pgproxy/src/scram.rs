@@ -69,9 +69,14 @@ impl Scram {
         }
     }
 
+    /// Bound to the TLS session (SCRAM-SHA-256-PLUS).
+    pub fn is_bound(&self) -> bool {
+        matches!(self.binding, Binding::ServerEndPoint(_))
+    }
+
     /// SASL's mechanism name for this exchange.
     pub fn mechanism(&self) -> &'static str {
-        if matches!(self.binding, Binding::ServerEndPoint(_)) { "SCRAM-SHA-256-PLUS" } else { "SCRAM-SHA-256" }
+        if self.is_bound() { "SCRAM-SHA-256-PLUS" } else { "SCRAM-SHA-256" }
     }
 
     /// The client-first message.

@@ -147,7 +147,7 @@ pub async fn open(
                     12 => {
                         let sc = scram.take().ok_or_else(|| ProxyError::Protocol("SASL final first".into()))?;
                         sc.finish(rest).map_err(|e| ProxyError::Refused(format!("SCRAM: the server's proof: {e}")))?;
-                        progress = Progress::Proved { bound: sc.mechanism() == "SCRAM-SHA-256-PLUS" };
+                        progress = Progress::Proved { bound: sc.is_bound() };
                         continue;
                     }
                     other => return Err(ProxyError::Protocol(format!("authentication method {other}"))),
@@ -198,10 +198,7 @@ pub async fn until_ready(server: &mut Box<dyn Io>, client: &mut Box<dyn Io>) -> 
     let mut key = None;
     loop {
         let (kind, body) = read_message(server).await?;
-        let mut m = vec![kind];
-        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        m.extend_from_slice(&body);
-        client.write_all(&m).await?;
+        send(client, kind, &body).await?;
         match kind {
             b'K' => key = Some(body),
             b'Z' => return Ok(key),

@@ -171,6 +171,11 @@ pub struct Supervisor<V = VaultClient> {
     pub request_timeout: Duration,
 }
 
+/// The secret's renewal timing, as the schedule takes it.
+fn policy(cfg: &SecretConfig) -> Policy {
+    Policy { renew_at: cfg.renew_at, jitter: cfg.jitter, reissue_at: cfg.reissue_at() }
+}
+
 /// This process's offset on the `schedule::coalesce` grid: its lines are
 /// whole cells after the clock's anchor, on slot boundaries of tokio's
 /// timer wheel (`clock::start`).
@@ -414,7 +419,7 @@ impl<V: Vault> Supervisor<V> {
         let later = |t: SystemTime| retry_at.map_or(t, |r| r.max(t));
         let Some(h) = held else { return (Step::Issue, retry_at.unwrap_or_else(now)) };
         let cfg = self.cfg();
-        let policy = Policy { renew_at: cfg.renew_at, jitter: cfg.jitter, reissue_at: cfg.reissue_at() };
+        let policy = policy(&cfg);
         if let Some(ttl) = h.secret.data.rotates_in().filter(|_| !h.has_lease()) {
             return (Step::Refresh, later(schedule::static_reread_at(h.times.granted_at, ttl, h.sample)));
         }
@@ -589,9 +594,7 @@ impl<V: Vault> Supervisor<V> {
         let Some(h) = held.as_mut() else { return Ok(()) };
         let Some(token) = self.current_token().await else { return Err(None) };
         let until = {
-            let spec = self.spec.borrow();
-            let policy =
-                Policy { renew_at: spec.cfg.renew_at, jitter: spec.cfg.jitter, reissue_at: spec.cfg.reissue_at() };
+            let policy = policy(&self.spec.borrow().cfg);
             let token_end = self.auth.borrow().token_end(&h.token_accessor);
             schedule::replace_by(&h.times, token_end, &policy, h.sample)
         };
@@ -633,7 +636,7 @@ impl<V: Vault> Supervisor<V> {
         let open = spec.proxy.as_ref().map_or(0, |f| f.open_as(&r.held.secret.data));
         let safe_end = r.held.times.safe_end();
         let end = self.auth.borrow().token_end(&r.held.token_accessor).map_or(safe_end, |t| t.min(safe_end));
-        let policy = Policy { renew_at: spec.cfg.renew_at, jitter: spec.cfg.jitter, reissue_at: spec.cfg.reissue_at() };
+        let policy = policy(&spec.cfg);
         let lease = RetiredLease {
             times: r.held.times,
             revoke_at: r.revoke_at,
