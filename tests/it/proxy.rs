@@ -36,7 +36,7 @@ pub(crate) async fn query(port: u16) -> Result<String, String> {
     }
 }
 
-fn proxied(name: &str, env: &Env, port: u16, upstream: &str, tls: &str) -> String {
+pub(crate) fn proxied(name: &str, env: &Env, port: u16, upstream: &str, tls: &str) -> String {
     format!(
         "  - name: {name}\n    path: database/creds/app\n    revoke_replaced_after: 1s\n    files:\n      - path: {}/{name}.json\n        format: json\n    proxy:\n      listen: 127.0.0.1:{port}\n      upstream: {upstream}\n      upstream_tls: {tls}\n",
         env.secrets().display()
@@ -45,7 +45,7 @@ fn proxied(name: &str, env: &Env, port: u16, upstream: &str, tls: &str) -> Strin
 
 /// OpenBao and PostgreSQL with these database TTLs, and an agent whose one
 /// secret `secret(env, port, upstream)` is, once its JSON file is written.
-async fn proxy_agent(
+pub(crate) async fn proxy_agent(
     db_ttl: &str,
     db_max: &str,
     secret: impl Fn(&Env, u16, &str) -> String,
@@ -58,7 +58,7 @@ async fn proxy_agent(
     (env, agent, port)
 }
 
-async fn metrics(agent: &crate::support::Agent) -> String {
+pub(crate) async fn metrics(agent: &crate::support::Agent) -> String {
     let url = format!("http://{}/metrics", agent.telemetry_addr().unwrap());
     reqwest::get(url).await.unwrap().text().await.unwrap()
 }
@@ -155,20 +155,29 @@ async fn bad_clients_and_upstreams_get_clear_errors_and_others_are_served() {
 
 /// A bare protocol-3 session, as a pool keeps one: connected once, queried
 /// many times.
-struct Session {
-    s: tokio::net::TcpStream,
+pub(crate) struct Session {
+    pub(crate) s: tokio::net::TcpStream,
     /// `BackendKeyData`'s body: what a CancelRequest names.
-    key: Vec<u8>,
+    pub(crate) key: Vec<u8>,
 }
 
 /// An `ErrorResponse`'s SQLSTATE and message.
 #[derive(Debug)]
-struct PgError {
-    code: String,
-    message: String,
+pub(crate) struct PgError {
+    pub(crate) code: String,
+    pub(crate) message: String,
 }
 
-fn pg_error(body: &[u8]) -> PgError {
+/// One message from a server (or the proxy): its type and body.
+pub(crate) async fn read_message(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    let kind = s.read_u8().await.unwrap();
+    let len = s.read_i32().await.unwrap();
+    let mut body = vec![0u8; len as usize - 4];
+    s.read_exact(&mut body).await.unwrap();
+    (kind, body)
+}
+
+pub(crate) fn pg_error(body: &[u8]) -> PgError {
     let field = |f: u8| {
         body.split(|c| *c == 0)
             .find_map(|x| x.strip_prefix(&[f]))
@@ -179,7 +188,7 @@ fn pg_error(body: &[u8]) -> PgError {
 }
 
 impl Session {
-    async fn message(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
+    pub(crate) async fn message(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
         let kind = self.s.read_u8().await?;
         let len = self.s.read_i32().await?;
         let mut body = vec![0u8; len as usize - 4];
@@ -187,14 +196,14 @@ impl Session {
         Ok((kind, body))
     }
 
-    async fn send(&mut self, kind: u8, body: &[u8]) {
+    pub(crate) async fn send(&mut self, kind: u8, body: &[u8]) {
         let mut m = vec![kind];
         m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         m.extend_from_slice(body);
         self.s.write_all(&m).await.unwrap();
     }
 
-    async fn connect(port: u16, password: Option<&str>) -> Result<Session, PgError> {
+    pub(crate) async fn connect(port: u16, password: Option<&str>) -> Result<Session, PgError> {
         let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut me = Session { s, key: Vec::new() };
         let mut body = 196_608i32.to_be_bytes().to_vec();
@@ -218,7 +227,7 @@ impl Session {
     }
 
     /// Sends a CancelRequest for `key` on a connection of its own.
-    async fn cancel(port: u16, key: &[u8]) {
+    pub(crate) async fn cancel(port: u16, key: &[u8]) {
         let mut packet = 16i32.to_be_bytes().to_vec();
         packet.extend_from_slice(&80_877_102i32.to_be_bytes());
         packet.extend_from_slice(key);
@@ -229,8 +238,13 @@ impl Session {
     }
 
     /// The first column of every row, or the error.
-    async fn query(&mut self, sql: &str) -> Result<Vec<String>, PgError> {
+    pub(crate) async fn query(&mut self, sql: &str) -> Result<Vec<String>, PgError> {
         self.send(b'Q', format!("{sql}\0").as_bytes()).await;
+        self.rows().await
+    }
+
+    /// The first column of every row up to `ReadyForQuery`, or the error.
+    pub(crate) async fn rows(&mut self) -> Result<Vec<String>, PgError> {
         let mut rows = Vec::new();
         let mut error = None;
         loop {
@@ -252,7 +266,7 @@ impl Session {
 
     /// What the proxy sends unasked while the session is idle, then the end
     /// of the connection: the `ErrorResponse`, or None if it stays open.
-    async fn closed_by_proxy(&mut self, within: Duration) -> Option<PgError> {
+    pub(crate) async fn closed_by_proxy(&mut self, within: Duration) -> Option<PgError> {
         let (kind, body) = tokio::time::timeout(within, self.message()).await.ok()?.ok()?;
         assert_eq!(kind, b'E', "only an error comes unasked");
         let mut rest = Vec::new();
@@ -261,12 +275,12 @@ impl Session {
         Some(pg_error(&body))
     }
 
-    async fn user(&mut self) -> Result<String, PgError> {
+    pub(crate) async fn user(&mut self) -> Result<String, PgError> {
         Ok(self.query("SELECT current_user").await?.remove(0))
     }
 }
 
-fn kept(name: &str, env: &Env, port: u16, upstream: &str, extra: &str) -> String {
+pub(crate) fn kept(name: &str, env: &Env, port: u16, upstream: &str, extra: &str) -> String {
     format!(
         "  - name: {name}\n    path: database/creds/app\n    revoke_replaced_after: 0s\n    files:\n      - path: {dir}/{name}.json\n        format: json\n      - path: {dir}/{name}.password\n        format: template\n        template: \"{{{{ proxy.password }}}}\"\n    proxy:\n      listen: 127.0.0.1:{port}\n      upstream: {upstream}\n      upstream_tls: disable\n{extra}",
         dir = env.secrets().display()
@@ -280,7 +294,8 @@ fn logged_leases(agent: &crate::support::Agent, event: &str, field: &str) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaced_connections_close_between_transactions_before_their_lease_is_revoked() {
-    let (env, mut agent, port) = proxy_agent("10s", "20s", |env, port, up| kept("db", env, port, up, "")).await;
+    let close = "      replaced_connections: close\n";
+    let (env, mut agent, port) = proxy_agent("10s", "20s", |env, port, up| kept("db", env, port, up, close)).await;
     let mut idle = Session::connect(port, None).await.expect("no local password asked");
     let mut busy = Session::connect(port, None).await.unwrap();
     let first = idle.user().await.unwrap();

@@ -212,6 +212,18 @@ pub struct ProxyConfig {
     /// What happens to connections of replaced credentials.
     #[serde(default)]
     pub replaced_connections: ReplacedConnections,
+    /// Under `replaced_connections: migrate`, what happens to a session
+    /// whose state cannot move to new credentials (temporary tables,
+    /// `LISTEN`, session advisory locks, `WITH HOLD` cursors, statements
+    /// made with SQL `PREPARE`).
+    #[serde(default)]
+    pub unmigratable: Unmigratable,
+    /// The upstream `application_name` names the pod and namespace
+    /// (`POD_NAME`, `POD_NAMESPACE` from the downward API) beside the
+    /// client's own, so `pg_stat_activity` and the server's logs say which
+    /// pod holds a session.
+    #[serde(default = "d_true")]
+    pub attribution: bool,
     /// Clients must give a password the agent makes up at start
     /// (`{{ proxy.password }}` in templates).
     #[serde(default)]
@@ -238,13 +250,32 @@ fn d_proxy_max_connections() -> usize {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReplacedConnections {
-    /// Closed between transactions once `revoke_replaced_after` has passed,
-    /// then the old lease is revoked.
+    /// Moved to the new credentials at their next idle point (a new upstream
+    /// login, the session's settings and prepared statements re-applied):
+    /// the client sees nothing. Sessions that cannot move are handled as
+    /// `unmigratable` says.
     #[default]
+    Migrate,
+    /// Closed between transactions (`57P01`) once `revoke_replaced_after`
+    /// has passed, or before the old lease ends if sooner, then the old
+    /// lease is revoked.
     Close,
     /// Kept until the client closes them, the old lease renewed meanwhile
     /// (closed between transactions only before the lease ends for good).
     Keep,
+}
+
+/// What becomes of a session that cannot migrate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmigratable {
+    /// It stays on the old credentials, whose lease is renewed while it
+    /// lasts, until the client leaves or, just before that lease ends for
+    /// good, it is closed between transactions (or at the end).
+    #[default]
+    Keep,
+    /// Closed at its next idle point (`57P01`).
+    Close,
 }
 
 /// libpq's `channel_binding`, for the proxy's upstream logins.
@@ -932,16 +963,22 @@ secrets:
         let ok = parse(&with("      listen: 127.0.0.1:5432\n      upstream: db.prod.svc:5432\n")).unwrap();
         let p = ok.secrets[0].proxy.clone().unwrap();
         assert_eq!((p.upstream_tls, p.ca_cert), (UpstreamTls::Require, None));
-        assert_eq!((p.replaced_connections, p.local_password), (ReplacedConnections::Close, false));
+        assert_eq!((p.replaced_connections, p.local_password), (ReplacedConnections::Migrate, false));
+        assert_eq!((p.unmigratable, p.attribution), (Unmigratable::Keep, true));
         let keep = with(
-            "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      replaced_connections: keep\n      local_password: true\n",
+            "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      replaced_connections: keep\n      local_password: true\n      unmigratable: close\n      attribution: false\n",
         );
         let p = parse(&keep).unwrap().secrets[0].proxy.clone().unwrap();
         assert_eq!((p.replaced_connections, p.local_password), (ReplacedConnections::Keep, true));
+        assert_eq!((p.unmigratable, p.attribution), (Unmigratable::Close, false));
         for (proxy, key) in [
             (
                 "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      replaced_connections: drain\n",
                 "secrets[0].proxy.replaced_connections",
+            ),
+            (
+                "      listen: 127.0.0.1:5432\n      upstream: db:5432\n      unmigratable: wait\n",
+                "secrets[0].proxy.unmigratable",
             ),
             ("      listen: localhost:5432\n      upstream: db:5432\n", "secrets[0].proxy.listen"),
             ("      listen: unix:relative.sock\n      upstream: db:5432\n", "secrets[0].proxy.listen"),

@@ -20,12 +20,13 @@
 
 pub mod auth;
 pub mod binding;
+pub mod migrate;
 pub mod relay;
 pub mod scram;
 pub mod upstream;
 pub mod wire;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -52,6 +53,14 @@ pub enum ProxyError {
     Tls(String),
     #[error("the upstream refused the login: {0}")]
     Refused(String),
+    /// The server's own `ErrorResponse` (its body), which the client gets
+    /// unchanged.
+    #[error("the upstream refused the login: {} ({})", wire::error_message(.0), wire::error_code(.0))]
+    Server(Vec<u8>),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("re-applying the session's state on new credentials failed: {0}")]
+    Replay(String),
     #[error("the upstream answered what the proxy does not understand: {0}")]
     Protocol(String),
     #[error("password authentication failed (the proxy's local password)")]
@@ -174,30 +183,65 @@ pub struct Stats {
     open: Mutex<BTreeMap<u64, (String, u64)>>,
     replaced_closed: Notify,
     keys: Keys,
+    /// Sessions moved to new credentials.
+    pub migrated: AtomicU64,
+    /// Sessions found holding state that cannot move (counted once each).
+    pub unmigratable: AtomicU64,
 }
 
-/// The cancel keys (`BackendKeyData`: process id and secret) of the
-/// sessions open now.
+/// The cancel keys handed out to the sessions open now, each with the key
+/// of the server connection that serves the session at the moment (a
+/// migration moves it).
 #[derive(Default)]
-struct Keys(Mutex<BTreeSet<Vec<u8>>>);
+pub struct Keys(Mutex<BTreeMap<Vec<u8>, Vec<u8>>>);
 
 /// A key handed out, until its session ends.
-struct HandedOut<'a>(&'a Keys, Vec<u8>);
+pub struct HandedOut<'a> {
+    keys: &'a Keys,
+    client: Vec<u8>,
+}
+
+impl HandedOut<'_> {
+    /// What the client got (`BackendKeyData`'s body).
+    pub fn key(&self) -> &[u8] {
+        &self.client
+    }
+
+    /// The session moved to a server connection with this key.
+    pub fn moved_to(&self, backend: Vec<u8>) {
+        lock(&self.keys.0).insert(self.client.clone(), backend);
+    }
+}
 
 impl Drop for HandedOut<'_> {
     fn drop(&mut self) {
-        lock(&self.0.0).remove(&self.1);
+        lock(&self.keys.0).remove(&self.client);
     }
 }
 
 impl Keys {
-    fn handed_out(&self, key: &[u8]) -> bool {
-        lock(&self.0).contains(key)
+    /// The server key a client's cancel key stands for, if the proxy
+    /// handed it out to a live session.
+    fn backend(&self, client: &[u8]) -> Option<Vec<u8>> {
+        lock(&self.0).get(client).cloned()
     }
 
-    fn hand_out(&self, key: Vec<u8>) -> HandedOut<'_> {
-        lock(&self.0).insert(key.clone());
-        HandedOut(self, key)
+    /// A key for the client in place of `backend`'s: the server's process
+    /// id (what `pg_backend_pid()` says, and what notifications name) and
+    /// a secret of the proxy's own.
+    pub fn hand_out(&self, backend: Vec<u8>) -> HandedOut<'_> {
+        use rand::Rng;
+        let mut keys = lock(&self.0);
+        let pid = backend.get(..4).unwrap_or(&[0, 0, 0, 0]).to_vec();
+        let client = loop {
+            let mut k = pid.clone();
+            k.extend_from_slice(&rand::rng().random::<[u8; 4]>());
+            if !keys.contains_key(&k) {
+                break k;
+            }
+        };
+        keys.insert(client.clone(), backend);
+        HandedOut { keys: self, client }
     }
 }
 
@@ -219,6 +263,13 @@ impl Stats {
         if generation != self.generation.load(Ordering::Relaxed) {
             self.replaced_closed.notify_one();
         }
+    }
+
+    /// A session moved from a replaced generation to `generation`.
+    fn moved(&self, from: u64, generation: u64, user: &str) {
+        self.migrated.fetch_add(1, Ordering::Relaxed);
+        lock(&self.open).entry(generation).or_insert_with(|| (user.to_string(), 0)).1 += 1;
+        self.closed(from);
     }
 
     fn open_as(&self, user: &str) -> u64 {
@@ -256,6 +307,7 @@ pub async fn serve(
             return;
         }
     };
+    let pod = Arc::new(Pod::from_env());
     let mut accept_errors = listen::AcceptErrors::default();
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     let mut turned_away = listen::Throttle::default();
@@ -288,11 +340,12 @@ pub async fn serve(
                 continue;
             }
         };
-        let (secret, cfg, tls, creds, feed, stop) =
-            (secret.clone(), cfg.clone(), tls.clone(), creds.clone(), feed.clone(), stop.clone());
+        let (secret, cfg, tls, creds, feed, stop, pod) =
+            (secret.clone(), cfg.clone(), tls.clone(), creds.clone(), feed.clone(), stop.clone(), pod.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = connection(client, &cfg, tls, creds, &feed, stop).await {
+            let result = connection(client, &cfg, tls, creds, &feed, &pod, stop).await;
+            if let Err(e) = result.or_else(hung_up) {
                 feed.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(event = "proxy_connection_failed", secret = %secret, error = %e, "a proxied connection failed");
             }
@@ -311,7 +364,7 @@ async fn refuse(client: &mut Box<dyn Io>, code: &str, e: &ProxyError) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }
 
-/// Why a relayed connection ended.
+/// Why a relayed connection ended, or paused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
     /// The client or the server hung up.
@@ -321,6 +374,61 @@ enum End {
     /// The lease is gone.
     Revoked,
     Stopped,
+    /// Idle on replaced credentials: time to move the session.
+    Migrate,
+}
+
+/// The pod a session comes from, for the upstream `application_name`
+/// (`attribution`): the downward API's `POD_NAMESPACE` and `POD_NAME`.
+#[derive(Debug, Clone, Default)]
+pub struct Pod {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+impl Pod {
+    pub fn from_env() -> Pod {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Pod { namespace: var("POD_NAMESPACE"), name: var("POD_NAME") }
+    }
+
+    /// The client's parameters as sent upstream: `application_name` gets
+    /// ` [namespace/pod]` after the client's own (or `leasehold`), the
+    /// client's part shortened so the whole fits the server's 63 bytes.
+    pub fn attribute(&self, mut params: BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let tag = match (&self.namespace, &self.name) {
+            (Some(ns), Some(pod)) => format!(" [{ns}/{pod}]"),
+            (None, Some(pod)) => format!(" [{pod}]"),
+            _ => return params,
+        };
+        let app = params.remove("application_name").filter(|a| !a.is_empty()).unwrap_or_else(|| "leasehold".into());
+        let room = 63usize.saturating_sub(tag.len());
+        let mut cut = app.len().min(room);
+        while !app.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut name = format!("{}{tag}", &app[..cut]);
+        while name.len() > 63 {
+            name.pop();
+        }
+        params.insert("application_name".into(), name);
+        params
+    }
+}
+
+/// A logged-in session: the server connection serving it now, and what
+/// the proxy knows of it.
+struct Live<'k> {
+    server: Box<dyn Io>,
+    user: String,
+    generation: u64,
+    key: Option<HandedOut<'k>>,
+    /// What kept it from moving, when something did.
+    blocked: Option<Vec<String>>,
+    attempts: u32,
+    /// After a failed or refused migration: how long the next waits (the
+    /// relay resumes right after the attempt).
+    retry_in: Option<std::time::Duration>,
 }
 
 async fn connection(
@@ -329,6 +437,7 @@ async fn connection(
     tls: Option<Arc<rustls::ClientConfig>>,
     mut creds: watch::Receiver<Creds>,
     feed: &Feed,
+    pod: &Pod,
     stop: CancellationToken,
 ) -> Result<(), ProxyError> {
     // A client that says nothing holds a task and a descriptor: only for
@@ -343,22 +452,30 @@ async fn connection(
     let startup = match startup {
         Ok(s) => s,
         Err(e) => {
-            refuse(&mut client, "08P01", &e).await;
+            let code = if matches!(e, ProxyError::Unsupported(_)) { "0A000" } else { "08P01" };
+            refuse(&mut client, code, &e).await;
             return Err(e);
         }
     };
-    let params = match startup {
+    let session = match startup {
         // Only for a key the proxy handed out: anyone else's would open
         // upstream connections for nothing (the server would ignore it).
-        wire::Startup::Cancel(packet) if feed.stats.keys.handed_out(&packet[8..]) => {
-            return upstream::cancel(cfg, tls, &packet).await;
-        }
-        wire::Startup::Cancel(_) => {
-            tracing::debug!(event = "proxy_cancel_ignored", "a cancel request for a key the proxy did not hand out");
-            return Ok(());
-        }
-        wire::Startup::Session(params) => params,
+        wire::Startup::Cancel(packet) => match feed.stats.keys.backend(&packet[8..]) {
+            Some(backend) => return upstream::cancel(cfg, tls, &backend).await,
+            None => {
+                tracing::debug!(
+                    event = "proxy_cancel_ignored",
+                    "a cancel request for a key the proxy did not hand out"
+                );
+                return Ok(());
+            }
+        },
+        wire::Startup::Gone => return Ok(()),
+        wire::Startup::Session(s) => s,
     };
+    if let Some(v) = session.negotiation() {
+        client.write_all(&v).await?;
+    }
     let password = async {
         match feed.local_password() {
             Some(want) => tokio::select! {
@@ -373,32 +490,51 @@ async fn connection(
         refuse(&mut client, code, &e).await;
         return Err(e);
     }
+    let params = if cfg.attribution { pod.attribute(session.params) } else { session.params };
     let (data, generation) = {
         let c = creds.borrow_and_update();
         (c.current.clone(), c.generation)
     };
     let opened = match data {
-        Some(d) => upstream::open(cfg, tls, &params, &d).await.map(|io| (io, d)),
+        Some(d) => upstream::open(cfg, tls.clone(), &params, &d).await.map(|io| (io, d)),
         None => Err(ProxyError::NoCredentials),
     };
     let (mut server, data) = match opened {
         Ok(o) => o,
         Err(e) => {
-            let code = if matches!(e, ProxyError::Refused(_)) { "28000" } else { "08006" };
-            let _ = client.write_all(&wire::error_response(code, &format!("leasehold proxy: {e}"))).await;
+            let answer = match &e {
+                ProxyError::Server(body) => wire::message(b'E', body),
+                ProxyError::Refused(_) => wire::error_response("28000", &format!("leasehold proxy: {e}")),
+                _ => wire::error_response("08006", &format!("leasehold proxy: {e}")),
+            };
+            let _ = client.write_all(&answer).await;
             return Err(e);
         }
     };
     let user = data.str("username").unwrap_or_default().to_string();
     client.write_all(&wire::AUTHENTICATION_OK).await?;
-    let key = upstream::until_ready(&mut server, &mut client).await?;
-    let _key = key.map(|k| feed.stats.keys.hand_out(k));
+    let key = upstream::until_ready(&mut server, &mut client, &feed.stats.keys).await?;
     feed.stats.opened_as(generation, &user);
-    let result = relay(&mut client, &mut server, &mut creds, &user, &feed.stats, stop).await;
-    feed.stats.closed(generation);
-    let why = match result {
-        Ok(End::Replaced) => Some(("replaced", "replaced; reconnect")),
-        Ok(End::Revoked) => Some(("revoked", "revoked")),
+    let mut live = Live { server, user, generation, key, blocked: None, attempts: 0, retry_in: None };
+    let idle = relay::Idle::logged_in();
+    let result = loop {
+        let end = relay(&mut client, &mut live, &idle, &mut creds, cfg, &feed.stats, stop.clone()).await;
+        if end.as_ref().is_ok_and(|e| *e == End::Migrate) {
+            match migrate(&mut client, &mut live, cfg, tls.clone(), &params, &creds, &feed.stats).await {
+                Ok(()) => continue,
+                Err(end) => break Ok(end),
+            }
+        }
+        break end;
+    };
+    feed.stats.closed(live.generation);
+    let server = &mut live.server;
+    let why = match (&result, &live.blocked) {
+        (Ok(End::Replaced), Some(what)) => {
+            Some(("unmigratable", format!("ended; its {} cannot move to new ones; reconnect", what.join(", "))))
+        }
+        (Ok(End::Replaced), None) => Some(("replaced", "replaced; reconnect".to_string())),
+        (Ok(End::Revoked), _) => Some(("revoked", "revoked".to_string())),
         _ => None,
     };
     if let Some((reason, why)) = why {
@@ -411,55 +547,206 @@ async fn connection(
     }
     let _ = server.shutdown().await;
     let _ = client.shutdown().await;
-    result.map(|_| ()).or_else(|e| {
-        // A client or server that hangs up is no failure of the proxy.
-        if matches!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof
-        ) {
+    result.map(|_| ()).map_err(ProxyError::Io)
+}
+
+/// A client or server that hangs up, at any point, is no failure of the
+/// proxy.
+fn hung_up(e: ProxyError) -> Result<(), ProxyError> {
+    match &e {
+        ProxyError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
             Ok(())
-        } else {
-            Err(e.into())
         }
+        _ => Err(e),
+    }
+}
+
+/// Moves an idle session to the current credentials; `Err` with how the
+/// session ends when it must (its old connection lost, or `unmigratable:
+/// close`).
+async fn migrate(
+    client: &mut Box<dyn Io>,
+    live: &mut Live<'_>,
+    cfg: &ProxyConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    params: &BTreeMap<String, String>,
+    creds: &watch::Receiver<Creds>,
+    stats: &Stats,
+) -> Result<(), End> {
+    let (data, generation) = {
+        let c = creds.borrow();
+        (c.current.clone(), c.generation)
+    };
+    let Some(data) = data else { return Ok(()) };
+    // Bounded: the client waits meanwhile, its next statement unread.
+    let moved = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let state = migrate::snapshot(&mut live.server, client).await?;
+        if !state.blockers.is_empty() {
+            return Err(migrate::Failed::Blocked(state.blockers));
+        }
+        let new = migrate::login(cfg, tls, params, &data, &state).await.map_err(migrate::Failed::Again)?;
+        Ok((state, new))
     })
+    .await
+    .unwrap_or_else(|_| Err(migrate::Failed::Lost(ProxyError::Protocol("no answer within 10s".into()))));
+    match moved {
+        Ok((state, new)) => {
+            let news = migrate::news(&state.reported, &new.reported);
+            if client.write_all(&news).await.is_err() {
+                return Err(End::Peer);
+            }
+            let mut old = std::mem::replace(&mut live.server, new.server);
+            // The old backend's role is about to be dropped: it goes now.
+            let _ = old.write_all(&wire::TERMINATE).await;
+            let _ = old.shutdown().await;
+            if let (Some(k), Some(backend)) = (&live.key, new.key) {
+                k.moved_to(backend);
+            }
+            let user = data.str("username").unwrap_or_default().to_string();
+            stats.moved(live.generation, generation, &user);
+            tracing::info!(
+                event = "proxy_session_migrated",
+                settings = state.settings.len(),
+                prepared = state.prepared.len(),
+                generation,
+                "moved a session to the new credentials"
+            );
+            (live.user, live.generation, live.blocked, live.attempts, live.retry_in) =
+                (user, generation, None, 0, None);
+            Ok(())
+        }
+        Err(migrate::Failed::Lost(e)) => {
+            tracing::warn!(event = "proxy_migration_failed", error = %e, "a session could not be moved, and its connection is in a state the proxy cannot know: closing it");
+            Err(End::Revoked)
+        }
+        Err(migrate::Failed::Blocked(what)) => {
+            if live.blocked.is_none() {
+                stats.unmigratable.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(event = "proxy_session_unmigratable", holds = %what.join(", "), fallback = ?cfg.unmigratable, "a session holds state that cannot move to new credentials");
+            }
+            live.blocked = Some(what);
+            if cfg.unmigratable == config::Unmigratable::Close {
+                return Err(End::Replaced);
+            }
+            live.retry_in = Some(migrate::retry_after(live.attempts));
+            live.attempts += 1;
+            Ok(())
+        }
+        Err(migrate::Failed::Again(e)) => {
+            tracing::warn!(event = "proxy_migration_failed", error = %e, retry_in_secs = migrate::retry_after(live.attempts).as_secs(), "a session could not be moved to new credentials yet; it stays on the old ones");
+            live.retry_in = Some(migrate::retry_after(live.attempts));
+            live.attempts += 1;
+            Ok(())
+        }
+    }
 }
 
 /// Relays both ways until a side hangs up, the user's connections are to
-/// close (at the next idle point) or end (now), or the proxy stops.
+/// close (at the next idle point) or end (now), the session is idle on
+/// replaced credentials (`migrate`), or the proxy stops.
 async fn relay(
     client: &mut Box<dyn Io>,
-    server: &mut Box<dyn Io>,
+    live: &mut Live<'_>,
+    idle: &relay::Idle,
     creds: &mut watch::Receiver<Creds>,
-    user: &str,
+    cfg: &ProxyConfig,
     stats: &Stats,
     stop: CancellationToken,
 ) -> std::io::Result<End> {
-    let idle = relay::Idle::logged_in();
-    let closing = AtomicBool::new(false);
+    let stop_at_idle = AtomicBool::new(false);
+    let (user, generation, retry_in) = (live.user.clone(), live.generation, live.retry_in);
+    let migrating = cfg.replaced_connections == config::ReplacedConnections::Migrate;
     let (client_r, client_w) = tokio::io::split(client);
-    let (server_r, server_w) = tokio::io::split(server);
-    let up = relay::pump(client_r, server_w, relay::client_side(&idle), &stats.bytes_up);
-    let down = relay::pump(server_r, client_w, relay::server_side(&idle, &closing), &stats.bytes_down);
+    let (server_r, server_w) = tokio::io::split(&mut live.server);
+    let up = relay::pump(client_r, server_w, relay::client_side(idle), &stats.bytes_up, idle.writing(true));
+    let down = relay::pump(
+        server_r,
+        client_w,
+        relay::server_side(idle, &stop_at_idle),
+        &stats.bytes_down,
+        idle.writing(false),
+    );
+    let revoked = |c: &Creds| c.revoked.contains(&user);
+    let closing = |c: &Creds| revoked(c) || c.closing.contains(&user);
+    let replaced = |c: &Creds| migrating && c.generation != generation && c.current.is_some();
+    let why = |c: &Creds| if closing(c) { End::Replaced } else { End::Migrate };
     let told = async {
-        let ends = |c: &Creds| c.revoked.iter().any(|u| u == user) || c.closing.iter().any(|u| u == user);
-        if creds.wait_for(ends).await.is_err() {
+        if creds.wait_for(|c| closing(c) || replaced(c)).await.is_err() {
             return std::future::pending().await;
         }
-        closing.store(true, Ordering::Relaxed);
-        if creds.borrow().revoked.iter().any(|u| u == user) {
+        if let Some(delay) = retry_in.filter(|_| !closing(&creds.borrow())) {
+            // A migration failed or was refused: the next attempt waits.
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = creds.wait_for(closing) => {}
+            }
+        }
+        stop_at_idle.store(true, Ordering::Relaxed);
+        if revoked(&creds.borrow()) {
             return End::Revoked;
         }
         if idle.is_idle() {
-            return End::Replaced;
+            return why(&creds.borrow());
         }
-        let _ = creds.wait_for(|c| c.revoked.iter().any(|u| u == user)).await;
+        let _ = creds.wait_for(revoked).await;
         End::Revoked
     };
-    tokio::select! {
+    let end = tokio::select! {
         r = up => r.map(|_| End::Peer),
-        // The server side stops early when idle while closing.
-        r = down => r.map(|early| if early { End::Replaced } else { End::Peer }),
+        // The server side stops early when idle while asked to.
+        r = down => r.map(|early| if early { End::Migrate } else { End::Peer }),
         end = told => Ok(end),
         _ = stop.cancelled() => Ok(End::Stopped),
+    };
+    // Stopped at an idle point: closing, if that is what was asked.
+    match end {
+        Ok(End::Migrate) => Ok(why(&creds.borrow())),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_name_says_which_pod_within_63_bytes() {
+        let pod = Pod { namespace: Some("shop".into()), name: Some("api-7d9f-x2x".into()) };
+        let params = |app: Option<&str>| {
+            let mut p = BTreeMap::from([("user".to_string(), "app".to_string())]);
+            if let Some(a) = app {
+                p.insert("application_name".into(), a.into());
+            }
+            p
+        };
+        let name = |p: BTreeMap<String, String>| p["application_name"].clone();
+        assert_eq!(name(pod.attribute(params(Some("psql")))), "psql [shop/api-7d9f-x2x]");
+        assert_eq!(name(pod.attribute(params(None))), "leasehold [shop/api-7d9f-x2x]");
+        // A long (multibyte) name is cut, never the pod.
+        let long = name(pod.attribute(params(Some(&"é".repeat(60)))));
+        assert!(long.len() <= 63 && long.ends_with(" [shop/api-7d9f-x2x]"), "{long}");
+        // Outside Kubernetes (no downward API): as the client sent it.
+        assert_eq!(Pod::default().attribute(params(Some("psql"))), params(Some("psql")));
+    }
+
+    #[test]
+    fn cancel_keys_keep_the_pid_and_follow_the_session() {
+        let keys = Keys::default();
+        let handed = keys.hand_out(vec![0, 0, 1, 2, 9, 9, 9, 9]);
+        let client = handed.key().to_vec();
+        assert_eq!(&client[..4], &[0, 0, 1, 2], "the server's process id");
+        assert_ne!(&client[4..], &[9, 9, 9, 9], "a secret of the proxy's own");
+        assert_eq!(keys.backend(&client), Some(vec![0, 0, 1, 2, 9, 9, 9, 9]));
+        handed.moved_to(vec![0, 0, 3, 4, 7, 7, 7, 7]);
+        assert_eq!(keys.backend(&client), Some(vec![0, 0, 3, 4, 7, 7, 7, 7]), "after a migration");
+        drop(handed);
+        assert_eq!(keys.backend(&client), None, "the session ended");
     }
 }

@@ -80,6 +80,11 @@ pub struct Idle {
     client_pending: AtomicBool,
     /// Framing was lost in either direction: never idle.
     lost: AtomicBool,
+    /// A chunk read from the client, or from the server, is being written
+    /// on: the session is not idle until its bytes are all through (a
+    /// message cut there would be lost to the swap).
+    up_writing: AtomicBool,
+    down_writing: AtomicBool,
 }
 
 impl Idle {
@@ -96,6 +101,13 @@ impl Idle {
             && self.outstanding.load(Ordering::Relaxed) <= 0
             && self.ready_idle.load(Ordering::Relaxed)
             && !self.client_pending.load(Ordering::Relaxed)
+            && !self.up_writing.load(Ordering::Relaxed)
+            && !self.down_writing.load(Ordering::Relaxed)
+    }
+
+    /// The flag `pump` holds while it writes, for each direction.
+    pub fn writing(&self, up: bool) -> &AtomicBool {
+        if up { &self.up_writing } else { &self.down_writing }
     }
 
     fn client(&self, framer: &mut Framer, b: &[u8]) {
@@ -125,12 +137,14 @@ impl Idle {
 }
 
 /// Copies `from` to `to` until `from` ends (false) or `seen`, told of each
-/// chunk once written, says stop (true).
+/// chunk once written, says stop (true). `writing` is set while a chunk is
+/// read but not all written: dropped then, the pump would lose it.
 pub async fn pump<R, W>(
     mut from: R,
     mut to: W,
     mut seen: impl FnMut(&[u8]) -> bool,
     bytes: &std::sync::atomic::AtomicU64,
+    writing: &AtomicBool,
 ) -> std::io::Result<bool>
 where
     R: AsyncRead + Unpin,
@@ -142,7 +156,9 @@ where
         if n == 0 {
             return Ok(false);
         }
+        writing.store(true, Ordering::Relaxed);
         to.write_all(&buf[..n]).await?;
+        writing.store(false, Ordering::Relaxed);
         bytes.fetch_add(n as u64, Ordering::Relaxed);
         if seen(&buf[..n]) {
             return Ok(true);
@@ -160,12 +176,12 @@ pub fn client_side<'a>(idle: &'a Idle) -> impl FnMut(&[u8]) -> bool + 'a {
 }
 
 /// The server-to-client side's: true (stop) when the session went idle
-/// while `closing` is set.
-pub fn server_side<'a>(idle: &'a Idle, closing: &'a AtomicBool) -> impl FnMut(&[u8]) -> bool + 'a {
+/// while `stop_at_idle` is set.
+pub fn server_side<'a>(idle: &'a Idle, stop_at_idle: &'a AtomicBool) -> impl FnMut(&[u8]) -> bool + 'a {
     let mut framer = Framer::default();
     move |b| {
         idle.server(&mut framer, b);
-        closing.load(Ordering::Relaxed) && idle.is_idle()
+        stop_at_idle.load(Ordering::Relaxed) && idle.is_idle()
     }
 }
 
@@ -241,5 +257,12 @@ mod tests {
         idle.server(&mut s, &msg(b'Z', b"I"));
         assert!(idle.is_idle());
         assert!(Idle::logged_in().is_idle(), "the login's ReadyForQuery read before relaying");
+        // A chunk half written either way: not idle (the swap would cut it).
+        for up in [true, false] {
+            idle.writing(up).store(true, Ordering::Relaxed);
+            assert!(!idle.is_idle());
+            idle.writing(up).store(false, Ordering::Relaxed);
+        }
+        assert!(idle.is_idle());
     }
 }

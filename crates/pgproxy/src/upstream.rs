@@ -14,8 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::auth::{self, Answer, Gs2, Policy, Progress, Request};
 use super::binding::{BindingError, server_end_point};
 use super::scram::{Binding, Scram};
-use super::wire::{self, error_message, read_message};
-use super::{Io, ProxyError};
+use super::wire::{self, read_message};
+use super::{HandedOut, Io, Keys, ProxyError};
 use config::{ProxyConfig, UpstreamTls};
 use vault::secret::SecretData;
 
@@ -115,7 +115,9 @@ pub async fn open(
     loop {
         let (kind, body) = read_message(&mut s).await?;
         match kind {
-            b'E' => return Err(ProxyError::Refused(error_message(&body))),
+            // Passed to the client as the server sent it (53300, 57P03,
+            // 28P01…): pools retry on some of these.
+            b'E' => return Err(ProxyError::Server(body)),
             b'R' if body.len() >= 4 => {
                 let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                 let rest = &body[4..];
@@ -189,36 +191,53 @@ pub async fn open(
 }
 
 /// Passes what the server sends after `AuthenticationOk` (parameters,
-/// notices, its cancel key) to the client, up to the login's
-/// `ReadyForQuery`; returns the cancel key (`BackendKeyData`'s body), which
-/// `cancel` then accepts from clients. An error the server sends instead
-/// (the database does not exist, too many connections) reaches the client
-/// as it is.
-pub async fn until_ready(server: &mut Box<dyn Io>, client: &mut Box<dyn Io>) -> Result<Option<Vec<u8>>, ProxyError> {
+/// notices) to the client, up to the login's `ReadyForQuery`. The server's
+/// cancel key (`BackendKeyData`) stays with the proxy: the client gets one
+/// `keys` hands out for it, which follows the session to whichever server
+/// connection serves it. An error the server sends instead (the database
+/// does not exist, too many connections) reaches the client as it is.
+pub async fn until_ready<'k>(
+    server: &mut Box<dyn Io>,
+    client: &mut Box<dyn Io>,
+    keys: &'k Keys,
+) -> Result<Option<HandedOut<'k>>, ProxyError> {
     let mut key = None;
     loop {
         let (kind, body) = read_message(server).await?;
-        send(client, kind, &body).await?;
         match kind {
-            b'K' => key = Some(body),
-            b'Z' => return Ok(key),
-            b'E' => return Err(ProxyError::Refused(error_message(&body))),
-            _ => {}
+            b'K' => {
+                let handed = keys.hand_out(body);
+                send(client, b'K', handed.key()).await?;
+                key = Some(handed);
+                continue;
+            }
+            b'E' => {
+                send(client, kind, &body).await?;
+                return Err(ProxyError::Server(body));
+            }
+            _ => send(client, kind, &body).await?,
+        }
+        if kind == b'Z' {
+            return Ok(key);
         }
     }
 }
 
-/// Forwards a client's `CancelRequest` to the server, which matches its
-/// process id and key (passed to the client unchanged; `Keys` says which
-/// the proxy handed out).
+/// Sends a `CancelRequest` for a server connection's key (`BackendKeyData`'s
+/// body), and returns once the server has taken it (it closes the
+/// connection then): the client's own cancel connection is closed only
+/// after, as a direct one would be, so a late cancel never hits its next
+/// statement.
 pub async fn cancel(
     cfg: &ProxyConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
-    packet: &[u8],
+    backend_key: &[u8],
 ) -> Result<(), ProxyError> {
     let mut s = connect(cfg, tls).await?.io;
-    s.write_all(packet).await?;
-    let _ = s.shutdown().await;
+    s.write_all(&wire::cancel_request(backend_key)).await?;
+    let mut sink = [0u8; 64];
+    let taken = async { while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), taken).await;
     Ok(())
 }
 

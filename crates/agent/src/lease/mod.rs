@@ -632,7 +632,9 @@ impl<V: Vault> Supervisor<V> {
     /// A replaced lease's next step (`schedule::retired`).
     fn retired_step(&self, r: &Retired, at: SystemTime) -> (RetiredAction, SystemTime) {
         let spec = self.spec.borrow();
-        let keep = spec.cfg.proxy.as_ref().is_some_and(|p| p.replaced_connections == ReplacedConnections::Keep);
+        // Under `migrate`, connections still open on a replaced lease are
+        // sessions that could not move: kept like `keep`'s.
+        let keep = spec.cfg.proxy.as_ref().is_some_and(|p| p.replaced_connections != ReplacedConnections::Close);
         let open = spec.proxy.as_ref().map_or(0, |f| f.open_as(&r.held.secret.data));
         let safe_end = r.held.times.safe_end();
         let end = self.auth.borrow().token_end(&r.held.token_accessor).map_or(safe_end, |t| t.min(safe_end));

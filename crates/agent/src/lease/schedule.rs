@@ -253,9 +253,10 @@ pub fn drain_time(first_ttl: Duration) -> Duration {
 /// the lease ends for good (its safe end, or its token's if sooner).
 ///
 /// Without connections it is revoked at `revoke_at`. With them, they are
-/// asked to close then (`close`), or only `drain_time` before `end`
-/// (`keep`), and it is revoked when the last one closed or `drain_time`
-/// later.
+/// asked to close then or `drain_time` before `end` if sooner (`close`), or
+/// only `drain_time` before `end` (`keep`, and `migrate`, whose sessions
+/// that could not move stay), and it is revoked when the last one closed or
+/// `drain_time` later.
 pub fn retired(
     now: SystemTime,
     r: &RetiredLease,
@@ -278,16 +279,20 @@ pub fn retired(
         Some(at) => (Wait, at.min(until)),
         None => (Wait, until),
     };
+    // Connections are asked to close before the lease can end, whatever
+    // `revoke_replaced_after` says: Vault drops the role at the lease's end,
+    // under any session still on it.
+    let drain_at = if keep { last_call } else { r.revoke_at.min(last_call) };
+    if open > 0 && now >= drain_at {
+        return (Drain, now);
+    }
     if now < r.revoke_at {
-        return renew_or_wait(r.revoke_at);
+        return renew_or_wait(if open > 0 { r.revoke_at.min(drain_at) } else { r.revoke_at });
     }
     if open == 0 {
         return (Revoke, now);
     }
-    if !keep || now >= last_call {
-        return (Drain, now);
-    }
-    renew_or_wait(last_call)
+    renew_or_wait(drain_at)
 }
 
 /// How much earlier a secret's next step may run, so that the steps of a
@@ -382,6 +387,21 @@ mod tests {
         );
         // Never past the lease's own end.
         assert_eq!(retired(t(11.0), &d, 1, false, t(12.0), &POLICY), (Wait, t(12.0)));
+    }
+
+    /// #22: with `revoke_replaced_after` (5 min by default) past the old
+    /// lease's end, its connections waited for `revoke_at` while Vault's
+    /// expiry dropped their role under them.
+    #[test]
+    fn close_drains_before_the_lease_ends_when_that_comes_before_revoke_at() {
+        use RetiredAction::*;
+        let late = RetiredLease { revoke_at: t(300.0), ..replaced(false, None) };
+        let last_call = t(59.0) - drain_time(s(60.0));
+        assert_eq!(retired(t(20.0), &late, 2, false, t(59.0), &POLICY), (Wait, last_call));
+        assert_eq!(retired(last_call, &late, 2, false, t(59.0), &POLICY), (Drain, last_call));
+        // Without connections, nothing to hurry: revoked at revoke_at (Vault
+        // has let it expire by then).
+        assert_eq!(retired(t(20.0), &late, 0, false, t(59.0), &POLICY), (Wait, t(300.0)));
     }
 
     #[test]

@@ -214,6 +214,20 @@ impl Collector for ProxyCollector {
             true,
             |s| s.failed.load(Relaxed),
         )?;
+        each(
+            &mut encoder,
+            "proxy_sessions_migrated",
+            "Sessions moved to new credentials at an idle point, unseen by their client.",
+            true,
+            |s| s.migrated.load(Relaxed),
+        )?;
+        each(
+            &mut encoder,
+            "proxy_sessions_unmigratable",
+            "Sessions found holding state that cannot move to new credentials (temporary tables, LISTEN, advisory locks, WITH HOLD cursors, SQL PREPARE).",
+            true,
+            |s| s.unmigratable.load(Relaxed),
+        )?;
         {
             let mut family = encoder.encode_descriptor(
                 "proxy_connections_open",
