@@ -170,6 +170,62 @@ fn pgbench(args: &[String], password: Option<&str>) -> Option<(f64, f64)> {
     Some((num("latency average = ")?, num("tps = ")?))
 }
 
+/// A pgbouncer (Debian's package) in session mode in front of the same
+/// database, logging in as `user`; stopped and its files removed on drop.
+struct Bouncer {
+    port: u16,
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pgbouncer(pg_port: u16, user: &str, password: &str) -> Option<Bouncer> {
+    use std::os::unix::fs::PermissionsExt;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).ok()?.port();
+    // Readable by the user it runs as (it refuses to run as root).
+    let dir = std::env::temp_dir().join(format!("leasehold-bench-pgbouncer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).ok()?;
+    let ini = format!(
+        "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres user={user} password={password}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {users}\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 20\nlogfile = {log}\n",
+        users = dir.join("users.txt").display(),
+        log = dir.join("pgbouncer.log").display()
+    );
+    std::fs::write(dir.join("users.txt"), "\"anyone\" \"\"\n").ok()?;
+    std::fs::write(dir.join("pgbouncer.ini"), ini).ok()?;
+    let mut c = std::process::Command::new("pgbouncer");
+    if nix::unistd::geteuid().is_root() {
+        c.args(["-u", "postgres"]);
+    }
+    let child = match c.arg(dir.join("pgbouncer.ini")).spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("pgbouncer: {e} (scripts/bench installs it)");
+            return None;
+        }
+    };
+    let bouncer = Bouncer { port, child, dir };
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "pgbouncer did not listen: {}",
+                std::fs::read_to_string(bouncer.dir.join("pgbouncer.log")).unwrap_or_default()
+            );
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(bouncer)
+}
+
 async fn proxy_bench(world: &World) -> Vec<String> {
     world.roles(1, "1h", "2h").await;
     let dir = world.dir.path().join("proxy");
@@ -212,16 +268,23 @@ async fn proxy_bench(world: &World) -> Vec<String> {
             std::fs::read_to_string(dir.join("log")).unwrap_or_default()
         );
     }
+    let bouncer = (!user.is_empty()).then(|| pgbouncer(world.pg.port, user, password)).flatten();
     if init.is_none() || user.is_empty() {
-        rows.push("| pgbench could not run (see the bench's output) | | | |".to_string());
+        rows.push("| pgbench could not run (see the bench's output) | | | | |".to_string());
     } else {
+        let bouncer_port = bouncer.as_ref().map(|b| b.port);
         for connect_each in [false, true] {
-            let mut direct = (Vec::new(), Vec::new());
-            let mut proxied = (Vec::new(), Vec::new());
+            // Direct, through the proxy, through pgbouncer: interleaved, so
+            // a slow moment of the machine falls on all three.
+            let mut runs: [(Vec<f64>, Vec<f64>); 3] = Default::default();
             for _ in 0..PGBENCH_RUNS {
-                for (host_port, who, pass, into) in
-                    [(world.pg.port, user, Some(password), &mut direct), (port, "anyone", None, &mut proxied)]
-                {
+                let targets = [
+                    (Some(world.pg.port), user, Some(password)),
+                    (Some(port), "anyone", None),
+                    (bouncer_port, "anyone", None),
+                ];
+                for (i, (host_port, who, pass)) in targets.into_iter().enumerate() {
+                    let Some(host_port) = host_port else { continue };
                     let mut args: Vec<String> =
                         ["-S", "-n", "-c", &PGBENCH_CLIENTS.to_string(), "-j", "2", "-T", &PGBENCH_SECS.to_string()]
                             .map(String::from)
@@ -233,28 +296,33 @@ async fn proxy_bench(world: &World) -> Vec<String> {
                         ["-h", "127.0.0.1", "-p", &host_port.to_string(), "-U", who, "postgres"].map(String::from),
                     );
                     if let Some((lat, tps)) = pgbench(&args, pass) {
-                        into.0.push(lat);
-                        into.1.push(tps);
+                        runs[i].0.push(lat);
+                        runs[i].1.push(tps);
                     }
                 }
             }
             let label = if connect_each { " (-C: a new connection per transaction)" } else { "" };
-            let (dl, pl) = (median(&mut direct.0.clone()), median(&mut proxied.0.clone()));
+            let med = |v: &Vec<f64>| median(&mut v.clone());
+            let [direct, proxied, bounced] = &runs;
             rows.push(format!(
-                "| latency per query ms{label} | {} | {} | {:+.3} ms |",
+                "| latency per query ms{label} | {} | {} | {} | {:+.3} ms / {:+.3} ms |",
                 mmm(&direct.0, 3),
                 mmm(&proxied.0, 3),
-                pl - dl
+                mmm(&bounced.0, 3),
+                med(&proxied.0) - med(&direct.0),
+                med(&bounced.0) - med(&direct.0),
             ));
-            let (dt, pt) = (median(&mut direct.1.clone()), median(&mut proxied.1.clone()));
             rows.push(format!(
-                "| transactions per second{label} | {} | {} | {:+.0} % |",
+                "| transactions per second{label} | {} | {} | {} | **{:.2}** / {:.2} of direct |",
                 mmm(&direct.1, 0),
                 mmm(&proxied.1, 0),
-                (pt / dt - 1.0) * 100.0
+                mmm(&bounced.1, 0),
+                med(&proxied.1) / med(&direct.1),
+                med(&bounced.1) / med(&direct.1),
             ));
         }
     }
+    drop(bouncer);
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = agent.wait();
     rows
@@ -1283,7 +1351,7 @@ async fn main() {
     );
     let _ = writeln!(
         md,
-        "## The PostgreSQL proxy: pgbench through it and direct\n\nOne leasehold with `proxy:` (docs/proxy.md) in front of the same PostgreSQL; `pgbench -S` (select-only, {PGBENCH_CLIENTS} clients, {PGBENCH_SECS} s) as the agent's database user, direct with its password and through the proxy with none; {PGBENCH_RUNS} runs each, median (min–max). `-C` opens a connection per transaction, so the proxy's upstream login (SCRAM-SHA-256) is in every one.\n\n| | direct | through the proxy | added |\n|---|---|---|---|\n{}\n",
+        "## The PostgreSQL proxy: pgbench through it, direct, and through pgbouncer\n\nOne leasehold with `proxy:` (docs/proxy.md) in front of the same PostgreSQL, and Debian's pgbouncer in session mode (the proxy's model: one server connection per client connection) logging in as the same user; `pgbench -S` (select-only, {PGBENCH_CLIENTS} clients, 2 threads, {PGBENCH_SECS} s) as the agent's database user, direct with its password, through the proxy and pgbouncer with none; {PGBENCH_RUNS} runs each, interleaved, median (min–max). `-C` opens a connection per transaction, so the proxy's upstream login (SCRAM-SHA-256) is in every one (pgbouncer keeps its server connections).\n\n| | direct | through the proxy | through pgbouncer | proxy / pgbouncer |\n|---|---|---|---|---|\n{}\n",
         fig.proxy.join("\n")
     );
     let after = [

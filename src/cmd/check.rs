@@ -62,6 +62,7 @@ fn check(config: &Config, config_path: &Path) -> Result<Vec<String>, ConfigError
             expires_at: Some(agent::clock::wall() + Duration::from_secs(3600)),
             previous: Some(&data),
             proxy: secret.proxy.as_ref().map(|p| (&p.listen, p.local_password.then_some("sample"))),
+            rotation_window: Some(secret.revoke_replaced_after),
         };
         let known_shape = secret.path.trim_start_matches('/').contains("/creds/");
         let renderer = if known_shape { &strict } else { &lenient };

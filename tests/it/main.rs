@@ -7,6 +7,7 @@
 
 mod support;
 
+mod clients;
 mod config;
 mod connection;
 mod demo;

@@ -2,7 +2,8 @@
 //! would show it: protocol 3.2 and `_pq_.` options negotiated down in the
 //! server's own message (compared with PostgreSQL 15's in the same run),
 //! login errors with the server's SQLSTATE (53300 from the real server,
-//! 57P03 from a stand-in that is starting up), a cancel connection closed
+//! 57P03 from a stand-in that is starting up), the pod named in the
+//! server's `application_name`, a cancel connection closed
 //! only after the server closed its own, and a connection that says nothing
 //! no failure.
 
@@ -105,7 +106,10 @@ async fn the_proxy_speaks_to_clients_as_postgresql_does() {
         proxied("db", &env, port, &db, "disable"),
         proxied("starting", &env, starting_port, &starting_up().await, "disable")
     );
-    let mut agent = env.spawn(&env.config_with_secrets(&secrets)).await;
+    // As the downward API sets them in a pod.
+    let config = env.config_with_secrets(&secrets).display().to_string();
+    let command = ["env", "POD_NAME=api-7d9f", "POD_NAMESPACE=shop", "leasehold", "agent", "-c", &config];
+    let mut agent = crate::support::Agent::spawn_command(&command, env.dir.path()).await;
     assert!(eventually(20, async || env.read_json("starting.json").is_some()).await, "{}", agent.output());
 
     // Protocol 3.2 with an option: the server's NegotiateProtocolVersion,
@@ -127,6 +131,11 @@ async fn the_proxy_speaks_to_clients_as_postgresql_does() {
         kinds.push(kind);
     }
     assert_eq!((kinds[0], kinds[1]), (b'v', b'R'), "negotiated, then logged in: {kinds:?}");
+
+    // The server sees which pod holds the session (attribution).
+    let mut session = Session::connect(port, None).await.unwrap();
+    let app = session.query("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()").await;
+    assert_eq!(app.unwrap(), ["leasehold [shop/api-7d9f]"]);
 
     // Login errors keep the server's SQLSTATE and message.
     let admin = env.pg.admin().await;

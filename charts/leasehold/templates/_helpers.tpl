@@ -120,6 +120,12 @@ leasehold.credentialsMount, to add the sidecar to their own Deployment:
   restartPolicy: Always
   {{- end }}
   args: ["agent", "-c", "/etc/leasehold/leasehold.yaml"]
+  env:
+    # The proxy names the pod in application_name (proxy.attribution).
+    - name: POD_NAME
+      valueFrom: { fieldRef: { fieldPath: metadata.name } }
+    - name: POD_NAMESPACE
+      valueFrom: { fieldRef: { fieldPath: metadata.namespace } }
   ports:
     - name: telemetry
       containerPort: {{ .Values.telemetry.port }}

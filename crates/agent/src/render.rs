@@ -41,6 +41,9 @@ pub struct Context<'a> {
     pub previous: Option<&'a SecretData>,
     /// The secret's proxy: its address, and the local password if any.
     pub proxy: Option<(&'a Listen, Option<&'a str>)>,
+    /// How long replaced credentials keep working after new files are
+    /// written (`schedule::rotation_window`); none without a lease.
+    pub rotation_window: Option<Duration>,
 }
 
 impl Context<'_> {
@@ -54,6 +57,7 @@ impl Context<'_> {
             "lease_duration": self.lease_duration.as_secs(),
             "issued_at": rfc3339(self.issued_at),
             "expires_at": self.expires_at.map(rfc3339),
+            "rotation_window_secs": self.rotation_window.map(|w| w.as_secs()),
             // Always there, empty without one: `{{ previous.username }}`
             // renders "" instead of failing the strict template.
             "previous": match self.previous {
@@ -304,6 +308,7 @@ mod tests {
             expires_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(60)),
             previous: None,
             proxy: None,
+            rotation_window: None,
         };
         let v: Value = serde_json::from_str(&json_format(&ctx)).unwrap();
         assert_eq!(v["username"], "v-app");
@@ -346,6 +351,7 @@ mod tests {
             expires_at: None,
             previous: None,
             proxy: None,
+            rotation_window: None,
         };
         for template in ["{% include '/etc/passwd' %}", "{{ env.HOME }}", "{{ range(10000000) | list | length }}"] {
             let r = Renderer::compile(&cfg(template), Path::new("t.yaml"));

@@ -81,7 +81,12 @@ fn agent_container(name: &str, once: bool, plan: &Plan, d: &Defaults, config: &s
         "name": name,
         "image": d.image,
         "args": args,
-        "env": [{ "name": CONFIG_ENV, "value": config }],
+        "env": [
+            { "name": CONFIG_ENV, "value": config },
+            // The proxy names the pod in application_name (proxy.attribution).
+            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+            { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+        ],
         "resources": {
             "requests": { "cpu": "5m", "memory": "8Mi" },
             "limits": { "memory": "32Mi" },

@@ -744,6 +744,9 @@ impl<V: Vault> Supervisor<V> {
             expires_at: h.expires_at(),
             previous,
             proxy: spec.cfg.proxy.as_ref().map(|p| (&p.listen, spec.proxy.as_ref().and_then(|f| f.local_password()))),
+            rotation_window: h.has_lease().then(|| {
+                schedule::rotation_window(h.times.first_ttl, &policy(&spec.cfg), spec.cfg.revoke_replaced_after)
+            }),
         };
         // Everything is rendered in memory first: a failing template writes
         // nothing; then every file is staged before any is renamed.
@@ -758,7 +761,8 @@ impl<V: Vault> Supervisor<V> {
                 }
                 let changed = written.iter().filter(|(_, c)| *c).count();
                 let secret = &spec.cfg.name;
-                RenderedEvent { secret, written: &written, expires_at: ctx.expires_at, at: now() }
+                let rotation_window = ctx.rotation_window;
+                RenderedEvent { secret, written: &written, expires_at: ctx.expires_at, rotation_window, at: now() }
                     .emit(&self.telemetry);
                 if changed > 0
                     && let Some(hooks) = &spec.cfg.on_change

@@ -122,6 +122,18 @@ pub fn next(
     }
 }
 
+/// How long replaced credentials are guaranteed to keep working after the
+/// new ones are written (the files' "rotation window"): until
+/// `revoke_replaced_after`, or until the old lease ends, which the schedule
+/// places at least `(1 - reissue_at) × first TTL` after the replacement
+/// (`(1 - renew_at)` when the replacement is the planned one before max
+/// TTL; `reissue_at` is never earlier). An app that reads the files keeps
+/// a pooled connection at most this long (its pool's max lifetime), so no
+/// connection of it outlives its role.
+pub fn rotation_window(first_ttl: Duration, policy: &Policy, revoke_replaced_after: Duration) -> Duration {
+    part(first_ttl, 1.0 - policy.reissue_at.max(policy.renew_at)).min(revoke_replaced_after)
+}
+
 /// The replacement point of a lease whose renewals fail: it still has
 /// `(1 - reissue_at) × first TTL` (and the jitter's share) left before its
 /// safe end, or its token's end when that comes first. No renewal is
@@ -424,6 +436,17 @@ mod tests {
         let fixed = replaced(false, None);
         assert_eq!(retired(t(54.0), &fixed, 1, true, t(59.0), &POLICY), (Drain, t(54.0)));
     }
+
+    #[test]
+    fn the_rotation_window_is_the_overlap_or_revoke_replaced_after() {
+        // 1 h leases, the defaults: a quarter of the TTL left at the latest
+        // replacement, less than revoke_replaced_after's 5 min? No: 15 min.
+        assert_eq!(rotation_window(s(3600.0), &POLICY_DEFAULTS, s(300.0)), s(300.0));
+        assert_eq!(rotation_window(s(600.0), &POLICY_DEFAULTS, s(300.0)), s(150.0));
+        assert_eq!(rotation_window(s(4.0), &POLICY, s(300.0)), s(2.0), "reissue_at 0.5 here");
+    }
+
+    const POLICY_DEFAULTS: Policy = Policy { renew_at: 0.5, jitter: 0.1, reissue_at: 0.75 };
 
     fn t(secs: f64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs_f64(1_000_000.0 + secs)

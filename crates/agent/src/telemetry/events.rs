@@ -116,12 +116,14 @@ pub struct Rendered<'a> {
     pub secret: &'a str,
     pub written: &'a [(PathBuf, bool)],
     pub expires_at: Option<SystemTime>,
+    /// `schedule::rotation_window` of the credentials written.
+    pub rotation_window: Option<std::time::Duration>,
     pub at: SystemTime,
 }
 
 impl Event for Rendered<'_> {
     fn emit(self, t: &Telemetry) {
-        t.rendered(self.secret, self.written, self.at);
+        t.rendered(self.secret, self.written, self.rotation_window, self.at);
         let changed = self.written.iter().filter(|(_, c)| *c).count();
         tracing::info!(event = "rendered", secret = %self.secret, files = self.written.len(), changed, expires_at = %self.expires_at.map(crate::clock::rfc3339).unwrap_or_default(), "files written");
     }

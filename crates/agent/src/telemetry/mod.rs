@@ -46,6 +46,10 @@ pub struct SecretStatus {
     pub issues: u64,
     pub consecutive_failures: u64,
     pub last_error: Option<String>,
+    /// How long replaced credentials keep working after new files are
+    /// written: a pool's max lifetime below it never holds a connection of
+    /// a dropped role (`schedule::rotation_window`).
+    pub rotation_window_secs: Option<u64>,
     pub files: Vec<FileStatus>,
     #[serde(skip)]
     rendered: bool,
@@ -240,9 +244,10 @@ impl Telemetry {
     }
 
     // Through `events` only: the log line goes with it.
-    fn rendered(&self, name: &str, written: &[(PathBuf, bool)], at: SystemTime) {
+    fn rendered(&self, name: &str, written: &[(PathBuf, bool)], window: Option<Duration>, at: SystemTime) {
         self.update(name, |s| {
             s.rendered = true;
+            s.rotation_window_secs = window.map(|w| w.as_secs());
             for (path, changed) in written {
                 if let Some(f) = s.files.iter_mut().find(|f| &f.path == path)
                     && (*changed || f.last_write.is_none())
@@ -423,13 +428,14 @@ mod tests {
         let lease = LeaseId::new("database/creds/app/AbCdEfGhIjKlMnOpQrStUvWx".into());
         let past = crate::clock::now() - Duration::from_secs(120);
         t.issued("db", &lease, Duration::from_secs(60), true, past, Some(past + Duration::from_secs(60)));
-        t.rendered("db", &[(PathBuf::from("/x/db.json"), true)], past);
+        t.rendered("db", &[(PathBuf::from("/x/db.json"), true)], Some(Duration::from_secs(15)), past);
         let (ready, reasons) = t.readiness();
         assert!(!ready && reasons[0].starts_with("db: credentials expired at"), "{reasons:?}");
         t.renewed("db", Duration::from_secs(60), true, crate::clock::now());
         assert!(t.readiness().0);
         let status = t.status_json().to_string();
         assert!(status.contains("database/creds/app/AbCd…") && !status.contains("EfGh"));
+        assert!(status.contains("\"rotation_window_secs\":15"), "{status}");
         let metrics = t.encode_metrics();
         assert!(metrics.contains("leasehold_lease_renewals_total{secret=\"db\",result=\"success\"} 1"), "{metrics}");
         assert!(metrics.contains("leasehold_secret_ready{secret=\"db\"} 1"));
