@@ -204,6 +204,8 @@ fn pgbouncer(pg_port: u16, user: &str, password: &str) -> Option<Bouncer> {
     if nix::unistd::geteuid().is_root() {
         c.args(["-u", "postgres"]);
     }
+    // Its log goes to its logfile; a copy on stderr would bury the report.
+    c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     let child = match c.arg(dir.join("pgbouncer.ini")).spawn() {
         Ok(child) => child,
         Err(e) => {

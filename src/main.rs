@@ -56,8 +56,15 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9102")]
         addr: String,
     },
-    /// Serve the mutating admission webhook that adds the agent to annotated pods.
-    Injector(Box<InjectorArgs>),
+    /// Serve the mutating admission webhook that adds the agent to annotated
+    /// pods; `injector lint` says what it would do with existing manifests.
+    #[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
+    Injector {
+        #[command(subcommand)]
+        lint: Option<InjectorCommand>,
+        #[command(flatten)]
+        args: Box<InjectorArgs>,
+    },
     /// Run a local devvault and the agent against it with short TTLs.
     #[cfg(feature = "demo")]
     Demo {
@@ -70,14 +77,29 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+pub enum InjectorCommand {
+    /// For each workload in the manifests (YAML files, `-` for stdin;
+    /// `kubectl get -o yaml` output too) annotated for injection: what is
+    /// translated, what is ignored and why, or why it would be denied.
+    /// Exit 0, or 1 when any would be denied.
+    Lint {
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+        /// As the webhook runs with --legacy-sidecar.
+        #[arg(long)]
+        legacy_sidecar: bool,
+    },
+}
+
 #[derive(clap::Args)]
 pub struct InjectorArgs {
     /// The webhook's certificate (PEM); re-read when the file changes.
-    #[arg(long, value_name = "FILE")]
-    pub tls_cert: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    pub tls_cert: Option<PathBuf>,
     /// Its private key (PEM).
-    #[arg(long, value_name = "FILE")]
-    pub tls_key: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    pub tls_key: Option<PathBuf>,
     #[arg(long, default_value = ":8443", value_name = "[HOST]:PORT")]
     pub listen: String,
     /// Vault's address, for the injected agents (default: env VAULT_ADDR).
@@ -122,7 +144,10 @@ fn main() -> ExitCode {
         Command::Agent { config, once } => cmd::agent::main(&config, once),
         Command::Check { config } => cmd::check::main(&config),
         Command::Status { addr } => cmd::status::main(&addr),
-        Command::Injector(args) => cmd::injector::main(*args),
+        Command::Injector { lint: Some(InjectorCommand::Lint { files, legacy_sidecar }), .. } => {
+            cmd::lint::main(&files, legacy_sidecar)
+        }
+        Command::Injector { lint: None, args } => cmd::injector::main(*args),
         #[cfg(feature = "demo")]
         Command::Demo { database_url, dir } => cmd::demo::main(database_url, dir),
     }

@@ -38,10 +38,14 @@ pub fn main(path: &Path) -> ExitCode {
 
 /// Sample credentials shaped like `database/creds/<role>`. Only templates
 /// of database secrets are held to that shape; for other paths (KV, PKI)
-/// undefined values render empty, and syntax and filter errors still count.
+/// `data` is permissive sample data (`Templates::check_permissive`): what
+/// the agent would render passes, and syntax, unknown filters and
+/// functions still count.
 fn sample_data() -> SecretData {
     let sample =
-        json!({ "username": "v-kubernet-sample-AbCdEfGhIjKlMnOpQrSt-1700000000", "password": "Sample-Passw0rd-xyzw" });
+        // The password is also base64 text (of `SamplePassword1`), so a
+        // template that decodes it (consul-template's base64Decode) checks.
+        json!({ "username": "v-kubernet-sample-AbCdEfGhIjKlMnOpQrSt-1700000000", "password": "U2FtcGxlUGFzc3dvcmQx" });
     SecretData::new(sample.as_object().cloned().unwrap_or_default())
 }
 
@@ -65,8 +69,12 @@ fn check(config: &Config, config_path: &Path) -> Result<Vec<String>, ConfigError
             rotation_window: Some(secret.revoke_replaced_after),
         };
         let known_shape = secret.path.trim_start_matches('/').contains("/creds/");
-        let renderer = if known_shape { &strict } else { &lenient };
-        if let Err(RenderError::Template { file, reason }) = renderer.templates(&secret.name).render(&ctx) {
+        let checked = if known_shape {
+            strict.templates(&secret.name).render(&ctx).map(|_| ())
+        } else {
+            lenient.templates(&secret.name).check_permissive(&ctx)
+        };
+        if let Err(RenderError::Template { file, reason }) = checked {
             problems.push(format!(
                 "{}: secrets[{i}] ({}): {}: {reason}",
                 config_path.display(),

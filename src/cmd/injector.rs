@@ -36,7 +36,10 @@ pub fn main(a: InjectorArgs) -> ExitCode {
         Ok(m) => m,
         Err(e) => return usage(e.to_string()),
     };
-    let tls = match injector::tls::server_config(&a.tls_cert, &a.tls_key) {
+    let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
+        return usage("--tls-cert and --tls-key are required".into());
+    };
+    let tls = match injector::tls::server_config(cert, key) {
         Ok(t) => t,
         Err(e) => return usage(format!("TLS: {e}")),
     };

@@ -6,4 +6,5 @@ pub mod check;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod injector;
+pub mod lint;
 pub mod status;

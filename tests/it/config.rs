@@ -113,3 +113,36 @@ async fn check_warns_when_a_files_owner_cannot_be_set() {
         assert!(!output.contains("CAP_CHOWN"), "{output}");
     }
 }
+
+/// #24: `check` refused valid configs the agent renders (KV templates with
+/// `dictsort`, `.items()`, arithmetic, the injector's own `range`
+/// translation) with exit 78. A KV secret's data is now permissive sample
+/// data; typos in filter names still fail.
+#[tokio::test]
+async fn check_accepts_what_the_agent_renders_from_secrets_of_unknown_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv.yaml");
+    let kv = |template: &str| {
+        format!(
+            "{GOOD}  - name: kv\n    path: kv/data/app\n    files:\n      - path: /tmp/leasehold-test/kv\n        template: {}\n",
+            serde_json::to_string(template).unwrap()
+        )
+    };
+    for template in [
+        "{% for k, v in data.data|dictsort %}{{ k }}={{ v }}\n{% endfor %}",
+        "{% for k, v in data.data.items() %}{{ k }}={{ v }}\n{% endfor %}",
+        "port={{ data.data.port + 1 }} pool={{ (data.data.pool | int) * 2 }}",
+        "{{ data.data.cert | b64decode }}{{ data.data.key | b64encode(url=true) }}",
+        "{% if data.data.enabled %}on{% else %}off{% endif %} {{ data.metadata.version }}",
+    ] {
+        std::fs::write(&path, kv(template)).unwrap();
+        let (code, out) = run(&["check", "-c", &path.display().to_string()], dir.path()).await;
+        assert_eq!(code, 0, "{template}: {out}");
+    }
+    for template in ["{{ data.data.x | nosuchfilter }}", "{{ nosuchfunction(data.data) }}", "{% for %}"] {
+        std::fs::write(&path, kv(template)).unwrap();
+        let (code, out) = run(&["check", "-c", &path.display().to_string()], dir.path()).await;
+        assert_eq!(code, 78, "{template}: {out}");
+        assert!(out.contains("secrets[1]") || out.contains("secrets[1].files[0]"), "{template}: {out}");
+    }
+}

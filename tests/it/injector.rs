@@ -286,7 +286,7 @@ async fn fixtures_get_their_answers_and_patched_pods_validate() {
     for (name, names) in [
         ("malformed", "leasehold.dev/perms-db"),
         ("unknown-annotation", "leasehold.dev/secrets-db"),
-        ("vault-k8s-unsupported", "vault.hashicorp.com/agent-inject-command-db"),
+        ("vault-k8s-unsupported", "vault.hashicorp.com/tls-skip-verify"),
         ("vault-k8s-bad-template", "vault.hashicorp.com/agent-inject-template-cert"),
     ] {
         let r = admit(&c, &inj, &fixture(name)).await;
@@ -511,4 +511,99 @@ async fn a_slowloris_or_a_descriptor_flood_cannot_stall_the_injector() {
     drop(flood);
     set(soft);
     assert!(eventually(10, async || healthz().await == Some(200)).await, "served after:\n{}", inj.agent.output());
+}
+
+/// #24: with --vault-k8s-compat, a pod carrying any of the vault-k8s
+/// annotations platform teams use was denied at CREATE, so its ReplicaSet
+/// sat at 0. Each is now translated (its effect checked in the patched pod)
+/// or accepted with an admission warning saying why it is ignored; the
+/// patched pods validate against Kubernetes' schemas and their agent
+/// configs pass `leasehold check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_vault_k8s_annotation_in_use_is_admitted() {
+    let tls = DevTls::generate().unwrap();
+    let inj = start_injector(&tls, &["--vault-k8s-compat"]).await;
+    let c = client(&tls.ca_pem);
+    let out = tempfile::tempdir().unwrap();
+    let sidecar = |pod: &Value| named(pod, "initContainers", "leasehold").expect("the sidecar").clone();
+    type Check = fn(&Value);
+    let cases: [(&str, &str, Option<&str>, Check); 15] = [
+        ("agent-limits-cpu", "250m", None, |c| assert_eq!(c["resources"]["limits"]["cpu"], "250m")),
+        ("agent-limits-mem", "64Mi", None, |c| assert_eq!(c["resources"]["limits"]["memory"], "64Mi")),
+        ("agent-requests-cpu", "10m", None, |c| assert_eq!(c["resources"]["requests"]["cpu"], "10m")),
+        ("agent-requests-mem", "16Mi", None, |c| assert_eq!(c["resources"]["requests"]["memory"], "16Mi")),
+        // Translated, and a warning: alone, the file must come from the image.
+        ("ca-cert", "/vault/tls/ca.crt", Some("without vault.hashicorp.com/tls-secret"), |c| {
+            assert_eq!(agent_config(c)["vault"]["ca_cert"], "/vault/tls/ca.crt")
+        }),
+        ("tls-secret", "vault-tls", None, |c| {
+            let m = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == "/vault/tls");
+            assert_eq!(m.expect("the TLS secret mounted")["readOnly"], true);
+        }),
+        ("log-level", "debug", None, |c| assert_eq!(agent_config(c)["log"]["level"], "debug")),
+        ("agent-cache-enable", "true", Some("no cache listener"), |_| {}),
+        ("agent-pre-populate", "false", Some("always written before the app starts"), |_| {}),
+        ("agent-inject-default-template", "json", None, |c| {
+            assert_eq!(agent_config(c)["secrets"][0]["files"][0]["template"], "{{ data|tojson }}")
+        }),
+        ("preserve-secret-case", "true", None, |c| {
+            assert!(agent_config(c)["secrets"][0]["files"][0]["path"].as_str().unwrap().ends_with("/DB"))
+        }),
+        ("agent-run-as-user", "1000", None, |c| assert_eq!(c["securityContext"]["runAsUser"], 1000)),
+        ("agent-inject-token", "true", Some("the Vault token stays with the agent"), |_| {}),
+        (
+            "agent-inject-template-DB",
+            "{{ with secret \"database/creds/app\" }}{{ .Data.password | base64Encode }}{{ end }}",
+            None,
+            |c| assert!(agent_config(c)["secrets"][0]["files"][0]["template"].as_str().unwrap().contains("b64encode")),
+        ),
+        (
+            "agent-inject-template-DB",
+            "{{ with secret \"database/creds/app\" }}{{ base64Decode .Data.password }}{{ end }}",
+            None,
+            |c| assert!(agent_config(c)["secrets"][0]["files"][0]["template"].as_str().unwrap().contains("b64decode")),
+        ),
+    ];
+    let mut pods = Vec::new();
+    for (i, (annotation, value, warning, check)) in cases.into_iter().enumerate() {
+        let mut review = fixture("vault-k8s-unsupported");
+        let annotations = review["request"]["object"]["metadata"]["annotations"].as_object_mut().unwrap();
+        annotations.clear();
+        for (k, v) in [("agent-inject", "true"), ("role", "app"), ("agent-inject-secret-DB", "database/creds/app")] {
+            annotations.insert(format!("vault.hashicorp.com/{k}"), json!(v));
+        }
+        annotations.insert(format!("vault.hashicorp.com/{annotation}"), json!(value));
+        let r = admit(&c, &inj, &review).await;
+        let mut pod = patched(&review, &r);
+        // The API server names a generateName pod after admission.
+        pod["metadata"]["name"] = json!(format!("app-{i}"));
+        let agent = sidecar(&pod);
+        assert_restricted(&agent);
+        check(&agent);
+        let warnings: Vec<&str> =
+            r["warnings"].as_array().map(|w| w.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        match warning {
+            Some(why) => assert!(
+                warnings.iter().any(|w| w.contains(&format!("vault.hashicorp.com/{annotation}")) && w.contains(why)),
+                "{annotation}: a warning saying why: {warnings:?}"
+            ),
+            None => assert!(warnings.is_empty(), "{annotation} is translated, not ignored: {warnings:?}"),
+        }
+        check_config(&agent_config(&agent), out.path(), &format!("annotation-{i}"));
+        let path = out.path().join(format!("pod-{i}.json"));
+        std::fs::write(&path, pod.to_string()).unwrap();
+        pods.push(path);
+    }
+    kubernetes_validate(&pods);
+
+    // The lint says the same of manifests, before anything is swapped.
+    let lint = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["injector", "lint"])
+        .arg(fixtures().join("../lint/workloads.yaml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&lint.stdout);
+    assert_eq!(lint.status.code(), Some(1), "one workload would be denied: {text}");
+    let expected = std::fs::read_to_string(fixtures().join("../lint/workloads.expected")).unwrap();
+    assert_eq!(text, expected);
 }

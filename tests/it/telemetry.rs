@@ -278,3 +278,121 @@ async fn status_is_served_to_loopback_only_unless_configured() {
         assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
     }
 }
+
+/// Every `leasehold_*` metric named in `text` (rules, dashboard queries).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("leasehold_") {
+        let name: String =
+            rest[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+        rest = &rest[i + name.len()..];
+        names.insert(name);
+    }
+    names
+}
+
+/// The sample names a scrape can hold, from its `# TYPE` lines (a counter
+/// `x` is sampled as `x_total`, a histogram as `x_bucket`, `_sum`, `_count`).
+fn exported(metrics: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for l in metrics.lines() {
+        let Some(rest) = l.strip_prefix("# TYPE ") else { continue };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else { continue };
+        names.insert(name.to_string());
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            _ => &[],
+        };
+        for s in suffixes {
+            names.insert(format!("{}{s}", name.trim_end_matches("_total")));
+        }
+    }
+    names
+}
+
+/// #24: the alert rules (the docs' and the chart's) and the Grafana
+/// dashboard name only metrics a live agent exports (one with a database
+/// secret behind the proxy and two KV secrets); a KV secret exports no
+/// expiry, so no rule on time left can fire for it; a template that fails
+/// at run time moves the render failure counter and the failures gauge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alert_rules_name_only_exported_metrics() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    env.api.ok("POST", "sys/mounts/kv", Some(json!({"type": "kv", "options": {"version": "2"}}))).await;
+    env.api.ok("POST", "kv/data/app", Some(json!({"data": {"api_key": "one"}}))).await;
+    let (port, dir) = (crate::proxy::free_port(), env.secrets().display().to_string());
+    let secrets = format!(
+        "{}  - name: kv\n    path: kv/data/app\n    files:\n      - path: {dir}/kv.env\n        template: \"API_KEY={{{{ data.data.api_key }}}}\"\n  - name: broken\n    path: kv/data/app\n    files:\n      - path: {dir}/broken.env\n        template: \"X={{{{ data.data.missing }}}}\"\n",
+        crate::proxy::proxied("db", &env, port, &format!("127.0.0.1:{}", env.pg.port), "disable")
+    );
+    let mut agent = env.spawn(&env.config_with_secrets(&secrets)).await;
+    let addr = telemetry_addr(&agent).await;
+    let mut metrics = String::new();
+    let ok = eventually(20, async || {
+        metrics = get(&addr, "/metrics").await.1;
+        sample(&metrics, "leasehold_render_failures_total{secret=\"broken\"}").is_some_and(|n| n >= 1.0)
+            && sample(&metrics, "leasehold_secret_ready{secret=\"kv\"}") == Some(1.0)
+            && sample(&metrics, "leasehold_secret_ready{secret=\"db\"}") == Some(1.0)
+    })
+    .await;
+    assert!(ok, "{metrics}\n{}", agent.output());
+    assert!(sample(&metrics, "leasehold_secret_consecutive_failures{secret=\"broken\"}").is_some_and(|n| n >= 1.0));
+    assert!(sample(&metrics, "leasehold_lease_expiry_timestamp_seconds{secret=\"db\"}").is_some());
+    assert!(
+        !metrics.contains("leasehold_lease_expiry_timestamp_seconds{secret=\"kv\"}"),
+        "no expiry for a KV secret:\n{metrics}"
+    );
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let have = exported(&metrics);
+    for file in [
+        "docs/observability.md",
+        "charts/leasehold/templates/prometheusrule.yaml",
+        "charts/leasehold/dashboards/leasehold.json",
+    ] {
+        let mut text = std::fs::read_to_string(root.join(file)).unwrap();
+        if file.ends_with(".md") {
+            // The rules' block, not the table of every metric.
+            let rules = text.split("## Alert rules").nth(1).and_then(|t| t.split("## ").next()).unwrap();
+            text = rules.to_string();
+        }
+        let named = metric_names(&text);
+        assert!(named.len() >= 5, "{file} names metrics: {named:?}");
+        let missing: Vec<&String> = named.iter().filter(|n| !have.contains(*n)).collect();
+        assert!(missing.is_empty(), "{file} names metrics the agent does not export: {missing:?}");
+    }
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}
+
+/// #24: a destination directory that does not exist made the agent create
+/// and drop a database user every few seconds. Now nothing is asked of
+/// Vault until the files can be written, `/readyz` says which directory,
+/// and once it exists the credentials follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_destination_directory_asks_vault_nothing() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let missing = env.secrets().join("not-yet");
+    let secrets = format!(
+        "  - name: db\n    path: database/creds/app\n    files:\n      - path: {}/db.json\n        format: json\n",
+        missing.display()
+    );
+    let mut agent = env.spawn(&env.config_with_secrets(&secrets)).await;
+    let addr = telemetry_addr(&agent).await;
+    // Four attempts (0.5 s doubling): none of them reached Vault.
+    assert!(eventually(20, async || agent.events("render_failed").len() >= 4).await, "{}", agent.output());
+    let creds = async || env.requests().await.iter().filter(|r| r.path == "database/creds/app").count();
+    assert_eq!(creds().await, 0, "no credentials asked for files that cannot be written");
+    let (code, body) = get(&addr, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(&format!("the directory {} does not exist", missing.display())), "{body}");
+
+    std::fs::create_dir(&missing).unwrap();
+    assert!(eventually(40, async || get(&addr, "/readyz").await.0 == 200).await, "{}", agent.output());
+    assert_eq!(creds().await, 1, "one user, once the files can be written");
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+}

@@ -132,6 +132,27 @@ fn stage(
     Ok(Some(Staged { tmp, path: path.to_path_buf() }))
 }
 
+/// Whether each file's directory exists and the agent may write there,
+/// checked before credentials are asked for; the error names the
+/// directory and what is wrong (as `leasehold check --local` does).
+pub fn probe<'a>(paths: impl Iterator<Item = &'a Path>) -> Result<(), String> {
+    for path in paths {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        match fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("{}: {} is not a directory", path.display(), dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("{}: the directory {} does not exist", path.display(), dir.display()));
+            }
+            Err(e) => return Err(format!("{}: {}: {e}", path.display(), dir.display())),
+        }
+        if let Err(e) = nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK) {
+            return Err(format!("{}: the directory {} is not writable ({e})", path.display(), dir.display()));
+        }
+    }
+    Ok(())
+}
+
 /// Files with `owner`/`group` when this process cannot chown (no
 /// CAP_CHOWN, as in the chart, which drops every capability): each write
 /// of that secret would fail, so say so before the first one.

@@ -112,7 +112,35 @@ fn sandbox(undefined: UndefinedBehavior) -> Environment<'static> {
     env.add_filter("urlencode", urlencode);
     env.add_filter("shell_quote", |s: String| shell_quote(&s));
     env.add_filter("pgpass_escape", |s: String| pgpass_escape(&s));
+    // consul-template's base64Decode and friends (the injector translates
+    // vault-k8s templates to these).
+    env.add_filter("b64decode", b64decode);
+    env.add_filter("b64encode", b64encode);
     env
+}
+
+fn b64_engine(kwargs: &minijinja::value::Kwargs) -> Result<base64::engine::GeneralPurpose, minijinja::Error> {
+    let url: Option<bool> = kwargs.get("url")?;
+    kwargs.assert_all_used()?;
+    Ok(if url == Some(true) {
+        base64::engine::general_purpose::URL_SAFE
+    } else {
+        base64::engine::general_purpose::STANDARD
+    })
+}
+
+/// Base64 (or with `url=true`, base64url) to text; an error names neither
+/// the input nor the output (either may be a secret).
+fn b64decode(s: String, kwargs: minijinja::value::Kwargs) -> Result<String, minijinja::Error> {
+    use base64::Engine as _;
+    let bad = |what: &str| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("b64decode: {what}"));
+    let bytes = b64_engine(&kwargs)?.decode(s.trim()).map_err(|_| bad("the value is not base64"))?;
+    String::from_utf8(bytes).map_err(|_| bad("the decoded value is not UTF-8 text"))
+}
+
+fn b64encode(s: String, kwargs: minijinja::value::Kwargs) -> Result<String, minijinja::Error> {
+    use base64::Engine as _;
+    Ok(b64_engine(&kwargs)?.encode(s.as_bytes()))
 }
 
 impl Renderer {
@@ -179,6 +207,81 @@ impl Templates {
             out.push((plan.target.clone(), Zeroizing::new(text)));
         }
         Ok(out)
+    }
+}
+
+impl Templates {
+    /// `leasehold check` for a secret whose shape is unknown (KV, PKI):
+    /// renders with permissive sample data as `data` (any key is there,
+    /// iterates as empty, `.items()` and other methods answer, prints as
+    /// `sample`), so a template the agent would render passes; errors that
+    /// only the real values decide (types, arithmetic, a missing key) are
+    /// not counted, while unknown filters, functions and tests, and syntax,
+    /// are.
+    pub fn check_permissive(&self, ctx: &Context) -> Result<(), RenderError> {
+        let value = ctx.to_json();
+        let mut root = top_level(&value);
+        root.insert("data".into(), minijinja::Value::from_object(Sample));
+        if let Some(prev) = value.get("previous") {
+            let mut p = top_level(prev);
+            p.insert("data".into(), minijinja::Value::from_object(Sample));
+            root.insert("previous".into(), minijinja::Value::from(p));
+        }
+        for plan in &self.plans {
+            let Kind::Template(name) = &plan.kind else { continue };
+            let fail = |reason: String| RenderError::Template { file: plan.target.path.clone(), reason };
+            let tmpl = self.env.get_template(name).map_err(|e| fail(e.to_string()))?;
+            if let Err(e) = tmpl.render(minijinja::Value::from(root.clone())) {
+                use minijinja::ErrorKind::*;
+                let data_decides =
+                    matches!(e.kind(), InvalidOperation | UndefinedError | NonKey | NonPrimitive | CannotUnpack);
+                if !data_decides {
+                    return Err(fail(describe(&e)));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A JSON object's values as template values, by key.
+fn top_level(v: &Value) -> std::collections::BTreeMap<String, minijinja::Value> {
+    v.as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), minijinja::Value::from(Serde(v)))).collect())
+        .unwrap_or_default()
+}
+
+/// Sample data of unknown shape (`check_permissive`).
+#[derive(Debug)]
+struct Sample;
+
+impl minijinja::value::Object for Sample {
+    fn repr(self: &Arc<Self>) -> minijinja::value::ObjectRepr {
+        minijinja::value::ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, _key: &minijinja::Value) -> Option<minijinja::Value> {
+        Some(minijinja::Value::from_object(Sample))
+    }
+
+    fn enumerate(self: &Arc<Self>) -> minijinja::value::Enumerator {
+        minijinja::value::Enumerator::Empty
+    }
+
+    fn call_method(
+        self: &Arc<Self>,
+        _state: &mut minijinja::State<'_, '_>,
+        method: &str,
+        _args: &[minijinja::Value],
+    ) -> Result<minijinja::Value, minijinja::Error> {
+        Ok(match method {
+            "items" | "keys" | "values" => minijinja::Value::from(Vec::<minijinja::Value>::new()),
+            _ => minijinja::Value::from_object(Sample),
+        })
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("sample")
     }
 }
 

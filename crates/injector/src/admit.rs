@@ -116,7 +116,11 @@ pub fn review(body: &Value, s: &Settings) -> Result<Decision, ReviewError> {
         Err(e) => return Ok(deny(e.to_string())),
     };
     let encoded = base64::engine::general_purpose::STANDARD.encode(Value::Array(ops).to_string());
-    let response = json!({ "uid": uid, "allowed": true, "patchType": "JSONPatch", "patch": encoded });
+    let mut response = json!({ "uid": uid, "allowed": true, "patchType": "JSONPatch", "patch": encoded });
+    // Shown by kubectl and in the API server's audit: what was not honoured.
+    if !planned.warnings.is_empty() {
+        response["warnings"] = json!(planned.warnings);
+    }
     Ok(answer(Outcome::Injected, String::new(), wrap(response)))
 }
 

@@ -5,8 +5,10 @@
 //! path per template, repeated as often as wanted: consul-template
 //! de-duplicates it to one read, so do we); inside it `.Data…`,
 //! `.LeaseID`, `.LeaseDuration`; `{{ range $k, $v := X }}…{{ end }}` over a
-//! map (sorted keys, as Go does); `{{ if X }}`/`{{ else }}`; pipes to
-//! `toJSON`, `toJSONPretty`, `toUnescapedJSON(Pretty)`; `{{-`/`-}}` trims.
+//! map (sorted keys, as Go does); `{{ if X }}`/`{{ else }}`; pipes to (or
+//! calls of) `toJSON`, `toJSONPretty`, `toUnescapedJSON(Pretty)`,
+//! `base64Decode`, `base64Encode`, `base64URLDecode`, `base64URLEncode`,
+//! `toUpper`, `toLower`, `trimSpace`; `{{-`/`-}}` trims.
 //! Anything else is an error naming the action: a pod is refused rather
 //! than given a file that means something else.
 
@@ -168,17 +170,38 @@ fn action(st: &mut State, body: &str) -> Result<(), TranslateError> {
     Ok(())
 }
 
-/// `X`, `X | toJSON`, …
+/// The consul-template functions of one argument that vault-k8s users
+/// use, as the agent's filters.
+fn filter(f: &str) -> Option<&'static str> {
+    Some(match f {
+        "toJSON" | "toUnescapedJSON" => "tojson",
+        "toJSONPretty" | "toUnescapedJSONPretty" => "tojson(indent=2)",
+        "base64Decode" => "b64decode",
+        "base64Encode" => "b64encode",
+        "base64URLDecode" => "b64decode(url=true)",
+        "base64URLEncode" => "b64encode(url=true)",
+        "toUpper" => "upper",
+        "toLower" => "lower",
+        "trimSpace" => "trim",
+        _ => return None,
+    })
+}
+
+/// `X`, `X | toJSON`, `base64Decode X`, …
 fn pipeline(st: &State, p: &str, whole: &str) -> Result<String, TranslateError> {
     let mut parts = p.split('|').map(str::trim);
-    let mut e = expr(st, parts.next().unwrap_or_default(), whole)?;
-    for f in parts {
-        let filter = match f {
-            "toJSON" | "toUnescapedJSON" => "tojson",
-            "toJSONPretty" | "toUnescapedJSONPretty" => "tojson(indent=2)",
-            _ => return Err(TranslateError::Unsupported(format!("{{{{ {whole} }}}} (the function `{f}`)"))),
+    let first = parts.next().unwrap_or_default();
+    // Go's call form, `fn X`: the same as `X | fn`.
+    let (first, call) = match first.split_once(char::is_whitespace) {
+        Some((f, arg)) if filter(f).is_some() => (arg.trim(), Some(f)),
+        _ => (first, None),
+    };
+    let mut e = expr(st, first, whole)?;
+    for f in call.into_iter().chain(parts) {
+        let Some(name) = filter(f) else {
+            return Err(TranslateError::Unsupported(format!("{{{{ {whole} }}}} (the function `{f}`)")));
         };
-        e = format!("{e}|{filter}");
+        e = format!("{e}|{name}");
     }
     Ok(e)
 }
@@ -229,6 +252,9 @@ fn quoted(s: &str) -> Option<String> {
 /// vault-k8s's default template (`map`): one `key: value` line per key of
 /// the secret's data, sorted.
 pub const DEFAULT_MAP_TEMPLATE: &str = "{% for k, v in data|dictsort %}{{ k }}: {{ v }}\n{% endfor %}";
+
+/// vault-k8s's `json` default template: the secret's data as JSON.
+pub const DEFAULT_JSON_TEMPLATE: &str = "{{ data|tojson }}";
 
 #[cfg(test)]
 mod tests {
@@ -296,10 +322,22 @@ postgres://{{ .Data.username }}:{{ .Data.password }}@db:5432/app
         assert_eq!(t.path, None);
     }
 
+    /// consul-template's functions of one value, piped or called.
+    #[test]
+    fn the_functions_vault_k8s_users_use() {
+        let t = ok(
+            r#"{{ with secret "a" }}{{ .Data.x | base64Decode }}{{ base64Decode .Data.y }}{{ .Data.z | toUpper | trimSpace }}{{ base64URLEncode .Data.w }}{{ end }}"#,
+        );
+        assert_eq!(
+            t.template,
+            r#"{{ data["x"]|b64decode }}{{ data["y"]|b64decode }}{{ data["z"]|upper|trim }}{{ data["w"]|b64encode(url=true) }}"#
+        );
+    }
+
     #[test]
     fn what_cannot_be_translated_is_named() {
         let cases = [
-            (r#"{{ with secret "a" }}{{ .Data.x | base64Decode }}{{ end }}"#, "base64Decode"),
+            (r#"{{ with secret "a" }}{{ .Data.x | sha256Hex }}{{ end }}"#, "sha256Hex"),
             (r#"{{ with pkiCert "pki/issue/r" "common_name=x" }}{{ .Cert }}{{ end }}"#, "pkiCert"),
             (r#"{{ with secret "a" }}{{ printf "%s" .Data.x }}{{ end }}"#, "printf"),
             (r#"{{ with secret "pki/issue/r" "common_name=x" }}{{ end }}"#, "common_name"),

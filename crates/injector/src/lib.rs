@@ -9,6 +9,7 @@
 
 pub mod admit;
 pub mod gotemplate;
+pub mod lint;
 pub mod patch;
 pub mod plan;
 pub mod tls;

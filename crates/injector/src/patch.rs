@@ -60,16 +60,32 @@ impl Ops {
     }
 }
 
-fn security_context() -> Value {
+/// Where vault-k8s's `tls-secret` is mounted in the agent containers.
+pub const TLS_DIR: &str = "/vault/tls";
+pub const TLS: &str = "leasehold-vault-tls";
+
+fn security_context(plan: &Plan) -> Value {
     json!({
         "runAsNonRoot": true,
-        "runAsUser": 65532,
-        "runAsGroup": 65532,
+        "runAsUser": plan.run_as_user.unwrap_or(65532),
+        "runAsGroup": plan.run_as_group.unwrap_or(65532),
         "allowPrivilegeEscalation": false,
         "readOnlyRootFilesystem": true,
         "capabilities": { "drop": ["ALL"] },
         "seccompProfile": { "type": "RuntimeDefault" },
     })
+}
+
+/// The agent's resources: small defaults, what the annotations set over them.
+fn resources(plan: &Plan) -> Value {
+    let mut r = json!({
+        "requests": { "cpu": "5m", "memory": "8Mi" },
+        "limits": { "memory": "32Mi" },
+    });
+    for ((kind, what), q) in &plan.resources {
+        r[kind.as_str()][what.as_str()] = json!(q);
+    }
+    r
 }
 
 fn agent_container(name: &str, once: bool, plan: &Plan, d: &Defaults, config: &str) -> Value {
@@ -87,17 +103,19 @@ fn agent_container(name: &str, once: bool, plan: &Plan, d: &Defaults, config: &s
             { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
             { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
         ],
-        "resources": {
-            "requests": { "cpu": "5m", "memory": "8Mi" },
-            "limits": { "memory": "32Mi" },
-        },
-        "securityContext": security_context(),
+        "resources": resources(plan),
+        "securityContext": security_context(plan),
         "volumeMounts": [
             { "name": CREDENTIALS, "mountPath": plan.mount_path },
             { "name": STATE, "mountPath": STATE_DIR },
             { "name": TOKEN, "mountPath": TOKEN_DIR, "readOnly": true },
         ],
     });
+    if plan.tls_secret.is_some()
+        && let Some(mounts) = c["volumeMounts"].as_array_mut()
+    {
+        mounts.push(json!({ "name": TLS, "mountPath": TLS_DIR, "readOnly": true }));
+    }
     if !once {
         c["ports"] = json!([{ "name": "lh-telemetry", "containerPort": d.telemetry_port, "protocol": "TCP" }]);
         c["startupProbe"] = json!({
@@ -122,7 +140,7 @@ pub fn patch(pod: &Value, plan: &Plan, d: &Defaults) -> Result<Vec<Value>, Patch
     let volumes = list(pod, "/spec/volumes");
     let inits = list(pod, "/spec/initContainers");
     let containers = list(pod, "/spec/containers");
-    for n in [CREDENTIALS, STATE, TOKEN] {
+    for n in [CREDENTIALS, STATE, TOKEN, TLS] {
         if has_name(volumes, n) {
             return Err(PatchError::Taken(n.into()));
         }
@@ -155,12 +173,18 @@ pub fn patch(pod: &Value, plan: &Plan, d: &Defaults) -> Result<Vec<Value>, Patch
             json!({ "name": CREDENTIALS, "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" } }),
             json!({ "name": STATE, "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" } }),
             json!({ "name": TOKEN, "projected": { "sources": [{ "serviceAccountToken": projected }] } }),
-        ],
+        ]
+        .into_iter()
+        .chain(plan.tls_secret.iter().map(|s| json!({ "name": TLS, "secret": { "secretName": s } })))
+        .collect(),
     );
     // Read-only, as a directory (never subPath, which hides every update).
     let mount = json!({ "name": CREDENTIALS, "mountPath": plan.mount_path, "readOnly": true });
-    for i in 0..containers.len() {
-        ops.append(pod, &format!("/spec/containers/{i}/volumeMounts"), vec![mount.clone()]);
+    for (i, c) in containers.iter().enumerate() {
+        let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+        if plan.containers.as_ref().is_none_or(|only| only.iter().any(|n| n == name)) {
+            ops.append(pod, &format!("/spec/containers/{i}/volumeMounts"), vec![mount.clone()]);
+        }
     }
     // Init containers that run after the agent is up can read the files too.
     if plan.init_first {

@@ -47,6 +47,22 @@ pub struct Plan {
     pub secrets: Vec<PlanSecret>,
     pub on_change_signal: Option<(String, String)>,
     pub on_change_http: Option<String>,
+    /// The agent containers' resources: (`requests` or `limits`, `cpu`,
+    /// `memory` or `ephemeral-storage`) → quantity, over the defaults.
+    pub resources: BTreeMap<(String, String), String>,
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub log_level: Option<String>,
+    /// Vault's CA as a file in the agent container (vault-k8s `ca-cert`).
+    pub vault_ca_cert: Option<String>,
+    /// A Kubernetes Secret mounted in the agent containers at `/vault/tls`
+    /// (vault-k8s `tls-secret`).
+    pub tls_secret: Option<String>,
+    /// The containers that get the credentials volume; all when `None`.
+    pub containers: Option<Vec<String>>,
+    /// Annotations accepted but not honoured, each with why: returned to
+    /// the client as admission warnings.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +99,14 @@ impl Plan {
             secrets: Vec::new(),
             on_change_signal: None,
             on_change_http: None,
+            resources: BTreeMap::new(),
+            run_as_user: None,
+            run_as_group: None,
+            log_level: None,
+            vault_ca_cert: None,
+            tls_secret: None,
+            containers: None,
+            warnings: Vec::new(),
         }
     }
 }
@@ -321,8 +345,10 @@ pub fn agent_config(plan: &Plan, defaults: &Defaults, fs_group: bool) -> Value {
     if !ns.is_empty() {
         vault["namespace"] = json!(ns);
     }
-    if let Some(pem) = &defaults.vault_ca_pem {
-        vault["ca_cert_pem"] = json!(pem);
+    match (&plan.vault_ca_cert, &defaults.vault_ca_pem) {
+        (Some(file), _) => vault["ca_cert"] = json!(file),
+        (None, Some(pem)) => vault["ca_cert_pem"] = json!(pem),
+        (None, None) => {}
     }
     let mut auth = serde_json::Map::new();
     auth.insert(
@@ -336,7 +362,7 @@ pub fn agent_config(plan: &Plan, defaults: &Defaults, fs_group: bool) -> Value {
         "state_dir": STATE_DIR,
         "shutdown": { "revoke": plan.revoke },
         "telemetry": { "listen": format!("0.0.0.0:{}", defaults.telemetry_port) },
-        "log": { "format": "json" },
+        "log": { "format": "json", "level": plan.log_level.as_deref().unwrap_or("info") },
     })
 }
 

@@ -527,6 +527,13 @@ impl<V: Vault> Supervisor<V> {
     ) -> Result<(), Option<Duration>> {
         let cfg = self.cfg();
         let name = cfg.name.clone();
+        // Files that cannot be written would make Vault create a user for
+        // nothing, again at every retry: nothing is asked until they can.
+        if let Err(error) = crate::files::probe(cfg.files.iter().map(|f| f.path.as_path())) {
+            RenderFailed { secret: &name, error: &format!("{error}; nothing requested from Vault"), partial: false }
+                .emit(&self.telemetry);
+            return Err(None);
+        }
         // Replacing credentials that die with a final token: not under it.
         let avoid = held.as_ref().filter(|h| self.auth.borrow().token_end(&h.token_accessor).is_some());
         let avoid = avoid.map(|h| h.token_accessor.clone());

@@ -79,6 +79,7 @@ pub struct Metrics {
     pub ready: Family<SecretLabel, Gauge>,
     pub consecutive_failures: Family<SecretLabel, Gauge>,
     pub expired: Family<SecretLabel, Counter>,
+    pub render_failures: Family<SecretLabel, Counter>,
     pub notifications: Family<HookLabels, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
     pub build_info: Family<BuildLabels, Gauge>,
@@ -103,6 +104,7 @@ impl Metrics {
             ready: Family::default(),
             consecutive_failures: Family::default(),
             expired: Family::default(),
+            render_failures: Family::default(),
             notifications: Family::default(),
             reloads: Family::default(),
             build_info: Family::default(),
@@ -139,13 +141,18 @@ impl Metrics {
         r.register("secret_ready", "1 when the secret's files hold unexpired credentials, else 0", m.ready.clone());
         r.register(
             "secret_consecutive_failures",
-            "Failed attempts to issue or renew since the last success",
+            "Failed attempts to issue, renew or write since the last success",
             m.consecutive_failures.clone(),
         );
         r.register(
             "credentials_expired",
             "Times a secret's credentials reached their end with nothing to replace them",
             m.expired.clone(),
+        );
+        r.register(
+            "render_failures",
+            "Times a secret's files could not be rendered or written (a template error, an unwritable directory)",
+            m.render_failures.clone(),
         );
         r.register("notifications", "on_change hook runs by hook and result", m.notifications.clone());
         r.register("config_reloads", "Configuration reloads by result (success, rejected)", m.reloads.clone());

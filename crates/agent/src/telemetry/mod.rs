@@ -103,6 +103,13 @@ impl Telemetry {
     pub fn new() -> Arc<Telemetry> {
         let proxies = metrics::Proxies::default();
         let (metrics, registry) = Metrics::register(proxies.clone());
+        for ok in [true, false] {
+            let _ = metrics.logins.get_or_create(&metrics::result(ok));
+            let _ = metrics.token_renewals.get_or_create(&metrics::result(ok));
+        }
+        for result in ["success", "rejected"] {
+            let _ = metrics.reloads.get_or_create(&metrics::ResultLabel { result: result.to_string() });
+        }
         Arc::new(Telemetry {
             metrics,
             registry,
@@ -122,6 +129,18 @@ impl Telemetry {
 
     /// Declares a secret (at start and on reload); keeps what is known.
     pub fn declare(&self, name: &str, path: &str, files: &[PathBuf]) {
+        // Every series of the secret at 0 from the start: a rule or a
+        // dashboard query on a failure that has not happened yet sees 0,
+        // not nothing, and `rate()` counts the first one.
+        let m = &self.metrics;
+        for ok in [true, false] {
+            for family in [&m.issued, &m.renewals, &m.revocations] {
+                let _ = family.get_or_create(&secret_result(name, ok));
+            }
+        }
+        let _ = m.render_failures.get_or_create(&secret(name));
+        let _ = m.expired.get_or_create(&secret(name));
+        let _ = m.consecutive_failures.get_or_create(&secret(name));
         let mut secrets = lock(&self.secrets);
         let entry = secrets
             .entry(name.to_string())
@@ -151,9 +170,17 @@ impl Telemetry {
         }
     }
 
+    /// No series for a secret without an end (KV): a 0 would read as
+    /// "expired in 1970" to every alert on time left.
     fn set_expiry(&self, name: &str, expires: Option<SystemTime>) {
-        let gauge = self.metrics.lease_expiry.get_or_create(&secret(name));
-        gauge.set(expires.map(crate::clock::unix).unwrap_or(0.0));
+        match expires {
+            Some(at) => {
+                self.metrics.lease_expiry.get_or_create(&secret(name)).set(crate::clock::unix(at));
+            }
+            None => {
+                self.metrics.lease_expiry.remove(&secret(name));
+            }
+        }
     }
 
     /// New credentials; `expires` is when they end (none for a KV secret).
@@ -265,7 +292,12 @@ impl Telemetry {
 
     // Through `events` only: the log line goes with it.
     fn render_failed(&self, name: &str, error: &str) {
-        self.update(name, |s| s.last_error = Some(format!("render: {error}")));
+        self.metrics.render_failures.get_or_create(&secret(name)).inc();
+        let n = self.metrics.consecutive_failures.get_or_create(&secret(name)).inc() + 1;
+        self.update(name, |s| {
+            s.consecutive_failures = n as u64;
+            s.last_error = Some(format!("render: {error}"));
+        });
     }
 
     // Through `events` only: the log line goes with it.
