@@ -50,9 +50,13 @@ enum Command {
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: PathBuf,
     },
-    /// Print a running agent's status (/v1/status) as a table.
+    /// Print a running agent's status (/v1/status) as a table; exit 1 while a
+    /// secret is not ready.
     Status {
-        /// The agent's telemetry address.
+        /// The agent's telemetry address: http://HOST:PORT, HOST:PORT or :PORT.
+        #[arg(value_name = "ADDRESS", conflicts_with = "addr")]
+        address: Option<String>,
+        /// The same, as a flag.
         #[arg(long, default_value = "127.0.0.1:9102")]
         addr: String,
     },
@@ -143,7 +147,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Agent { config, once } => cmd::agent::main(&config, once),
         Command::Check { config } => cmd::check::main(&config),
-        Command::Status { addr } => cmd::status::main(&addr),
+        Command::Status { address, addr } => cmd::status::main(address.as_deref().unwrap_or(&addr)),
         Command::Injector { lint: Some(InjectorCommand::Lint { files, legacy_sidecar }), .. } => {
             cmd::lint::main(&files, legacy_sidecar)
         }

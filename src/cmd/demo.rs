@@ -48,7 +48,12 @@ async fn run(database_url: Option<String>, dir: PathBuf) -> anyhow::Result<ExitC
     let token_path = dir.join("serviceaccount-token");
     std::fs::write(&token_path, issuer.mint("default", "app", 24 * 3600)?)?;
     let config_path = dir.join("leasehold.yaml");
-    std::fs::write(&config_path, config_yaml(&vault.url(), &token_path, &dir.join("secrets")))?;
+    // A port known before the agent starts, so it can be printed: the
+    // demo's telemetry is where `leasehold status` finds it.
+    let telemetry = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let yaml = config_yaml(&vault.url(), &token_path, &dir.join("secrets"))
+        .replace("  listen: 127.0.0.1:0\n", &format!("  listen: {telemetry}\n"));
+    std::fs::write(&config_path, yaml)?;
     let loaded = Loaded::read(&config_path, &no_env)?;
     println!("devvault (a Vault-compatible dev server) is listening on {}", vault.url());
     println!(
@@ -57,6 +62,7 @@ async fn run(database_url: Option<String>, dir: PathBuf) -> anyhow::Result<ExitC
     );
     println!("config:      {}", config_path.display());
     println!("credentials: {}/secrets/ (db.json, db.env, db.url)", dir.display());
+    println!("telemetry:   http://{telemetry} (/metrics, /readyz, /v1/status; `leasehold status http://{telemetry}`)");
     println!("Watch the lease timeline below; press Ctrl-C to stop and revoke.\n");
     agent::telemetry::init_demo_logging();
     let signals = agent::signals::install()?;

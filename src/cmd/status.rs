@@ -5,21 +5,64 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// `/v1/status` of an agent given as `http://HOST:PORT[/…]`, `HOST:PORT`,
+/// `:PORT` or `PORT` (the last two on the loopback).
+pub fn status_url(given: &str) -> Result<String, String> {
+    let g = given.trim();
+    if g.starts_with("https://") {
+        return Err(format!("{given:?}: the agent's telemetry is plain HTTP (telemetry.listen): use http://"));
+    }
+    let rest = g.strip_prefix("http://").unwrap_or(g);
+    let host_port = rest.split('/').next().unwrap_or_default();
+    let host_port = match host_port {
+        p if p.parse::<u16>().is_ok() => format!("127.0.0.1:{p}"),
+        p if p.starts_with(':') && p[1..].parse::<u16>().is_ok() => format!("127.0.0.1{p}"),
+        p => p.to_string(),
+    };
+    let port_ok = host_port.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if !port_ok {
+        return Err(format!("{given:?} is not an agent's address (http://HOST:PORT, HOST:PORT or :PORT)"));
+    }
+    Ok(format!("http://{host_port}/v1/status"))
+}
+
+/// Exit 0 when every secret is ready, 1 when not (or the agent cannot be
+/// reached), 2 for an address that is not one.
 pub fn main(addr: &str) -> ExitCode {
-    let url = format!("http://{addr}/v1/status");
+    let url = match status_url(addr) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("leasehold status: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let fetched =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string()).and_then(|rt| {
             rt.block_on(async {
                 let builder = reqwest::Client::builder().timeout(Duration::from_secs(5));
                 let client = vault::without_unused_roots(builder, &url).build().map_err(|e| e.to_string())?;
-                let resp = client.get(&url).send().await.map_err(|e| format!("cannot reach {url}: {e}"))?;
+                let resp = client.get(&url).send().await.map_err(|e| {
+                    format!("cannot reach {url}: {e} (is the agent running, and is this its telemetry.listen? In a cluster: kubectl port-forward POD 9102)")
+                })?;
                 resp.json::<Value>().await.map_err(|e| format!("{url} did not answer with status JSON: {e}"))
             })
         });
     match fetched {
         Ok(status) => {
             print!("{}", table(&status));
-            ExitCode::SUCCESS
+            if status["ready"] == true {
+                ExitCode::SUCCESS
+            } else {
+                let waiting: Vec<String> = status["secrets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|s| s["ready"] != true)
+                    .map(|s| format!("{}: {}", cell(&s["name"]), cell(&s["reason"])))
+                    .collect();
+                eprintln!("leasehold status: not ready: {}", waiting.join("; "));
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("leasehold status: {e}");
@@ -68,6 +111,21 @@ pub fn table(status: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    #[test]
+    fn addresses_as_users_type_them() {
+        for (given, url) in [
+            ("http://127.0.0.1:9102", "http://127.0.0.1:9102/v1/status"),
+            ("http://10.0.0.5:9102/v1/status", "http://10.0.0.5:9102/v1/status"),
+            ("localhost:9102", "http://localhost:9102/v1/status"),
+            (":9102", "http://127.0.0.1:9102/v1/status"),
+            ("9102", "http://127.0.0.1:9102/v1/status"),
+        ] {
+            assert_eq!(super::status_url(given).as_deref(), Ok(url), "{given}");
+        }
+        assert!(super::status_url("https://x:1").unwrap_err().contains("plain HTTP"));
+        assert!(super::status_url("localhost").is_err());
+    }
 
     #[test]
     fn one_row_per_secret() {

@@ -19,6 +19,13 @@ async fn demo_shows_renewal_reissue_and_revocation() {
     .await;
     assert!(seen, "{}", demo.output());
     assert!(demo_dir.join("secrets/db.json").exists());
+    // It says where its telemetry is, and `leasehold status` takes that.
+    let out = demo.output();
+    let url = out.lines().find_map(|l| l.strip_prefix("telemetry:   ")).and_then(|l| l.split(' ').next());
+    let url = url.unwrap_or_else(|| panic!("the telemetry address printed: {out}")).to_string();
+    let mut status = Agent::spawn(&["status", &url], dir.path()).await;
+    assert_eq!(status.wait(Duration::from_secs(10)).await, 0, "{}", status.output());
+    assert!(status.output().contains("SECRET"), "{}", status.output());
     assert!(
         std::fs::read_to_string(demo_dir.join("secrets/db.url"))
             .unwrap()

@@ -62,8 +62,7 @@ async fn readyz_follows_the_credentials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_the_lifecycle_and_pass_promtool() {
     let env = Env::new(Ttls { db_ttl: "4s", db_max: "8s", token_ttl: "1h", token_max: "2h" }).await;
-    let refuse =
-        json!({"path_prefix": "database/creds/app", "status": 400, "errors": ["unknown role: app"], "count": 1});
+    let refuse = json!({"path_prefix": "database/creds/app", "status": 400, "errors": ["backend busy"], "count": 1});
     env.api.ok("POST", "sys/devvault/faults", Some(refuse)).await;
     let mut agent = env.spawn(&env.config("    revoke_replaced_after: 0s", "")).await;
     let addr = telemetry_addr(&agent).await;
@@ -389,10 +388,17 @@ async fn a_missing_destination_directory_asks_vault_nothing() {
     let (code, body) = get(&addr, "/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains(&format!("the directory {} does not exist", missing.display())), "{body}");
+    // `leasehold status` takes the address as users type it, and says no.
+    let mut status = Agent::spawn(&["status", &format!("http://{addr}")], env.dir.path()).await;
+    assert_eq!(status.wait(Duration::from_secs(10)).await, 1, "not ready: {}", status.output());
+    assert!(status.output().contains("not ready: db: not rendered yet"), "{}", status.output());
 
     std::fs::create_dir(&missing).unwrap();
     assert!(eventually(40, async || get(&addr, "/readyz").await.0 == 200).await, "{}", agent.output());
     assert_eq!(creds().await, 1, "one user, once the files can be written");
+    let port = addr.rsplit(':').next().unwrap();
+    let mut status = Agent::spawn(&["status", &format!(":{port}")], env.dir.path()).await;
+    assert_eq!(status.wait(Duration::from_secs(10)).await, 0, "ready: {}", status.output());
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }

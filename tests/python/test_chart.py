@@ -2,6 +2,7 @@
 validated against the Kubernetes 1.29+ schemas (kubernetes-validate)."""
 
 import glob
+import json
 import os
 import subprocess
 import tempfile
@@ -16,6 +17,7 @@ from conftest import ROOT
 
 CHART = os.path.join(ROOT, "charts", "leasehold")
 CI_VALUES = sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml")))
+EXAMPLE_APP = os.path.join(CHART, "examples", "app-values.yaml")
 KUBE_VERSIONS = ["1.29", "1.33"]
 
 
@@ -35,6 +37,14 @@ def render(values):
             continue
         docs.extend(d for d in yaml.safe_load_all(text) if d)
     return docs
+
+
+def with_app(values=None):
+    """`values` over examples/app-values.yaml: the chart's app Deployment."""
+    merged = load_values(EXAMPLE_APP)
+    for k, v in (values or {}).items():
+        merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
 
 
 def by_kind(docs, kind):
@@ -58,7 +68,8 @@ def validate_monitoring(doc):
     """Checks a prometheus-operator object against its CRD schema (types,
     patterns, required fields); the round trip also catches unknown fields,
     which the models would otherwise drop silently."""
-    model = {"ServiceMonitor": monitoring.ServiceMonitor, "PrometheusRule": monitoring.PrometheusRule}[doc["kind"]]
+    model = {"ServiceMonitor": monitoring.ServiceMonitor, "PrometheusRule": monitoring.PrometheusRule,
+             "PodMonitor": monitoring.PodMonitor}[doc["kind"]]
     parsed = model.model_validate(doc)
     assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == doc, "fields the CRD does not know"
 
@@ -70,7 +81,8 @@ def leasehold_bin():
     return path
 
 
-VALUE_SETS = [None] + CI_VALUES
+VALUE_SETS = [None] + CI_VALUES + [EXAMPLE_APP]
+APP_SETS = [p for p in VALUE_SETS if load_values(p).get("app", {}).get("enabled")]
 
 
 def test_there_are_at_least_four_ci_value_sets():
@@ -85,7 +97,10 @@ def test_renders_lints_and_validates(values_file):
     assert not errors, errors
     docs = render(values)
     kinds = {d["kind"] for d in docs}
-    assert {"ConfigMap", "Deployment", "ServiceAccount"} <= kinds
+    if values_file in APP_SETS:
+        assert {"ConfigMap", "Deployment", "ServiceAccount"} <= kinds
+    if values_file is None:
+        assert docs == [], "no placeholder app, no injector by default: %s" % kinds
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             validate_monitoring(doc)
@@ -97,7 +112,7 @@ def test_renders_lints_and_validates(values_file):
             kubernetes_validate.validate(doc, version, strict=True)
 
 
-@pytest.mark.parametrize("values_file", VALUE_SETS, ids=lambda p: os.path.basename(p) if p else "default")
+@pytest.mark.parametrize("values_file", APP_SETS, ids=os.path.basename)
 def test_agent_config_passes_leasehold_check(values_file):
     docs = render(load_values(values_file))
     config = by_kind(docs, "ConfigMap")[0]["data"]["leasehold.yaml"]
@@ -113,7 +128,7 @@ def test_auth_method_and_mount():
     def auth(values):
         config = by_kind(render(values), "ConfigMap")[0]["data"]["leasehold.yaml"]
         return yaml.safe_load(config)["auth"]
-    assert auth(load_values(None)) == {"kubernetes": {
+    assert auth(with_app()) == {"kubernetes": {
         "role": "app-role", "mount": "kubernetes", "token_path": "/var/run/secrets/leasehold/token"}}
     jwt = auth(load_values(os.path.join(CHART, "ci", "jwt-values.yaml")))
     assert list(jwt) == ["jwt"] and jwt["jwt"]["mount"] == "jwt-prod" and jwt["jwt"]["role"] == "app"
@@ -136,7 +151,7 @@ def assert_restricted(container):
 
 
 def test_native_sidecar_pod():
-    docs = render({})
+    docs = render(with_app())
     spec = pod_spec(docs)
     sidecar = next(c for c in spec["initContainers"] if c["name"] == "leasehold")
     assert sidecar["restartPolicy"] == "Always"
@@ -165,7 +180,7 @@ def test_native_sidecar_pod():
 
 
 def test_legacy_mode_is_once_init_plus_sidecar_sharing_state():
-    spec = pod_spec(render({"legacySidecar": True}))
+    spec = pod_spec(render(with_app({"legacySidecar": True})))
     init = spec["initContainers"]
     assert [c["name"] for c in init] == ["leasehold-init"]
     assert init[0]["args"][-1] == "--once" and "restartPolicy" not in init[0]
@@ -232,7 +247,7 @@ def test_schema_rejects_bad_values():
 
 def test_grace_period_must_exceed_shutdown_timeout():
     with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds"):
-        render({"terminationGracePeriodSeconds": 10, "shutdown": {"timeoutSeconds": 10}})
+        render(with_app({"terminationGracePeriodSeconds": 10, "shutdown": {"timeoutSeconds": 10}}))
 
 
 def test_image_tag_follows_app_version():
@@ -251,7 +266,8 @@ def test_injector_is_off_by_default():
 def test_injector_with_a_secret_certificate():
     values = load_values(os.path.join(CHART, "ci", "injector-values.yaml"))
     docs = injector_docs(values)
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "MutatingWebhookConfiguration", "Service", "ServiceAccount"]
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "MutatingWebhookConfiguration", "NetworkPolicy",
+                                               "PodDisruptionBudget", "Service", "ServiceAccount"]
     kinds = {d["kind"] for d in render(values)}
     assert not kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}, "the webhook needs no RBAC"
     hook = by_kind(docs, "MutatingWebhookConfiguration")[0]["webhooks"][0]
@@ -287,11 +303,111 @@ def test_injector_with_cert_manager():
     assert "shop-leasehold-injector.payments.svc" in cert["spec"]["dnsNames"]
     assert cert["spec"]["issuerRef"] == {"name": "shop-leasehold-injector", "kind": "Issuer"}
     assert by_kind(docs, "Issuer")[0]["spec"] == {"selfSigned": {}}
-    app_selector = [d for d in render({}) if d["kind"] == "Deployment"][0]["spec"]["selector"]["matchLabels"]
+    app_selector = [d for d in render(with_app()) if d["kind"] == "Deployment"][0]["spec"]["selector"]["matchLabels"]
     labels = by_kind(docs, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
     assert not all(labels.get(k) == v for k, v in app_selector.items())
 
 
-def test_injector_needs_a_certificate_source():
-    with pytest.raises(Exception, match="injector.certs"):
-        render({"injector": {"enabled": True}})
+def selects(selector, labels):
+    """A label selector (matchLabels, matchExpressions) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        have, values = labels.get(e["key"]), e.get("values", [])
+        ok = {"In": have in values, "NotIn": have not in values,
+              "Exists": have is not None, "DoesNotExist": have is None}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def test_injector_defaults_cannot_take_the_cluster_down():
+    docs = render({"injector": {"enabled": True}})
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["Deployment", "MutatingWebhookConfiguration", "NetworkPolicy", "PodDisruptionBudget",
+                     "Secret", "Service", "ServiceAccount"], kinds
+    for doc in docs:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    hook = by_kind(docs, "MutatingWebhookConfiguration")[0]["webhooks"][0]
+    # Pods that did not opt in never reach the webhook, up or down.
+    assert not selects(hook["objectSelector"], {"app": "shop"})
+    assert not selects(hook["objectSelector"], {"app.kubernetes.io/name": "cert-manager"})
+    assert selects(hook["objectSelector"], {"app": "shop", "leasehold.dev/inject": "true"})
+    deploy = by_kind(docs, "Deployment")[0]
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert not selects(hook["objectSelector"], {**pod_labels, "leasehold.dev/inject": "true"}), "never itself"
+    assert deploy["spec"]["replicas"] >= 2
+    anti = deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    term = anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname" and selects(term["labelSelector"], pod_labels)
+    pdb = by_kind(docs, "PodDisruptionBudget")[0]
+    assert pdb["spec"]["minAvailable"] == 1 and selects(pdb["spec"]["selector"], pod_labels)
+    policy = by_kind(docs, "NetworkPolicy")[0]["spec"]
+    assert selects(policy["podSelector"], pod_labels)
+    assert policy["ingress"] == [{"ports": [{"port": 8443, "protocol": "TCP"}]}] and policy["egress"] == []
+    # Certificates without cert-manager: the chart's own CA signs the
+    # webhook's certificate for the Service's names, and the API server
+    # trusts that CA.
+    from cryptography import x509
+    import base64
+    secret = by_kind(docs, "Secret")[0]
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    ca = x509.load_pem_x509_certificate(base64.b64decode(hook["clientConfig"]["caBundle"]))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "shop-leasehold-injector.payments.svc" in names
+    cert.verify_directly_issued_by(ca)
+    tls = next(v for v in deploy["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["secretName"] == secret["metadata"]["name"]
+
+
+def test_schema_rejects_unknown_keys_at_every_level():
+    chart = helm.Chart.load(CHART)
+    chart.validate_schema(load_values(EXAMPLE_APP))
+    for typo in [{"replicaCout": 2}, {"app": {"imag": "x"}}, {"injector": {"replica": 2}},
+                 {"injector": {"podDisruptionBudget": {"minAvaliable": 1}}}, {"metrics": {"dashboard": {"enable": True}}},
+                 {"injector": {"networkPolicy": {"form": []}}}, {"serviceAccount": {"crate": True}}]:
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(typo)
+
+
+def notes(values):
+    out = helm.Chart.load(CHART).render(values, name="shop", namespace="payments")
+    return next(text for name, text in out.items() if name.endswith("NOTES.txt"))
+
+
+def test_notes_say_what_was_rendered():
+    injector_only = notes({"injector": {"enabled": True}})
+    assert "deploy/shop-leasehold " not in injector_only and "port-forward" not in injector_only
+    assert "leasehold.dev/inject" in injector_only
+    app = notes(with_app())
+    assert "deploy/shop-leasehold " in app and "injector" not in app
+    assert "Nothing to run" in notes({})
+
+
+def test_dashboard_ships_for_grafanas_sidecar():
+    docs = render(with_app({"metrics": {"dashboard": {"enabled": True}}}))
+    board = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard"))
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(board["data"]["leasehold.json"])
+    assert dashboard["uid"] == "leasehold" and all(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+
+
+def docs_rules():
+    text = open(os.path.join(ROOT, "docs", "observability.md")).read()
+    block = text.split("## Alert rules", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    return yaml.safe_load(block)
+
+
+def test_alert_rules_in_the_chart_are_the_docs_and_pass_promtool():
+    docs = render(with_app({"metrics": {"prometheusRule": {"enabled": True}}}))
+    chart_rules = by_kind(docs, "PrometheusRule")[0]["spec"]
+    shape = lambda rules: [(r["alert"], r["expr"], r.get("for"), r["labels"]["severity"]) for r in rules["groups"][0]["rules"]]
+    assert shape(chart_rules) == shape(docs_rules())
+    with tempfile.TemporaryDirectory() as d:
+        for name, rules in [("chart.yaml", chart_rules), ("docs.yaml", docs_rules())]:
+            path = os.path.join(d, name)
+            with open(path, "w") as f:
+                yaml.safe_dump(rules, f)
+            out = subprocess.run(["promtool", "check", "rules", path], capture_output=True, text=True)
+            assert out.returncode == 0, name + ": " + out.stdout + out.stderr

@@ -84,6 +84,17 @@ pub enum AuthError {
     Vault(#[from] VaultError),
 }
 
+impl AuthError {
+    /// A mistake retrying cannot fix: the token file is missing or
+    /// unreadable (`token_file`), or Vault's (`VaultError::permanent`).
+    pub fn permanent(&self) -> Option<&'static str> {
+        match self {
+            AuthError::Jwt { .. } => Some("token_file"),
+            AuthError::Vault(e) => e.permanent(),
+        }
+    }
+}
+
 pub struct AuthLoop<V = VaultClient> {
     pub client: V,
     pub kind: AuthMethod,
@@ -195,11 +206,21 @@ impl<V: Vault> AuthLoop<V> {
                         continue;
                     }
                     Err(e) => {
-                        LoginFailed { error: &e.to_string() }.emit(&self.telemetry);
+                        let permanent = e.permanent();
+                        LoginFailed { error: &e.to_string(), permanent }.emit(&self.telemetry);
                         // Bounded by what the token in hand has left, and
-                        // every 1-2 s once it is dead: never a 30 s step.
+                        // every 1-2 s once it is dead: never a 30 s step. A
+                        // role Vault does not have waits longer; a token
+                        // file the kubelet is swapping, or a binding being
+                        // set up, is named but retried at the normal pace.
                         let end = current.as_ref().map(|t| t.expires_at());
-                        let delay = retry_delay(backoff.next_delay(), now(), end, rand::random());
+                        let step = match permanent {
+                            Some("unknown_role" | "unknown_path") => {
+                                backoff.next_delay().max(crate::timing::PERMANENT_RETRY)
+                            }
+                            _ => backoff.next_delay(),
+                        };
+                        let delay = retry_delay(step, now(), end, rand::random());
                         if !self.sleep(delay, &cancel).await {
                             return;
                         }

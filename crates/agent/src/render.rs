@@ -201,7 +201,14 @@ impl Templates {
                 Kind::Env => env_format(ctx.data),
                 Kind::Template(name) => {
                     let tmpl = self.env.get_template(name).map_err(|e| fail(e.to_string()))?;
-                    tmpl.render(minijinja::Value::from(Serde(&value))).map_err(|e| fail(describe(&e)))?
+                    tmpl.render(minijinja::Value::from(Serde(&value))).map_err(|e| {
+                        let missing = if e.kind() == minijinja::ErrorKind::UndefinedError {
+                            undefined_names(&tmpl, &value)
+                        } else {
+                            String::new()
+                        };
+                        fail(format!("{}{missing}", describe(&e)))
+                    })?
                 }
             };
             out.push((plan.target.clone(), Zeroizing::new(text)));
@@ -313,6 +320,33 @@ fn template_kind(
     };
     env.add_template_owned(name.clone(), source).map_err(|e| err(key, describe(&e)))?;
     Ok(Kind::Template(name))
+}
+
+/// For an undefined value: which of the template's names the context lacks,
+/// and the keys that are there instead. Names, never values: a key is no
+/// secret, its value may be.
+fn undefined_names(tmpl: &minijinja::Template<'_, '_>, ctx: &Value) -> String {
+    let mut names: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
+    names.sort();
+    for name in names {
+        let mut at = ctx;
+        let mut path = Vec::new();
+        for part in name.split('.') {
+            match at.get(part) {
+                Some(next) => {
+                    at = next;
+                    path.push(part);
+                }
+                None => {
+                    let here = if path.is_empty() { "the context".to_string() } else { path.join(".") };
+                    let keys: Vec<&str> =
+                        at.as_object().map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default();
+                    return format!(": `{name}` is not defined ({here} has: {})", keys.join(", "));
+                }
+            }
+        }
+    }
+    String::new()
 }
 
 /// minijinja's message plus the line, without the template source.
@@ -433,6 +467,23 @@ mod tests {
         )
         .unwrap();
         assert!(env.get_template("loop").unwrap().render(minijinja::Value::from(Serde(&value))).is_err());
+    }
+
+    /// #24: template errors named no variable. Now the missing name and the
+    /// keys there are, never a value.
+    #[test]
+    fn an_undefined_name_is_named_with_the_keys_there() {
+        let mut env = sandbox(UndefinedBehavior::Strict);
+        env.add_template_owned("t", "{{ username }}:{{ data.pasword }}").unwrap();
+        let value = json!({"username": "u", "data": {"username": "u", "password": "s3cret-value"}});
+        let t = env.get_template("t").unwrap();
+        t.render(minijinja::Value::from(Serde(&value))).unwrap_err();
+        let said = undefined_names(&t, &value);
+        assert_eq!(said, ": `data.pasword` is not defined (data has: password, username)");
+        assert!(!said.contains("s3cret"));
+        env.add_template_owned("top", "{{ usrname }}").unwrap();
+        let said = undefined_names(&env.get_template("top").unwrap(), &value);
+        assert_eq!(said, ": `usrname` is not defined (the context has: data, username)");
     }
 
     #[test]

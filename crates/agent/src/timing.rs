@@ -61,3 +61,8 @@ pub const MIN_RETRY: Duration = Duration::from_millis(256);
 
 /// The retry period once credentials are dead (1–2 s with jitter).
 pub const DEAD_RETRY: Duration = Duration::from_secs(1);
+
+/// The least wait after a failure retrying cannot fix (a role or a path
+/// Vault does not have): someone must change the configuration first, and
+/// a fleet retrying in a second would only load Vault.
+pub const PERMANENT_RETRY: Duration = Duration::from_secs(30);

@@ -38,6 +38,8 @@ struct Script {
     unavailable: Option<Option<Duration>>,
     /// Lease lookups: this status and error (0: the lease lives, 300 s left).
     lookup: (u16, &'static str),
+    /// Reads: refused with this status and error (0: answered).
+    refuse_reads: (u16, &'static str),
     logins: Vec<SystemTime>,
     issues: Vec<SystemTime>,
     renewals: Vec<SystemTime>,
@@ -111,6 +113,10 @@ impl Vault for Scripted {
     ) -> Result<Secret, VaultError> {
         let mut s = self.0.lock().unwrap();
         s.issues.push(clock::now());
+        if s.refuse_reads.0 != 0 {
+            let (status, text) = s.refuse_reads;
+            return Err(VaultError::Status { op: "scripted", status, errors: vec![text.into()], retry_after: None });
+        }
         let seen = s.look();
         s.issued.push((path.to_string(), seen));
         let n = s.issues.len();
@@ -351,6 +357,36 @@ async fn retry_after_is_honoured_within_the_life_left() {
     for pair in renewals.windows(2) {
         let gap = pair[1].duration_since(pair[0]).unwrap();
         assert!(gap >= Duration::from_secs(19), "retried {gap:?} after a Retry-After of 20 s");
+    }
+}
+
+/// #24: a role Vault does not have was retried as if Vault were briefly
+/// down (0.5 s doubling to 30 s, forever); a 503 still is. The unknown role
+/// is named as permanent and retried every 30 s (less the coalescing
+/// slack) at most.
+#[tokio::test(start_paused = true)]
+async fn a_role_vault_does_not_have_is_retried_slowly_and_an_outage_quickly() {
+    for ((status, text), least) in [((400, "unknown role: app"), 29.8), ((503, "Vault is sealed"), 0.25)] {
+        let vault = Scripted::with(|s| {
+            s.lease_ttl = Duration::from_secs(600);
+            s.refuse_reads = (status, text);
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let sup = supervisor(&vault, dir.path(), service_token());
+        let cancel = sup.cancel.clone();
+        let task = tokio::spawn(sup.run());
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        cancel.cancel();
+        let _ = task.await;
+        let issues = vault.get(|s| s.issues.clone());
+        let gaps: Vec<f64> = issues.windows(2).map(|p| p[1].duration_since(p[0]).unwrap().as_secs_f64()).collect();
+        assert!(!gaps.is_empty(), "{text}: retried");
+        assert!(gaps.iter().all(|g| *g >= least), "{text}: gaps {gaps:?}");
+        if status == 400 {
+            assert!(issues.len() <= 5, "{text}: {} reads in 120 s", issues.len());
+        } else {
+            assert!(gaps[0] < 2.0, "{text}: the first retry is quick: {gaps:?}");
+        }
     }
 }
 

@@ -58,6 +58,24 @@ impl VaultError {
         matches!(self, VaultError::Status { errors, .. } if errors.iter().any(|e| e.contains(text)))
     }
 
+    /// A failure that retrying will not fix until someone changes Vault's
+    /// (or the cluster's) configuration, named for logs: `unknown_role` (a
+    /// role Vault does not have), `unknown_path` (no secrets engine there),
+    /// `permission_denied` (a policy, or a ServiceAccount the role does not
+    /// bind). The agent still retries them, but slowly, and says so.
+    pub fn permanent(&self) -> Option<&'static str> {
+        let VaultError::Status { status, .. } = self else { return None };
+        let role = ["unknown role", "role not found", "invalid role name", "role \"", "no role"];
+        match status {
+            400 | 404 if role.iter().any(|t| self.mentions(t)) => Some("unknown_role"),
+            400 | 404 if self.mentions("no handler for route") || self.mentions("unsupported path") => {
+                Some("unknown_path")
+            }
+            403 => Some("permission_denied"),
+            _ => None,
+        }
+    }
+
     /// Worth retrying: Vault unreachable, overloaded, sealed or not yet
     /// consistent.
     pub fn is_transient(&self) -> bool {
@@ -354,7 +372,10 @@ impl VaultClient {
         // Never closed, so acquiring only waits.
         let _permit = self.inflight.acquire().await.ok();
         let url = self.url(path);
-        let first = self.send(op, method.clone(), url.clone(), token, body).await.map_err(|e| transport(op, "", &e))?;
+        let first = self
+            .send(op, method.clone(), url.clone(), token, body)
+            .await
+            .map_err(|e| transport(op, &format!("{}: ", show_origin(&url)), &e))?;
         let resp = match redirect_target(&first, &url) {
             None => first,
             // A standby points at the active node: followed once, by hand,
@@ -648,6 +669,13 @@ fn transport_reason(e: &reqwest::Error) -> String {
         reason.push_str(": ");
         reason.push_str(&s.to_string());
         source = s.source();
+    }
+    // What to do about the commonest first-day failure.
+    let tls = ["certificate", "UnknownIssuer", "unknown issuer", "NotValidForName"];
+    if tls.iter().any(|t| reason.contains(t)) {
+        reason.push_str(
+            " (Vault's certificate is not trusted: give its CA with vault.ca_cert or vault.ca_cert_pem, or VAULT_CACERT; the name in vault.address must be one the certificate holds)",
+        );
     }
     reason
 }

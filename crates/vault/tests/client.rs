@@ -301,3 +301,11 @@ async fn an_answer_larger_than_the_cap_is_refused_without_reading_it() {
         assert!(sent < 64 << 20, "announced {announced}: the server got {} MiB out", sent >> 20);
     }
 }
+
+/// #24: a connection error did not name the address it tried.
+#[tokio::test]
+async fn connection_errors_name_the_address() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let e = client(format!("http://127.0.0.1:{port}")).lookup_self(&token()).await.unwrap_err().to_string();
+    assert!(e.contains(&format!("http://127.0.0.1:{port}: connection failed")), "{e}");
+}

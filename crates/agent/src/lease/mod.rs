@@ -511,8 +511,15 @@ impl<V: Vault> Supervisor<V> {
                 Ok(fresh)
             }
             Err(e) => {
-                IssueFailed { secret: &name, event: failed_event, error: &e.to_string() }.emit(&self.telemetry);
-                Err(e.retry_after())
+                let permanent = e.permanent();
+                IssueFailed { secret: &name, event: failed_event, error: &e.to_string(), permanent }
+                    .emit(&self.telemetry);
+                // A role or path Vault does not have: slowly (a denial may be
+                // a revoked token, which a new login fixes at once).
+                match permanent {
+                    Some("unknown_role" | "unknown_path") => Err(Some(crate::timing::PERMANENT_RETRY)),
+                    _ => Err(e.retry_after()),
+                }
             }
         }
     }

@@ -102,12 +102,22 @@ pub struct IssueFailed<'a> {
     /// `issue_failed`, or `reissue_failed` when credentials are in hand.
     pub event: &'static str,
     pub error: &'a str,
+    /// A mistake retrying cannot fix (`VaultError::permanent`).
+    pub permanent: Option<&'static str>,
 }
 
 impl Event for IssueFailed<'_> {
     fn emit(self, t: &Telemetry) {
-        t.failed(self.secret, "issue", self.error);
-        tracing::warn!(event = self.event, secret = %self.secret, error = %self.error, "reading the secret from Vault failed");
+        match self.permanent {
+            Some(reason) => {
+                t.failed(self.secret, "issue", &format!("{} (permanent: {reason})", self.error));
+                tracing::error!(event = self.event, secret = %self.secret, reason, permanent = true, error = %self.error, "reading the secret from Vault failed, and retrying will not help until the configuration is fixed");
+            }
+            None => {
+                t.failed(self.secret, "issue", self.error);
+                tracing::warn!(event = self.event, secret = %self.secret, reason = "transient", permanent = false, error = %self.error, "reading the secret from Vault failed");
+            }
+        }
     }
 }
 
@@ -164,15 +174,24 @@ impl Event for LoggedIn<'_> {
     }
 }
 
-/// A login failed (retried with backoff).
+/// A login failed (retried with backoff; slowly when `permanent` names a
+/// mistake that retrying cannot fix).
 pub struct LoginFailed<'a> {
     pub error: &'a str,
+    pub permanent: Option<&'static str>,
 }
 
 impl Event for LoginFailed<'_> {
     fn emit(self, t: &Telemetry) {
         t.login(false);
-        tracing::warn!(event = "login_failed", error = %self.error, "login to Vault failed");
+        match self.permanent {
+            Some(reason) => {
+                tracing::error!(event = "login_failed", reason, permanent = true, error = %self.error, "login to Vault failed, and retrying will not help until the configuration is fixed")
+            }
+            None => {
+                tracing::warn!(event = "login_failed", reason = "transient", permanent = false, error = %self.error, "login to Vault failed")
+            }
+        }
     }
 }
 
