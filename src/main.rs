@@ -49,6 +49,11 @@ enum Command {
     Check {
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: PathBuf,
+        /// Also check this machine (as the agent's container would): every
+        /// file's directory exists and is writable, auth's token_path and
+        /// vault.ca_cert (and proxy ca_certs) are readable.
+        #[arg(long)]
+        local: bool,
     },
     /// Print a running agent's status (/v1/status) as a table; exit 1 while a
     /// secret is not ready.
@@ -146,7 +151,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent { config, once } => cmd::agent::main(&config, once),
-        Command::Check { config } => cmd::check::main(&config),
+        Command::Check { config, local } => cmd::check::main(&config, local),
         Command::Status { address, addr } => cmd::status::main(address.as_deref().unwrap_or(&addr)),
         Command::Injector { lint: Some(InjectorCommand::Lint { files, legacy_sidecar }), .. } => {
             cmd::lint::main(&files, legacy_sidecar)

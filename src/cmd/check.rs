@@ -1,6 +1,7 @@
 //! `leasehold check`: validate the config and render every template against
 //! sample data, without contacting Vault or needing runtime files (token,
-//! CA), so CI pipelines and chart tests can run it.
+//! CA), so CI pipelines and chart tests can run it; `--local` also checks
+//! those files and the destination directories on this machine.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use agent::render::{Context, RenderError, Renderer};
 use config::{Config, ConfigError};
 use vault::secret::{LeaseId, SecretData};
 
-pub fn main(path: &Path) -> ExitCode {
+pub fn main(path: &Path, local: bool) -> ExitCode {
     let config = match Config::load(path, &config::process_env) {
         Ok(c) => c,
         Err(e) => return crate::config_failed(&e),
@@ -20,7 +21,13 @@ pub fn main(path: &Path) -> ExitCode {
     for w in agent::files::chown_warnings(&config) {
         eprintln!("leasehold: warning: {}: {w}", path.display());
     }
-    match check(&config, path) {
+    let checked = check(&config, path).map(|mut p| {
+        if local {
+            p.extend(local_problems(&config).into_iter().map(|l| format!("{}: {l}", path.display())));
+        }
+        p
+    });
+    match checked {
         Ok(problems) if problems.is_empty() => {
             let files: usize = config.secrets.iter().map(|s| s.files.len()).sum();
             println!("{}: ok ({} secrets, {files} files)", path.display(), config.secrets.len());
@@ -47,6 +54,32 @@ fn sample_data() -> SecretData {
         // template that decodes it (consul-template's base64Decode) checks.
         json!({ "username": "v-kubernet-sample-AbCdEfGhIjKlMnOpQrSt-1700000000", "password": "U2FtcGxlUGFzc3dvcmQx" });
     SecretData::new(sample.as_object().cloned().unwrap_or_default())
+}
+
+/// `--local`: what the agent would find missing on this machine before it
+/// asks Vault for anything (`files::probe`), and the files it reads.
+fn local_problems(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, s) in config.secrets.iter().enumerate() {
+        if let Err(e) = agent::files::probe(s.files.iter().map(|f| f.path.as_path())) {
+            out.push(format!("secrets[{i}] ({}): {e}", s.name));
+        }
+        if let Some(ca) = s.proxy.as_ref().and_then(|p| p.ca_cert.as_ref())
+            && let Err(e) = std::fs::File::open(ca)
+        {
+            out.push(format!("secrets[{i}].proxy.ca_cert: {}: {e}", ca.display()));
+        }
+    }
+    let token = config.auth.login().token_path;
+    if let Err(e) = std::fs::File::open(&token) {
+        out.push(format!("auth token_path: {}: {e}", token.display()));
+    }
+    if let Some(ca) = &config.vault.ca_cert
+        && let Err(e) = std::fs::File::open(ca)
+    {
+        out.push(format!("vault.ca_cert: {}: {e}", ca.display()));
+    }
+    out
 }
 
 /// Problems found, as printable lines (empty when the config is good).

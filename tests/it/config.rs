@@ -146,3 +146,29 @@ async fn check_accepts_what_the_agent_renders_from_secrets_of_unknown_shape() {
         assert!(out.contains("secrets[1]") || out.contains("secrets[1].files[0]"), "{template}: {out}");
     }
 }
+
+/// #24: `check --local` says what the agent would find missing here: a
+/// destination directory, the token file, the CA.
+#[tokio::test]
+async fn check_local_names_missing_directories_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("good.yaml");
+    let missing = dir.path().join("missing");
+    std::fs::write(&path, GOOD.replace("/tmp/leasehold-test", &missing.display().to_string())).unwrap();
+    let config = path.display().to_string();
+    let (code, out) = run(&["check", "-c", &config, "--local"], dir.path()).await;
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains(&format!("the directory {} does not exist", missing.display())), "{out}");
+    assert!(out.contains("auth token_path: /nonexistent/token"), "{out}");
+    let (code, out) = run(&["check", "-c", &config], dir.path()).await;
+    assert_eq!(code, 0, "without --local the machine is not looked at: {out}");
+    // Everything there: ok.
+    let token = dir.path().join("token");
+    std::fs::write(&token, "jwt").unwrap();
+    let here = GOOD
+        .replace("/nonexistent/token", &token.display().to_string())
+        .replace("/tmp/leasehold-test/db.url", &dir.path().join("db.url").display().to_string());
+    std::fs::write(&path, here).unwrap();
+    let (code, out) = run(&["check", "-c", &config, "--local"], dir.path()).await;
+    assert_eq!(code, 0, "{out}");
+}

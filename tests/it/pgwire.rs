@@ -3,7 +3,8 @@
 //! server's own message (compared with PostgreSQL 15's in the same run),
 //! login errors with the server's SQLSTATE (53300 from the real server,
 //! 57P03 from a stand-in that is starting up), the pod named in the
-//! server's `application_name`, a cancel connection closed
+//! server's `application_name`, an upstream login bounded when the server
+//! never answers, a cancel connection closed
 //! only after the server closed its own, and a connection that says nothing
 //! no failure.
 
@@ -98,13 +99,23 @@ async fn slow_cancels(to: String, release: Arc<Notify>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_speaks_to_clients_as_postgresql_does() {
     let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
-    let (port, starting_port) = (free_port(), free_port());
+    let (port, starting_port, silent_port) = (free_port(), free_port(), free_port());
+    // A database that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
     let release = Arc::new(Notify::new());
     let db = slow_cancels(format!("127.0.0.1:{}", env.pg.port), release.clone()).await;
     let secrets = format!(
-        "{}{}",
+        "{}{}{}",
         proxied("db", &env, port, &db, "disable"),
-        proxied("starting", &env, starting_port, &starting_up().await, "disable")
+        proxied("starting", &env, starting_port, &starting_up().await, "disable"),
+        proxied("silent", &env, silent_port, &silent_addr, "disable")
     );
     // As the downward API sets them in a pod.
     let config = env.config_with_secrets(&secrets).display().to_string();
@@ -152,6 +163,10 @@ async fn the_proxy_speaks_to_clients_as_postgresql_does() {
     assert_eq!((e.code.as_str(), e.message.as_str()), ("53300", "too many connections for database \"full_up\""));
     let e = Session::connect(starting_port, None).await.err().expect("refused");
     assert_eq!((e.code.as_str(), e.message.as_str()), ("57P03", "the database system is starting up"));
+    // A database that never answers: the login is bounded (15 s), and said.
+    let e = Session::connect(silent_port, None).await.err().expect("given up");
+    assert_eq!(e.code, "08006", "{e:?}");
+    assert!(e.message.contains("no login within 15s"), "{e:?}");
 
     // A cancel connection ends after the server's: not before it is taken.
     let mut session = Session::connect(port, None).await.unwrap();

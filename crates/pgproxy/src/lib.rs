@@ -416,6 +416,10 @@ impl Pod {
     }
 }
 
+/// How long an upstream login may take (connect, TLS, SCRAM, up to the
+/// server's first ReadyForQuery).
+const UPSTREAM_LOGIN: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// A logged-in session: the server connection serving it now, and what
 /// the proxy knows of it.
 struct Live<'k> {
@@ -495,10 +499,17 @@ async fn connection(
         let c = creds.borrow_and_update();
         (c.current.clone(), c.generation)
     };
-    let opened = match data {
-        Some(d) => upstream::open(cfg, tls.clone(), &params, &d).await.map(|io| (io, d)),
-        None => Err(ProxyError::NoCredentials),
+    // A server that accepts and then says nothing holds the client, a task
+    // and two descriptors: the login is bounded as the startup is.
+    let login = async {
+        match data {
+            Some(d) => upstream::open(cfg, tls.clone(), &params, &d).await.map(|io| (io, d)),
+            None => Err(ProxyError::NoCredentials),
+        }
     };
+    let opened = tokio::time::timeout(UPSTREAM_LOGIN, login).await.unwrap_or_else(|_| {
+        Err(ProxyError::Connect { addr: cfg.upstream.clone(), error: format!("no login within {UPSTREAM_LOGIN:?}") })
+    });
     let (mut server, data) = match opened {
         Ok(o) => o,
         Err(e) => {
@@ -513,7 +524,13 @@ async fn connection(
     };
     let user = data.str("username").unwrap_or_default().to_string();
     client.write_all(&wire::AUTHENTICATION_OK).await?;
-    let key = upstream::until_ready(&mut server, &mut client, &feed.stats.keys).await?;
+    let ready = upstream::until_ready(&mut server, &mut client, &feed.stats.keys);
+    let key = tokio::time::timeout(UPSTREAM_LOGIN, ready).await.unwrap_or_else(|_| {
+        Err(ProxyError::Connect {
+            addr: cfg.upstream.clone(),
+            error: format!("no ReadyForQuery within {UPSTREAM_LOGIN:?}"),
+        })
+    })?;
     feed.stats.opened_as(generation, &user);
     let mut live = Live { server, user, generation, key, blocked: None, attempts: 0, retry_in: None };
     let idle = relay::Idle::logged_in();
