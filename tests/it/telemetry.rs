@@ -402,3 +402,29 @@ async fn a_missing_destination_directory_asks_vault_nothing() {
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }
+
+/// #24: a template that fails at run time on the first credentials made
+/// the agent revoke them and issue new ones at every retry (a database user
+/// created and dropped every few seconds). The lease is now kept, only the
+/// writing is retried, `/readyz` says why, and SIGTERM still revokes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_failing_at_run_time_keeps_its_lease_and_retries_the_writing() {
+    let env = Env::new(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let secrets = format!(
+        "  - name: db\n    path: database/creds/app\n    files:\n      - path: {}/db.url\n        template: \"{{{{ data.port }}}}\"\n",
+        env.secrets().display()
+    );
+    let mut agent = env.spawn(&env.config_with_secrets(&secrets)).await;
+    let addr = telemetry_addr(&agent).await;
+    assert!(eventually(20, async || agent.events("render_failed").len() >= 3).await, "{}", agent.output());
+    let creds = env.requests().await.iter().filter(|r| r.path == "database/creds/app").count();
+    assert_eq!(creds, 1, "one user, kept: {}", agent.output());
+    assert!(agent.events("revoked").is_empty(), "not revoked: {}", agent.output());
+    let (code, body) = get(&addr, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("`data.port` is not defined (data has: password, username)"), "{body}");
+    assert_eq!(agent.events("render_pending").len(), 1, "{}", agent.output());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
+    assert_eq!(agent.events("revoked").len(), 1, "revoked at shutdown: {}", agent.output());
+}

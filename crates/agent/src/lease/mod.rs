@@ -153,6 +153,8 @@ enum Step {
     Refresh,
     Renew,
     Reissue(Bound),
+    /// Write the files of credentials in hand that were never written.
+    Render,
 }
 
 pub struct Supervisor<V = VaultClient> {
@@ -215,9 +217,17 @@ impl<V: Vault> Supervisor<V> {
         // The end of the credentials in hand, until it has been reported
         // passed (`LeaseExpired`, once per set of credentials).
         let mut watched_end: Option<SystemTime> = None;
+        // The credentials in hand have never been written (`render_pending`).
+        let mut unrendered = false;
         loop {
             let end = self.watch_end(&name, held.as_ref(), &mut watched_end);
             let (step, due) = self.next_step(held.as_ref(), retry_at, renew_retry);
+            // Credentials kept without their files: writing them is retried
+            // on the backoff, before anything else falls due.
+            let (step, due) = match (unrendered, retry_at) {
+                (true, at) if at.unwrap_or_else(now) <= due => (Step::Render, at.unwrap_or_else(now)),
+                _ => (step, due),
+            };
             let due = schedule::coalesce(due, phase());
             let retired_due = retired.iter().map(|r| self.retired_step(r, now()).1).min();
             // Also at the credentials' end, to say they died then.
@@ -272,7 +282,20 @@ impl<V: Vault> Supervisor<V> {
             let outcome = match step {
                 // An issue in flight is let finish (the teardown bounds it):
                 // dropped, it could leave a lease nothing records.
-                Step::Issue | Step::Reissue(_) => self.issue_and_render(&mut held, &mut retired).await,
+                Step::Issue | Step::Reissue(_) => {
+                    let empty = held.is_none();
+                    let r = self.issue_and_render(&mut held, &mut retired).await;
+                    unrendered = empty && r.is_err() && held.is_some();
+                    r
+                }
+                Step::Render => match held.as_ref() {
+                    Some(h) if self.render(h, None).await == Rendered::All => {
+                        unrendered = false;
+                        let _ = self.events.send(Event::Rendered { secret: name.clone() });
+                        Ok(())
+                    }
+                    _ => Err(None),
+                },
                 Step::Refresh => self.refresh(&mut held).await,
                 // A renewal is dropped at shutdown: the lease gets revoked.
                 Step::Renew => {
@@ -292,6 +315,7 @@ impl<V: Vault> Supervisor<V> {
                     // refused renewals succeeded at once: no outage.
                     let retried = match step {
                         Step::Renew => renew_retry.is_some(),
+                        Step::Render => false,
                         _ => retry_at.is_some(),
                     };
                     if let Some(h) = held.as_mut().filter(|_| retried) {
@@ -564,6 +588,14 @@ impl<V: Vault> Supervisor<V> {
         let replaced = held.as_ref().filter(|h| h.has_lease()).map(|h| &h.secret.data);
         match self.render(&fresh, replaced).await {
             Rendered::All => {}
+            // Nothing in hand: the new credentials are kept (renewed on
+            // their schedule) and only the writing is retried; issuing
+            // again would make Vault create and drop a user at every retry.
+            Rendered::Nothing if held.is_none() => {
+                tracing::error!(event = "render_pending", secret = %name, lease = %fresh.secret.lease_id, "keeping the new lease; writing its files is retried alone");
+                *held = Some(fresh);
+                return Err(None);
+            }
             Rendered::Nothing => {
                 tracing::error!(event = "render_failed", secret = %name, "revoking the new lease and keeping the old files");
                 if fresh.has_lease() {
