@@ -174,3 +174,24 @@ async fn a_credentials_request_that_timed_out_is_not_repeated_by_the_client() {
         assert!(eventually(10, async || !env.pg.role_exists(user).await).await, "{user} dropped");
     }
 }
+
+/// #24: a TLS error named neither the address nor what to do about it.
+/// Vault over HTTPS with a private CA the config does not give: the login
+/// error names Vault's address and says to give its CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_vault_certificate_is_named_with_what_to_do() {
+    let env = Env::new_tls(Ttls { db_ttl: "1h", db_max: "2h", token_ttl: "1h", token_max: "2h" }).await;
+    let config = env.config("", "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without_ca: String =
+        text.lines().filter(|l| !l.trim_start().starts_with("ca_cert:")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&config, without_ca).unwrap();
+    let mut agent = env.spawn(&config).await;
+    assert!(eventually(15, async || !agent.events("login_failed").is_empty()).await, "{}", agent.output());
+    let e = agent.events("login_failed")[0]["error"].as_str().unwrap_or_default().to_string();
+    let origin = env.url().trim_end_matches('/').to_string();
+    assert!(e.contains(&format!("{origin}: ")), "names {origin}: {e}");
+    assert!(e.contains("give its CA with vault.ca_cert"), "says what to do: {e}");
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    agent.wait(Duration::from_secs(15)).await;
+}
