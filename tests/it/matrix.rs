@@ -634,6 +634,13 @@ async fn unwritable(break_it: impl Fn(&Tmpfs), fix: impl Fn(&Tmpfs)) {
     break_it(&fs);
     assert!(eventually(15, async || !agent.events("render_failed").is_empty()).await, "{}", agent.output());
     assert_eq!(std::fs::read(env.secrets().join("db.json")).unwrap(), before, "the good file untouched");
+    // #24: each failed write used to revoke the new credentials and issue
+    // others; now a lease is kept and only the writing retried (or, read
+    // only, nothing is asked of Vault at all).
+    let (failed, issued) = (agent.events("render_failed").len(), agent.events("issued").len());
+    assert!(eventually(15, async || agent.events("render_failed").len() >= failed + 3).await, "{}", agent.output());
+    let more = agent.events("issued").len() - issued;
+    assert!(more <= 2, "{more} credentials issued over three failed writes:\n{}", agent.output());
     fix(&fs);
     assert!(env.rotated_from(&first, 15).await, "{}", agent.output());
     // While nothing can be written, nothing can replace the credentials:

@@ -262,7 +262,7 @@ impl<V: Vault> Supervisor<V> {
                     continue;
                 }
             }
-            if self.tend_retired(&mut retired).await {
+            if self.tend_retired(&mut retired, unrendered).await {
                 self.persist(&held, &retired);
                 // `previous` is gone from templates once its lease is.
                 if let Some(h) = &held {
@@ -283,13 +283,14 @@ impl<V: Vault> Supervisor<V> {
                 // An issue in flight is let finish (the teardown bounds it):
                 // dropped, it could leave a lease nothing records.
                 Step::Issue | Step::Reissue(_) => {
-                    let empty = held.is_none();
+                    let before = held.as_ref().map(|h| h.issued_at);
                     let r = self.issue_and_render(&mut held, &mut retired).await;
-                    unrendered = empty && r.is_err() && held.is_some();
+                    // Failed, yet credentials changed hands: kept unwritten.
+                    unrendered = r.is_err() && held.as_ref().map(|h| h.issued_at) != before;
                     r
                 }
                 Step::Render => match held.as_ref() {
-                    Some(h) if self.render(h, None).await == Rendered::All => {
+                    Some(h) if self.render(h, retired.last().map(|r| &r.held.secret.data)).await == Rendered::All => {
                         unrendered = false;
                         let _ = self.events.send(Event::Rendered { secret: name.clone() });
                         Ok(())
@@ -588,19 +589,21 @@ impl<V: Vault> Supervisor<V> {
         let replaced = held.as_ref().filter(|h| h.has_lease()).map(|h| &h.secret.data);
         match self.render(&fresh, replaced).await {
             Rendered::All => {}
-            // Nothing in hand: the new credentials are kept (renewed on
-            // their schedule) and only the writing is retried; issuing
-            // again would make Vault create and drop a user at every retry.
-            Rendered::Nothing if held.is_none() => {
-                tracing::error!(event = "render_pending", secret = %name, lease = %fresh.secret.lease_id, "keeping the new lease; writing its files is retried alone");
-                *held = Some(fresh);
-                return Err(None);
-            }
+            // The new credentials are kept (renewed on their schedule) and
+            // only the writing is retried (`Step::Render`): issuing again
+            // would make Vault create and drop a user at every retry. The
+            // old lease, which the files still name, is retired but not
+            // revoked before they are written or it ends (`tend_retired`).
             Rendered::Nothing => {
-                tracing::error!(event = "render_failed", secret = %name, "revoking the new lease and keeping the old files");
-                if fresh.has_lease() {
-                    self.revoke(&fresh.live(&name)).await;
+                tracing::error!(event = "render_pending", secret = %name, lease = %fresh.secret.lease_id, "keeping the new lease; writing its files is retried alone");
+                if let Some(old) = held.take().filter(Held::has_lease) {
+                    retired.push(Retired {
+                        held: old,
+                        revoke_at: at + cfg.revoke_replaced_after,
+                        draining_since: None,
+                    });
                 }
+                *held = Some(fresh);
                 return Err(None);
             }
             // Some files name the new credentials, others the old: both stay
@@ -695,8 +698,9 @@ impl<V: Vault> Supervisor<V> {
     }
 
     /// Drains, renews and revokes the replaced leases that are due; true
-    /// when any left the list.
-    async fn tend_retired(&mut self, retired: &mut Vec<Retired>) -> bool {
+    /// when any left the list. `files_name_them`: the current credentials'
+    /// files are not written yet, so none is revoked before its end.
+    async fn tend_retired(&mut self, retired: &mut Vec<Retired>, files_name_them: bool) -> bool {
         let name = self.name();
         let at = now();
         let before = retired.len();
@@ -716,6 +720,11 @@ impl<V: Vault> Supervisor<V> {
                 RetiredAction::Renew => {
                     self.renew_retired(&mut r.held).await;
                     keep.push(r);
+                }
+                // The files still name it (the new ones could not be
+                // written yet): kept until they are, or it ends.
+                RetiredAction::Revoke if files_name_them && r.held.times.expires_at() > at => {
+                    keep.push(Retired { revoke_at: at + Duration::from_secs(1), draining_since: None, ..r });
                 }
                 RetiredAction::Revoke => {
                     // Vault already revoked it at expiry, or we do now.
