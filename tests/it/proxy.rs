@@ -12,8 +12,20 @@ use crate::support::{Env, Ttls, eventually};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A port for a listener the agent binds itself. Below the kernel's
+/// ephemeral range (32768–60999): a port taken with `bind(":0")` and let go
+/// could be handed to another test's `bind(":0")` before the agent binds it
+/// (a fake server then answered psql once). Each is handed out once per run.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 64) * 150;
+    loop {
+        let port = (base + NEXT.fetch_add(1, Ordering::Relaxed) % 9_600) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// `psql` through the proxy as a user name that means nothing, no password:

@@ -210,13 +210,14 @@ impl<V: Vault> AuthLoop<V> {
                         LoginFailed { error: &e.to_string(), permanent }.emit(&self.telemetry);
                         // Bounded by what the token in hand has left, and
                         // every 1-2 s once it is dead: never a 30 s step. A
-                        // role Vault does not have waits longer; a token
-                        // file the kubelet is swapping, or a binding being
-                        // set up, is named but retried at the normal pace.
+                        // role Vault does not have backs off further (to
+                        // 5 min); a token file the kubelet is swapping, or a
+                        // binding being set up, is named but retried at the
+                        // normal pace.
                         let end = current.as_ref().map(|t| t.expires_at());
                         let step = match permanent {
                             Some("unknown_role" | "unknown_path") => {
-                                backoff.next_delay().max(crate::timing::PERMANENT_RETRY)
+                                backoff.next_delay_up_to(crate::timing::PERMANENT_MAX)
                             }
                             _ => backoff.next_delay(),
                         };

@@ -21,7 +21,14 @@ impl Backoff {
 
     /// Full jitter: uniform in [min, min(max, min × 2^attempt)].
     pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self.min.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
+        self.next_delay_up_to(self.max)
+    }
+
+    /// The same, growing to `max` instead (a mistake retrying cannot fix is
+    /// retried ever more slowly, but the first retries come as quickly: the
+    /// "mistake" may be a write Vault has not replicated yet).
+    pub fn next_delay_up_to(&mut self, max: Duration) -> Duration {
+        let ceiling = self.min.saturating_mul(1u32 << self.attempt.min(16)).min(max);
         self.attempt = self.attempt.saturating_add(1);
         let span = ceiling.saturating_sub(self.min);
         self.min + span.mul_f64(rand::random::<f64>())

@@ -158,6 +158,7 @@ impl<V: Vault> Agent<V> {
             telemetry: self.telemetry.clone(),
             cancel: cancel.clone(),
             request_timeout: self.config.vault.request_timeout,
+            slow_retry: false,
         };
         let handle = tokio::spawn(supervisor.run());
         self.running.insert(cfg.name.clone(), Running { cfg, cancel, spec: spec_tx, handle });

@@ -62,7 +62,9 @@ pub const MIN_RETRY: Duration = Duration::from_millis(256);
 /// The retry period once credentials are dead (1–2 s with jitter).
 pub const DEAD_RETRY: Duration = Duration::from_secs(1);
 
-/// The least wait after a failure retrying cannot fix (a role or a path
-/// Vault does not have): someone must change the configuration first, and
-/// a fleet retrying in a second would only load Vault.
-pub const PERMANENT_RETRY: Duration = Duration::from_secs(30);
+/// How far the backoff grows after a failure retrying cannot fix (a role
+/// or a path Vault does not have): someone must change the configuration
+/// first, and a fleet retrying every 30 s would only load Vault. It starts
+/// as quickly as any backoff: right after a leader election a standby may
+/// not know a role written a moment ago.
+pub const PERMANENT_MAX: Duration = Duration::from_secs(300);

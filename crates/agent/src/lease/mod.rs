@@ -25,6 +25,7 @@ use crate::telemetry::events::{
     Event as _, HookRan, IssueFailed, LeaseExpired, LeaseGone, RenderFailed, Rendered as RenderedEvent, RenewFailed,
     Renewed, RevokeFailed, Revoked,
 };
+use crate::timing::PERMANENT_MAX;
 use config::{Method, ReplacedConnections, SecretConfig};
 use schedule::{Action, Bound, LeaseTimes, Policy, RetiredAction, RetiredLease};
 use vault::secret::{LeaseId, SecretData};
@@ -171,6 +172,9 @@ pub struct Supervisor<V = VaultClient> {
     /// `vault.request_timeout`: the longest a renewal or an issue may take
     /// (`schedule::call_deadline` shortens it as the lease runs out).
     pub request_timeout: Duration,
+    /// The last failure was a mistake retrying cannot fix: the backoff
+    /// grows to `timing::PERMANENT_MAX` instead of 30 s. Starts false.
+    pub slow_retry: bool,
 }
 
 /// The secret's renewal timing, as the schedule takes it.
@@ -323,6 +327,7 @@ impl<V: Vault> Supervisor<V> {
                         h.spread = true;
                     }
                     backoff.reset();
+                    self.slow_retry = false;
                     retry_at = None;
                     renew_retry = None;
                 }
@@ -372,7 +377,8 @@ impl<V: Vault> Supervisor<V> {
     /// bounded by what the credentials in hand have left
     /// (`schedule::retry_delay`).
     fn retry_delay(&self, backoff: &mut Backoff, held: Option<&Held>, retry_after: Option<Duration>) -> Duration {
-        let step = backoff.next_delay().max(retry_after.unwrap_or_default());
+        let next = if self.slow_retry { backoff.next_delay_up_to(PERMANENT_MAX) } else { backoff.next_delay() };
+        let step = next.max(retry_after.unwrap_or_default());
         schedule::retry_delay(step, now(), held.and_then(Held::usable_until), rand::random())
     }
 
@@ -539,12 +545,10 @@ impl<V: Vault> Supervisor<V> {
                 let permanent = e.permanent();
                 IssueFailed { secret: &name, event: failed_event, error: &e.to_string(), permanent }
                     .emit(&self.telemetry);
-                // A role or path Vault does not have: slowly (a denial may be
-                // a revoked token, which a new login fixes at once).
-                match permanent {
-                    Some("unknown_role" | "unknown_path") => Err(Some(crate::timing::PERMANENT_RETRY)),
-                    _ => Err(e.retry_after()),
-                }
+                // A role or path Vault does not have: ever more slowly (a
+                // denial may be a revoked token, which a new login fixes).
+                self.slow_retry = matches!(permanent, Some("unknown_role" | "unknown_path"));
+                Err(e.retry_after())
             }
         }
     }
