@@ -50,17 +50,20 @@ pub fn main(addr: &str) -> ExitCode {
     match fetched {
         Ok(status) => {
             print!("{}", table(&status));
-            if status["ready"] == true {
+            let secrets = status["secrets"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let waiting: Vec<String> = secrets
+                .iter()
+                .filter(|s| s["ready"] != true)
+                .map(|s| format!("{}: {}", cell(&s["name"]), cell(&s["reason"])))
+                .collect();
+            // The agent's own verdict when it gives one (it also counts an
+            // agent with no secret yet as not ready).
+            let ready = status["ready"].as_bool().unwrap_or(waiting.is_empty());
+            if ready {
                 ExitCode::SUCCESS
             } else {
-                let waiting: Vec<String> = status["secrets"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|s| s["ready"] != true)
-                    .map(|s| format!("{}: {}", cell(&s["name"]), cell(&s["reason"])))
-                    .collect();
-                eprintln!("leasehold status: not ready: {}", waiting.join("; "));
+                let why = if waiting.is_empty() { "no secret rendered yet".to_string() } else { waiting.join("; ") };
+                eprintln!("leasehold status: not ready: {why}");
                 ExitCode::FAILURE
             }
         }
