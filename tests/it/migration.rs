@@ -100,14 +100,8 @@ async fn sessions_move_to_new_credentials_unseen_and_those_that_cannot_are_close
     assert!(eventually(10, async || !env.pg.role_exists(&first).await).await, "{}", agent.output());
 
     // The client's cancel key follows the session to its current server.
-    let key = moving.key.clone();
-    let cancel = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        Session::cancel(port, &key).await;
-    });
-    let e = moving.query("SELECT pg_sleep(5)").await.expect_err("cancelled");
+    let e = moving.cancelled_query(port, "SELECT pg_sleep(5)").await;
     assert_eq!(e.code, "57014", "{e:?}");
-    cancel.await.unwrap();
 
     let metrics = metrics(&agent).await;
     let migrated = metrics

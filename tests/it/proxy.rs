@@ -238,6 +238,19 @@ impl Session {
         }
     }
 
+    /// Runs `sql` and, half a second in, sends a CancelRequest with this
+    /// session's key: the error the query ends with.
+    pub(crate) async fn cancelled_query(&mut self, port: u16, sql: &str) -> PgError {
+        let key = self.key.clone();
+        let cancel = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Session::cancel(port, &key).await;
+        });
+        let e = self.query(sql).await.expect_err("cancelled");
+        cancel.await.unwrap();
+        e
+    }
+
     /// Sends a CancelRequest for `key` on a connection of its own.
     pub(crate) async fn cancel(port: u16, key: &[u8]) {
         let mut packet = 16i32.to_be_bytes().to_vec();
@@ -617,14 +630,8 @@ async fn only_cancel_keys_the_proxy_handed_out_reach_the_database() {
     assert!(opened <= 3, "500 forged cancel requests opened {opened} upstream connections");
 
     // The real key still cancels the session's query.
-    let key = session.key.clone();
-    let cancel = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        Session::cancel(port, &key).await;
-    });
-    let e = session.query("SELECT pg_sleep(30)").await.expect_err("cancelled");
+    let e = session.cancelled_query(port, "SELECT pg_sleep(30)").await;
     assert_eq!(e.code, "57014", "{e:?}");
-    cancel.await.unwrap();
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(Duration::from_secs(15)).await, 0, "{}", agent.output());
 }

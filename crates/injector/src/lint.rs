@@ -19,8 +19,8 @@ pub const OPT_IN_LABEL: &str = "leasehold.dev/inject";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Admitted with the agent: the annotations honoured, and the ignored
-    /// ones with why.
+    /// Admitted with the agent: the annotations honoured, and the
+    /// admission warnings (the ignored ones with why, caveats of the rest).
     Injected {
         translated: Vec<String>,
         ignored: Vec<String>,
@@ -94,14 +94,13 @@ fn workload(kind: &str, d: &Value, defaults: &Defaults) -> Option<Finding> {
             match patch::patch(&as_pod, &p, defaults) {
                 Err(e) => Verdict::Denied(e.to_string()),
                 Ok(_) => {
-                    let ignored: Vec<String> = p.warnings.clone();
                     let translated = annotations
                         .keys()
                         .filter(|k| k.starts_with(vault_k8s::PREFIX) || k.starts_with(plan::PREFIX))
-                        .filter(|k| !ignored.iter().any(|w| w.starts_with(&format!("{k} "))))
+                        .filter(|k| !p.ignored.contains(k))
                         .cloned()
                         .collect();
-                    Verdict::Injected { translated, ignored }
+                    Verdict::Injected { translated, ignored: p.warnings }
                 }
             }
         }

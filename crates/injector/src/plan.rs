@@ -60,9 +60,11 @@ pub struct Plan {
     pub tls_secret: Option<String>,
     /// The containers that get the credentials volume; all when `None`.
     pub containers: Option<Vec<String>>,
-    /// Annotations accepted but not honoured, each with why: returned to
-    /// the client as admission warnings.
+    /// What the client is told as admission warnings: each annotation
+    /// accepted but not honoured, with why, and caveats of translated ones.
     pub warnings: Vec<String>,
+    /// The annotations accepted but not honoured (each has its warning).
+    pub ignored: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +109,7 @@ impl Plan {
             tls_secret: None,
             containers: None,
             warnings: Vec::new(),
+            ignored: Vec::new(),
         }
     }
 }

@@ -200,7 +200,10 @@ pub fn from_annotations(a: &BTreeMap<String, String>, defaults: &Defaults) -> Re
                 plan.containers = Some(names);
             }
             _ => match ignored(k, value) {
-                Some(why) => plan.warnings.push(format!("{key} is ignored: {why}")),
+                Some(why) => {
+                    plan.warnings.push(format!("{key} is ignored: {why}"));
+                    plan.ignored.push(key.clone());
+                }
                 None => secret_field(key, k, value, preserve_case, &mut per)?,
             },
         }

@@ -225,13 +225,7 @@ impl<V: Vault> Supervisor<V> {
         let mut unrendered = false;
         loop {
             let end = self.watch_end(&name, held.as_ref(), &mut watched_end);
-            let (step, due) = self.next_step(held.as_ref(), retry_at, renew_retry);
-            // Credentials kept without their files: writing them is retried
-            // on the backoff, before anything else falls due.
-            let (step, due) = match (unrendered, retry_at) {
-                (true, at) if at.unwrap_or_else(now) <= due => (Step::Render, at.unwrap_or_else(now)),
-                _ => (step, due),
-            };
+            let (step, due) = self.next_step(held.as_ref(), retry_at, renew_retry, unrendered);
             let due = schedule::coalesce(due, phase());
             let retired_due = retired.iter().map(|r| self.retired_step(r, now()).1).min();
             // Also at the credentials' end, to say they died then.
@@ -441,7 +435,24 @@ impl<V: Vault> Supervisor<V> {
         );
     }
 
+    /// `unrendered`: the credentials in hand were never written; writing
+    /// them is retried on the backoff, before anything else falls due.
     fn next_step(
+        &self,
+        held: Option<&Held>,
+        retry_at: Option<SystemTime>,
+        renew_retry: Option<SystemTime>,
+        unrendered: bool,
+    ) -> (Step, SystemTime) {
+        let (step, due) = self.lease_step(held, retry_at, renew_retry);
+        match retry_at.unwrap_or_else(now) {
+            at if unrendered && at <= due => (Step::Render, at),
+            _ => (step, due),
+        }
+    }
+
+    /// The lease's own next step.
+    fn lease_step(
         &self,
         held: Option<&Held>,
         retry_at: Option<SystemTime>,
