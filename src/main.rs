@@ -140,6 +140,25 @@ pub struct InjectorArgs {
     /// The agents' telemetry port (probes, metrics).
     #[arg(long, default_value_t = 9102)]
     pub agent_telemetry_port: u16,
+    /// The injector's own log level or filter, as the agent's `log.level`
+    /// (`debug` also logs refused connections and failed TLS handshakes).
+    #[arg(long, default_value = "info", value_name = "LEVEL", value_parser = log_level)]
+    pub log_level: config::LogLevel,
+    /// The injector's log format.
+    #[arg(long, default_value = "json", value_name = "json|text", value_parser = log_format)]
+    pub log_format: config::LogFormat,
+}
+
+fn log_level(s: &str) -> Result<config::LogLevel, String> {
+    config::LogLevel::try_from(s.to_string())
+}
+
+fn log_format(s: &str) -> Result<config::LogFormat, String> {
+    match s {
+        "json" => Ok(config::LogFormat::Json),
+        "text" => Ok(config::LogFormat::Text),
+        _ => Err(format!("{s:?} is not json or text")),
+    }
 }
 
 fn main() -> ExitCode {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use crate::InjectorArgs;
 
 pub fn main(a: InjectorArgs) -> ExitCode {
-    agent::telemetry::init_logging(&config::LogConfig::default());
+    agent::telemetry::init_logging(&config::LogConfig { level: a.log_level.clone(), format: a.log_format });
     let usage = |m: String| {
         eprintln!("leasehold injector: {m}");
         ExitCode::from(crate::EXIT_CONFIG)

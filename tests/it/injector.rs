@@ -386,6 +386,31 @@ async fn bad_flags_and_files_exit_78_naming_them() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("VAULT_ADDR"));
 }
 
+/// `--log-level debug` reaches the injector's logging: a failed TLS
+/// handshake, logged at debug only, is in its output; a bad level is a
+/// usage error naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_level_flag_sets_the_injectors_level() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = DevTls::generate().unwrap();
+    let inj = start_injector(&tls, &["--log-level", "debug", "--log-format", "json"]).await;
+    let mut plain = tokio::net::TcpStream::connect(&inj.addr).await.unwrap();
+    plain.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = plain.read_to_end(&mut rest).await;
+    let logged = eventually(10, async || !inj.agent.events("tls_failed").is_empty()).await;
+    assert!(logged, "a debug event in the output:\n{}", inj.agent.output());
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["injector", "--tls-cert", "x", "--tls-key", "y", "--vault-address", "https://v:8200"])
+        .args(["--log-level", "leasehold=loud"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--log-level") && err.contains("\"leasehold=loud\" is not a log level"), "{err}");
+}
+
 /// The vault-k8s fixture's config, as injected, on the real server: the
 /// translated templates render one credential set, the lease is renewed,
 /// and SIGTERM drops the role.

@@ -286,6 +286,9 @@ def test_injector_with_a_secret_certificate():
     assert_restricted(container)
     assert container["args"][0] == "injector" and "--vault-k8s-compat" in container["args"]
     assert "--vault-address=https://vault.vault.svc:8200" in container["args"]
+    assert {"--log-level=info", "--log-format=json"} <= set(container["args"])
+    quiet = injector_docs({**values, "log": {"level": "warn", "format": "text"}})
+    assert {"--log-level=warn", "--log-format=text"} <= set(by_kind(quiet, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"])
     assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
     tls = next(v for v in pod["spec"]["volumes"] if v["name"] == "tls")
     assert tls["secret"]["secretName"] == "leasehold-injector-tls"

@@ -36,6 +36,13 @@ UNION ALL SELECT 'b', 'session advisory locks', NULL, NULL WHERE EXISTS (SELECT 
 UNION ALL SELECT 'b', 'WITH HOLD cursors', NULL, NULL WHERE EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable) \
 UNION ALL SELECT 'r', n, pg_catalog.current_setting(n, true), NULL FROM pg_catalog.unnest(ARRAY['application_name', 'client_encoding', 'DateStyle', 'default_transaction_read_only', 'in_hot_standby', 'integer_datetimes', 'IntervalStyle', 'is_superuser', 'scram_iterations', 'search_path', 'server_encoding', 'server_version', 'session_authorization', 'standard_conforming_strings', 'TimeZone']) n";
 
+/// The most session state (the snapshot's rows, as the server sent them) a
+/// move carries. A session past it stays where it is, named so, like one
+/// holding a temporary table: a server that streams rows (hostile, or an
+/// app with tens of thousands of prepared statements) could otherwise make
+/// the proxy hold whatever it sends within the move's deadline.
+pub const MAX_STATE: usize = 8 << 20;
+
 /// Settings the snapshot may list that are not the session's to carry:
 /// the transaction's own (there is none at an idle point), and the role,
 /// which names the old credentials' user or a role granted to it.
@@ -201,19 +208,29 @@ pub enum Failed {
 /// sends on its own meanwhile (notices, notifications, parameter changes)
 /// reach the client as they would have.
 pub async fn snapshot(old: &mut Box<dyn Io>, client: &mut Box<dyn Io>) -> Result<State, Failed> {
+    snapshot_within(old, client, MAX_STATE).await
+}
+
+async fn snapshot_within(old: &mut Box<dyn Io>, client: &mut Box<dyn Io>, max: usize) -> Result<State, Failed> {
     let lost = Failed::Lost;
     let mut query = SNAPSHOT.as_bytes().to_vec();
     query.push(0);
     old.write_all(&message(b'Q', &query)).await.map_err(|e| lost(e.into()))?;
     let mut state = State::default();
     let mut error = None;
+    let mut size = 0usize;
     loop {
         let (kind, body) = read_message(old).await.map_err(lost)?;
         match kind {
             b'T' | b'C' => {}
+            // Past `max`, rows are read to the end (the connection must
+            // reach its idle point again) and dropped.
             b'D' => {
-                let row = columns(&body).map_err(|e| lost(ProxyError::Protocol(e)))?;
-                state.add(&row).map_err(|e| lost(ProxyError::Protocol(e)))?;
+                size = size.saturating_add(body.len());
+                if size <= max {
+                    let row = columns(&body).map_err(|e| lost(ProxyError::Protocol(e)))?;
+                    state.add(&row).map_err(|e| lost(ProxyError::Protocol(e)))?;
+                }
             }
             b'E' => error = Some(body),
             b'A' | b'N' | b'S' => client.write_all(&message(kind, &body)).await.map_err(|e| lost(e.into()))?,
@@ -221,6 +238,9 @@ pub async fn snapshot(old: &mut Box<dyn Io>, client: &mut Box<dyn Io>) -> Result
             b'Z' if body == b"I" => break,
             _ => return Err(lost(ProxyError::Protocol(format!("message {:?} in the snapshot", kind as char)))),
         }
+    }
+    if size > max {
+        state.blockers.push(format!("more than {} KiB of settings and prepared statements", max >> 10));
     }
     match error {
         Some(body) => Err(Failed::Again(ProxyError::Server(body))),
@@ -278,6 +298,52 @@ pub async fn login(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A `D` message of `cols` text columns.
+    fn data_row(cols: &[&str]) -> Vec<u8> {
+        let mut body = (cols.len() as u16).to_be_bytes().to_vec();
+        for c in cols {
+            body.extend((c.len() as i32).to_be_bytes());
+            body.extend(c.as_bytes());
+        }
+        message(b'D', &body)
+    }
+
+    /// `rows` prepared-statement rows, then ReadyForQuery, from a fake
+    /// server; the snapshot as `snapshot_within(max)` read it.
+    async fn snapshot_of(rows: usize, max: usize) -> State {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let mut query = [0u8; 5];
+            theirs.read_exact(&mut query).await.unwrap();
+            for i in 0..rows {
+                let name = format!("s{i}");
+                theirs.write_all(&data_row(&["p", &name, "SELECT 1", "{}"])).await.unwrap();
+            }
+            theirs.write_all(&message(b'Z', b"I")).await.unwrap();
+            // Holds its end open until the snapshot is read.
+            let mut rest = Vec::new();
+            let _ = theirs.read_to_end(&mut rest).await;
+        });
+        let mut old: Box<dyn Io> = Box::new(ours);
+        let (client, _client_end) = tokio::io::duplex(64);
+        let mut client: Box<dyn Io> = Box::new(client);
+        let state = snapshot_within(&mut old, &mut client, max).await.unwrap();
+        drop(old);
+        server.await.unwrap();
+        state
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_past_its_bound_is_read_to_the_end_and_blocks_the_move() {
+        // A row is about 32 bytes: 100 fit in 4 KiB, 200 do not.
+        let under = snapshot_of(100, 4096).await;
+        assert_eq!((under.prepared.len(), under.blockers.len()), (100, 0));
+        let over = snapshot_of(200, 4096).await;
+        assert!(over.prepared.len() < 200, "rows past the bound are not kept");
+        assert_eq!(over.blockers, vec!["more than 4 KiB of settings and prepared statements"]);
+    }
 
     fn row(cols: &[Option<&str>]) -> Vec<Option<String>> {
         cols.iter().map(|c| c.map(str::to_string)).collect()
