@@ -67,56 +67,33 @@ fn duration_histogram() -> Histogram {
 }
 
 pub struct Metrics {
-    pub lease_expiry: Family<SecretLabel, TimeGauge>,
-    pub renewals: Family<SecretResult, Counter>,
-    pub issued: Family<SecretResult, Counter>,
-    pub revocations: Family<SecretResult, Counter>,
     pub logins: Family<ResultLabel, Counter>,
     pub token_renewals: Family<ResultLabel, Counter>,
     pub token_expiry: TimeGauge,
     pub vault_requests: Family<OpCode, Counter>,
     pub vault_duration: DurationFamily,
-    pub ready: Family<SecretLabel, Gauge>,
-    pub consecutive_failures: Family<SecretLabel, Gauge>,
-    pub expired: Family<SecretLabel, Counter>,
-    pub render_failures: Family<SecretLabel, Counter>,
     pub notifications: Family<HookLabels, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
     pub build_info: Family<BuildLabels, Gauge>,
 }
 
 impl Metrics {
-    /// Every family, the proxies' (read from their `Stats` at each scrape)
-    /// among them.
-    pub fn register(proxies: Proxies) -> (Metrics, Registry) {
+    /// Every family: the secrets' (read from their status and `Counts` at
+    /// each scrape) and the proxies' (from their `Stats`) among them.
+    pub fn register(secrets: SecretCollector, proxies: Proxies) -> (Metrics, Registry) {
         let mut r = Registry::with_prefix("leasehold");
+        r.register_collector(Box::new(secrets));
         r.register_collector(Box::new(ProxyCollector(proxies)));
         let m = Metrics {
-            lease_expiry: Family::default(),
-            renewals: Family::default(),
-            issued: Family::default(),
-            revocations: Family::default(),
             logins: Family::default(),
             token_renewals: Family::default(),
             token_expiry: TimeGauge::default(),
             vault_requests: Family::default(),
             vault_duration: DurationFamily::new_with_constructor(duration_histogram),
-            ready: Family::default(),
-            consecutive_failures: Family::default(),
-            expired: Family::default(),
-            render_failures: Family::default(),
             notifications: Family::default(),
             reloads: Family::default(),
             build_info: Family::default(),
         };
-        r.register(
-            "lease_expiry_timestamp_seconds",
-            "Unix time at which the current lease of a secret expires",
-            m.lease_expiry.clone(),
-        );
-        r.register("lease_renewals", "Lease renewals by result (success, failure)", m.renewals.clone());
-        r.register("credentials_issued", "Credentials obtained by result (success, failure)", m.issued.clone());
-        r.register("lease_revocations", "Lease revocations by result (success, failure)", m.revocations.clone());
         r.register("auth_logins", "Vault logins by result (success, failure)", m.logins.clone());
         r.register(
             "auth_token_renewals",
@@ -138,27 +115,137 @@ impl Metrics {
             "Duration of requests to Vault by operation",
             m.vault_duration.clone(),
         );
-        r.register("secret_ready", "1 when the secret's files hold unexpired credentials, else 0", m.ready.clone());
-        r.register(
-            "secret_consecutive_failures",
-            "Failed attempts to issue, renew or write since the last success",
-            m.consecutive_failures.clone(),
-        );
-        r.register(
-            "credentials_expired",
-            "Times a secret's credentials reached their end with nothing to replace them",
-            m.expired.clone(),
-        );
-        r.register(
-            "render_failures",
-            "Times a secret's files could not be rendered or written (a template error, an unwritable directory)",
-            m.render_failures.clone(),
-        );
         r.register("notifications", "on_change hook runs by hook and result", m.notifications.clone());
         r.register("config_reloads", "Configuration reloads by result (success, rejected)", m.reloads.clone());
         r.register("build_info", "Build information; the value is always 1", m.build_info.clone());
         m.build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").to_string() }).set(1);
         (m, r)
+    }
+}
+
+/// A secret's counters. Kept when the secret is removed (a counter does not
+/// go back; its gauges go with its status).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    /// By result: `[success, failure]`.
+    pub issued: [u64; 2],
+    pub renewals: [u64; 2],
+    pub revocations: [u64; 2],
+    pub expired: u64,
+    pub render_failures: u64,
+}
+
+impl Counts {
+    pub fn slot(ok: bool) -> usize {
+        usize::from(!ok)
+    }
+}
+
+/// The secrets' families, encoded at each scrape from what `Telemetry`
+/// keeps anyway (each secret's status) and one `Counts` per secret: a
+/// `Family` series per label set cost about 2 KiB a secret (1,000 secrets:
+/// 2 MiB). Gauges are for declared secrets; `lease_expiry` only for a
+/// secret with an end (a KV secret has none: a 0 would read as "expired in
+/// 1970" to every alert on time left).
+pub struct SecretCollector {
+    pub status: Arc<Mutex<BTreeMap<String, super::SecretStatus>>>,
+    pub counts: Arc<Mutex<BTreeMap<String, Counts>>>,
+}
+
+impl std::fmt::Debug for SecretCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretCollector")
+    }
+}
+
+/// One declared secret's gauges at a scrape.
+struct Gauges {
+    labels: SecretLabel,
+    expiry: Option<f64>,
+    ready: i64,
+    failures: i64,
+}
+
+impl Collector for SecretCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = crate::clock::now();
+        // Copied out: no lock is held while encoding.
+        let gauges: Vec<Gauges> = crate::telemetry::lock(&self.status)
+            .values()
+            .map(|s| Gauges {
+                labels: SecretLabel { secret: s.name.clone() },
+                expiry: s.expires.map(crate::clock::unix),
+                ready: i64::from(s.evaluate(now).0),
+                failures: i64::try_from(s.consecutive_failures).unwrap_or(i64::MAX),
+            })
+            .collect();
+        let counts: Vec<(String, Counts)> =
+            crate::telemetry::lock(&self.counts).iter().map(|(k, v)| (k.clone(), *v)).collect();
+        {
+            let mut family = encoder.encode_descriptor(
+                "lease_expiry_timestamp_seconds",
+                "Unix time at which the current lease of a secret expires",
+                None,
+                MetricType::Gauge,
+            )?;
+            for g in &gauges {
+                if let Some(at) = g.expiry {
+                    ConstGauge::new(at).encode(family.encode_family(&g.labels)?)?;
+                }
+            }
+        }
+        let by_result = |enc: &mut DescriptorEncoder, name: &str, help: &str, value: fn(&Counts) -> [u64; 2]| {
+            let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (secret, c) in &counts {
+                for ok in [true, false] {
+                    let labels = secret_result(secret, ok);
+                    ConstCounter::new(value(c)[Counts::slot(ok)]).encode(family.encode_family(&labels)?)?;
+                }
+            }
+            Ok::<(), std::fmt::Error>(())
+        };
+        by_result(&mut encoder, "lease_renewals", "Lease renewals by result (success, failure)", |c| c.renewals)?;
+        by_result(&mut encoder, "credentials_issued", "Credentials obtained by result (success, failure)", |c| {
+            c.issued
+        })?;
+        by_result(&mut encoder, "lease_revocations", "Lease revocations by result (success, failure)", |c| {
+            c.revocations
+        })?;
+        let gauge = |enc: &mut DescriptorEncoder, name: &str, help: &str, value: fn(&Gauges) -> i64| {
+            let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for g in &gauges {
+                ConstGauge::new(value(g)).encode(family.encode_family(&g.labels)?)?;
+            }
+            Ok::<(), std::fmt::Error>(())
+        };
+        gauge(&mut encoder, "secret_ready", "1 when the secret's files hold unexpired credentials, else 0", |g| {
+            g.ready
+        })?;
+        gauge(
+            &mut encoder,
+            "secret_consecutive_failures",
+            "Failed attempts to issue, renew or write since the last success",
+            |g| g.failures,
+        )?;
+        let counter = |enc: &mut DescriptorEncoder, name: &str, help: &str, value: fn(&Counts) -> u64| {
+            let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (secret, c) in &counts {
+                ConstCounter::new(value(c)).encode(family.encode_family(&SecretLabel { secret: secret.clone() })?)?;
+            }
+            Ok::<(), std::fmt::Error>(())
+        };
+        counter(
+            &mut encoder,
+            "credentials_expired",
+            "Times a secret's credentials reached their end with nothing to replace them",
+            |c| c.expired,
+        )?;
+        counter(
+            &mut encoder,
+            "render_failures",
+            "Times a secret's files could not be rendered or written (a template error, an unwritable directory)",
+            |c| c.render_failures,
+        )
     }
 }
 

@@ -19,7 +19,7 @@ use crate::clock::rfc3339;
 #[cfg(feature = "demo")]
 pub use logging::init_demo_logging;
 pub use logging::init_logging;
-use metrics::{Metrics, secret, secret_result};
+use metrics::{Counts, Metrics};
 use vault::RequestObserver;
 use vault::secret::{LeaseId, ShortAccessor};
 
@@ -83,7 +83,11 @@ struct TokenStatus {
 pub struct Telemetry {
     pub metrics: Metrics,
     registry: prometheus_client::registry::Registry,
-    secrets: Mutex<BTreeMap<String, SecretStatus>>,
+    /// Read by `/readyz`, `/v1/status` and, at each scrape, the secrets'
+    /// gauges (`metrics::SecretCollector`).
+    secrets: Arc<Mutex<BTreeMap<String, SecretStatus>>>,
+    /// The secrets' counters, read at each scrape.
+    counts: Arc<Mutex<BTreeMap<String, Counts>>>,
     token: Mutex<TokenStatus>,
     proxies: metrics::Proxies,
     /// The last request to Vault failed (no answer, 5xx, 429, 412).
@@ -102,7 +106,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Telemetry {
     pub fn new() -> Arc<Telemetry> {
         let proxies = metrics::Proxies::default();
-        let (metrics, registry) = Metrics::register(proxies.clone());
+        let (secrets, counts) = (Arc::default(), Arc::default());
+        let collector = metrics::SecretCollector { status: Arc::clone(&secrets), counts: Arc::clone(&counts) };
+        let (metrics, registry) = Metrics::register(collector, proxies.clone());
         for ok in [true, false] {
             let _ = metrics.logins.get_or_create(&metrics::result(ok));
             let _ = metrics.token_renewals.get_or_create(&metrics::result(ok));
@@ -113,7 +119,8 @@ impl Telemetry {
         Arc::new(Telemetry {
             metrics,
             registry,
-            secrets: Mutex::default(),
+            secrets,
+            counts,
             token: Mutex::default(),
             proxies,
             vault_failing: Default::default(),
@@ -132,15 +139,7 @@ impl Telemetry {
         // Every series of the secret at 0 from the start: a rule or a
         // dashboard query on a failure that has not happened yet sees 0,
         // not nothing, and `rate()` counts the first one.
-        let m = &self.metrics;
-        for ok in [true, false] {
-            for family in [&m.issued, &m.renewals, &m.revocations] {
-                let _ = family.get_or_create(&secret_result(name, ok));
-            }
-        }
-        let _ = m.render_failures.get_or_create(&secret(name));
-        let _ = m.expired.get_or_create(&secret(name));
-        let _ = m.consecutive_failures.get_or_create(&secret(name));
+        self.count(name, |_| {});
         let mut secrets = lock(&self.secrets);
         let entry = secrets
             .entry(name.to_string())
@@ -157,29 +156,22 @@ impl Telemetry {
             .collect();
     }
 
+    /// Its gauges go with its status; its counters stay.
     pub fn remove(&self, name: &str) {
         lock(&self.secrets).remove(name);
-        self.metrics.lease_expiry.remove(&secret(name));
-        self.metrics.ready.remove(&secret(name));
-        self.metrics.consecutive_failures.remove(&secret(name));
+    }
+
+    fn count(&self, name: &str, f: impl FnOnce(&mut Counts)) {
+        let mut counts = lock(&self.counts);
+        match counts.get_mut(name) {
+            Some(c) => f(c),
+            None => f(counts.entry(name.to_string()).or_default()),
+        }
     }
 
     fn update(&self, name: &str, f: impl FnOnce(&mut SecretStatus)) {
         if let Some(s) = lock(&self.secrets).get_mut(name) {
             f(s);
-        }
-    }
-
-    /// No series for a secret without an end (KV): a 0 would read as
-    /// "expired in 1970" to every alert on time left.
-    fn set_expiry(&self, name: &str, expires: Option<SystemTime>) {
-        match expires {
-            Some(at) => {
-                self.metrics.lease_expiry.get_or_create(&secret(name)).set(crate::clock::unix(at));
-            }
-            None => {
-                self.metrics.lease_expiry.remove(&secret(name));
-            }
         }
     }
 
@@ -193,9 +185,7 @@ impl Telemetry {
         at: SystemTime,
         expires: Option<SystemTime>,
     ) {
-        self.metrics.issued.get_or_create(&secret_result(name, true)).inc();
-        self.set_expiry(name, expires);
-        self.metrics.consecutive_failures.get_or_create(&secret(name)).set(0);
+        self.count(name, |c| c.issued[Counts::slot(true)] += 1);
         self.update(name, |s| {
             s.issues += 1;
             s.lease = (!lease.is_empty()).then(|| lease.short());
@@ -213,7 +203,6 @@ impl Telemetry {
     /// the supervisor re-renders them.
     pub fn adopted(&self, name: &str, lease: &LeaseId, ttl: Duration, renewable: bool, at: SystemTime) {
         let expires = at + ttl;
-        self.set_expiry(name, Some(expires));
         self.update(name, |s| {
             s.lease = Some(lease.short());
             s.renewable = renewable;
@@ -225,23 +214,21 @@ impl Telemetry {
 
     // Through `events` only: the log line goes with it.
     fn failed(&self, name: &str, what: &str, error: &str) {
-        match what {
-            "issue" => self.metrics.issued.get_or_create(&secret_result(name, false)).inc(),
-            _ => self.metrics.renewals.get_or_create(&secret_result(name, false)).inc(),
-        };
-        let n = self.metrics.consecutive_failures.get_or_create(&secret(name)).inc() + 1;
+        let slot = Counts::slot(false);
+        self.count(name, |c| match what {
+            "issue" => c.issued[slot] += 1,
+            _ => c.renewals[slot] += 1,
+        });
         self.update(name, |s| {
-            s.consecutive_failures = n as u64;
+            s.consecutive_failures += 1;
             s.last_error = Some(format!("{what}: {error}"));
         });
     }
 
     // Through `events` only: the log line goes with it.
     fn renewed(&self, name: &str, ttl: Duration, renewable: bool, at: SystemTime) {
-        self.metrics.renewals.get_or_create(&secret_result(name, true)).inc();
-        self.metrics.consecutive_failures.get_or_create(&secret(name)).set(0);
+        self.count(name, |c| c.renewals[Counts::slot(true)] += 1);
         let expires = at + ttl;
-        self.set_expiry(name, Some(expires));
         self.update(name, |s| {
             s.renewals += 1;
             s.renewable = renewable;
@@ -257,7 +244,6 @@ impl Telemetry {
     /// The lease ended early (Vault said it is gone).
     // Through `events` only: the log line goes with it.
     fn lease_ended(&self, name: &str, at: SystemTime, error: &str) {
-        self.set_expiry(name, Some(at));
         self.update(name, |s| {
             s.expires = Some(at);
             s.expires_at = Some(rfc3339(at));
@@ -267,7 +253,7 @@ impl Telemetry {
 
     // Through `events` only: the log line goes with it.
     fn revoked(&self, name: &str, ok: bool) {
-        self.metrics.revocations.get_or_create(&secret_result(name, ok)).inc();
+        self.count(name, |c| c.revocations[Counts::slot(ok)] += 1);
     }
 
     // Through `events` only: the log line goes with it.
@@ -287,15 +273,14 @@ impl Telemetry {
 
     // Through `events` only: the log line goes with it.
     fn expired(&self, name: &str) {
-        self.metrics.expired.get_or_create(&secret(name)).inc();
+        self.count(name, |c| c.expired += 1);
     }
 
     // Through `events` only: the log line goes with it.
     fn render_failed(&self, name: &str, error: &str) {
-        self.metrics.render_failures.get_or_create(&secret(name)).inc();
-        let n = self.metrics.consecutive_failures.get_or_create(&secret(name)).inc() + 1;
+        self.count(name, |c| c.render_failures += 1);
         self.update(name, |s| {
-            s.consecutive_failures = n as u64;
+            s.consecutive_failures += 1;
             s.last_error = Some(format!("render: {error}"));
         });
     }
@@ -369,12 +354,8 @@ impl Telemetry {
         })
     }
 
-    /// OpenMetrics text; readiness gauges are refreshed first.
+    /// OpenMetrics text.
     pub fn encode_metrics(&self) -> String {
-        let now = crate::clock::now();
-        for s in lock(&self.secrets).values() {
-            self.metrics.ready.get_or_create(&secret(&s.name)).set(s.evaluate(now).0 as i64);
-        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
