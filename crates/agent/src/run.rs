@@ -99,7 +99,8 @@ fn auth_method(kind: config::AuthKind) -> AuthMethod {
 }
 
 struct Running {
-    cfg: SecretConfig,
+    /// Boxed: the map's spare slots then cost a pointer, not a config.
+    cfg: Box<SecretConfig>,
     cancel: CancellationToken,
     spec: watch::Sender<Arc<SecretSpec>>,
     handle: JoinHandle<Vec<LiveLease>>,
@@ -161,7 +162,7 @@ impl<V: Vault> Agent<V> {
             slow_retry: false,
         };
         let handle = tokio::spawn(supervisor.run());
-        self.running.insert(cfg.name.clone(), Running { cfg, cancel, spec: spec_tx, handle });
+        self.running.insert(cfg.name.clone(), Running { cfg: Box::new(cfg), cancel, spec: spec_tx, handle });
     }
 
     /// Stops a secret's supervisor keeping its files and leases, for a new
@@ -251,7 +252,7 @@ impl<V: Vault> Agent<V> {
         if config.vault != self.config.vault || config.auth != self.config.auth {
             tracing::warn!(event = "restart_needed", "changes to `vault` or `auth` take effect after a restart");
         }
-        let running: Vec<&SecretConfig> = self.running.values().map(|r| &r.cfg).collect();
+        let running: Vec<&SecretConfig> = self.running.values().map(|r| &*r.cfg).collect();
         let diff = crate::reload::diff(&running, &config);
         for name in &diff.removed {
             self.remove(name).await;
@@ -277,7 +278,7 @@ impl<V: Vault> Agent<V> {
             if cfg.proxy != r.cfg.proxy {
                 tracing::warn!(event = "restart_needed", secret = %cfg.name, "changes to `proxy` take effect after a restart");
             }
-            r.cfg = cfg.clone();
+            *r.cfg = cfg.clone();
             let proxy = r.spec.borrow().proxy.clone();
             let _ =
                 r.spec.send(Arc::new(SecretSpec { cfg: cfg.clone(), templates: renderer.templates(&cfg.name), proxy }));

@@ -574,3 +574,15 @@ async fn file_events_never_hold_up_a_shutdown() {
     // unserved. The revocation starts at SIGTERM, not after it.
     assert_eq!(revoked[0].0, stopped, "revoked {:?} after SIGTERM", revoked[0].0.duration_since(stopped));
 }
+
+/// The supervisor's task lives as long as the pod, one per secret: its
+/// steps' futures are boxed where they are awaited, so the task holds the
+/// loop's state only (3 KiB here with them inline, half that boxed).
+#[test]
+fn a_supervisors_task_holds_only_its_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(&Scripted::default(), dir.path(), service_token());
+    let task = sup.run();
+    let size = std::mem::size_of_val(&task);
+    assert!(size <= 2048, "the supervisor's future is {size} bytes");
+}
