@@ -235,7 +235,8 @@ fn pgbouncer(pg_port: u16, user: &str, password: &str) -> Option<Bouncer> {
 enum Layout {
     /// Every process on every core.
     Shared,
-    /// PostgreSQL on core 1; pgbench, the proxy and pgbouncer on core 0.
+    /// PostgreSQL on the last core; pgbench, the proxy and pgbouncer on the
+    /// others.
     DatabaseApart,
 }
 
@@ -243,11 +244,16 @@ impl Layout {
     /// Pins PostgreSQL (the postmaster and its backends: new backends inherit
     /// its mask), this process (whose children inherit it: pgbench) and
     /// `clients` (the agent, pgbouncer). `taskset`, from util-linux.
+    /// On a machine of N cores: PostgreSQL on the last, the rest for the
+    /// clients (2 cores: 1 and 0).
     fn apply(self, world: &World, clients: &[u32]) {
+        let last = std::thread::available_parallelism().map_or(1, |n| n.get()).max(2) - 1;
+        let every = format!("0-{last}");
         let (db, client) = match self {
-            Layout::Shared => ("0-1", "0-1"),
-            Layout::DatabaseApart => ("1", "0"),
+            Layout::Shared => (every.clone(), every),
+            Layout::DatabaseApart => (last.to_string(), format!("0-{}", last - 1)),
         };
+        let (db, client) = (db.as_str(), client.as_str());
         let postmaster = std::fs::read_to_string(world.pg.dir.join("data/postmaster.pid"))
             .ok()
             .and_then(|t| t.lines().next()?.trim().parse::<u32>().ok());
@@ -1417,7 +1423,7 @@ async fn main() {
     );
     let _ = writeln!(
         md,
-        "## The PostgreSQL proxy: pgbench through it, direct, and through pgbouncer\n\nOne leasehold with `proxy:` (docs/proxy.md) in front of the same PostgreSQL, and Debian's pgbouncer in session mode (the proxy's model: one server connection per client connection) logging in as the same user; `pgbench -S` (select-only, {PGBENCH_CLIENTS} clients, 2 threads, {PGBENCH_SECS} s) as the agent's database user, direct with its password, through the proxy and pgbouncer with none; {PGBENCH_RUNS} runs each, interleaved, median (min–max). `-C` opens a connection per transaction, so the proxy's upstream login (SCRAM-SHA-256) is in every one (pgbouncer keeps its server connections).\n\nTwo layouts. *Shared*: every process may run on both cores, so the proxy's (or pgbouncer's) CPU is taken from PostgreSQL and pgbench: a worst case no cluster has. *The database on a core of its own* (`taskset`: PostgreSQL on core 1; pgbench, the proxy and pgbouncer on core 0): as in a cluster, where the database has a host of its own and the proxy shares the application's node. The target (≥ 0.90 of direct for `-S`) is for the second; in the first any proxy in user space pays its wake-ups out of PostgreSQL's CPU.\n\n| | direct | through the proxy | through pgbouncer | proxy / pgbouncer |\n|---|---|---|---|---|\n{}\n",
+        "## The PostgreSQL proxy: pgbench through it, direct, and through pgbouncer\n\nOne leasehold with `proxy:` (docs/proxy.md) in front of the same PostgreSQL, and Debian's pgbouncer in session mode (the proxy's model: one server connection per client connection) logging in as the same user; `pgbench -S` (select-only, {PGBENCH_CLIENTS} clients, 2 threads, {PGBENCH_SECS} s) as the agent's database user, direct with its password, through the proxy and pgbouncer with none; {PGBENCH_RUNS} runs each, interleaved, median (min–max). `-C` opens a connection per transaction, so the proxy's upstream login (SCRAM-SHA-256) is in every one (pgbouncer keeps its server connections).\n\nTwo layouts. *Shared*: every process may run on every core, so the proxy's (or pgbouncer's) CPU is taken from PostgreSQL and pgbench: a worst case no cluster has. *The database on a core of its own* (`taskset`: PostgreSQL on the last core; pgbench, the proxy and pgbouncer on the others; here core 1, and core 0): as in a cluster, where the database has a host of its own and the proxy shares the application's node. The target (≥ 0.90 of direct for `-S`) is for the second; in the first any proxy in user space pays its wake-ups out of PostgreSQL's CPU.\n\n| | direct | through the proxy | through pgbouncer | proxy / pgbouncer |\n|---|---|---|---|---|\n{}\n",
         fig.proxy.join("\n")
     );
     let after = [
