@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use agent::auth::{AuthLoop, AuthState, HeldToken};
 use agent::clock;
-use agent::lease::{SecretSpec, Supervisor};
+use agent::lease::{LiveLease, SecretSpec, Supervisor};
 use agent::render::Renderer;
 use agent::run::Loaded;
 use agent::teardown::Outcome;
@@ -220,6 +220,18 @@ fn supervisor(vault: &Scripted, dir: &std::path::Path, auth: watch::Receiver<Aut
     }
 }
 
+/// Runs a supervisor over `vault` for `secs` of the paused clock, then stops
+/// it: the leases it left alive.
+async fn run_for(vault: &Scripted, secs: u64) -> Result<Vec<LiveLease>, tokio::task::JoinError> {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(vault, dir.path(), service_token());
+    let cancel = sup.cancel.clone();
+    let task = tokio::spawn(sup.run());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    cancel.cancel();
+    task.await
+}
+
 /// A service token that outlives the test, for the supervisor.
 fn service_token() -> watch::Receiver<AuthState> {
     let held = Arc::new(HeldToken {
@@ -267,13 +279,7 @@ async fn refused_renewals_are_retried_with_backoff_then_replaced_in_time() {
         s.lease_ttl = Duration::from_secs(600);
         s.refuse_renewals = true;
     });
-    let dir = tempfile::tempdir().unwrap();
-    let sup = supervisor(&vault, dir.path(), service_token());
-    let cancel = sup.cancel.clone();
-    let task = tokio::spawn(sup.run());
-    tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
-    cancel.cancel();
-    let live = task.await.unwrap();
+    let live = run_for(&vault, 3 * 3600).await.unwrap();
     let (issues, renewals) = vault.get(|s| (s.issues.clone(), s.renewals.clone()));
     assert!(issues.len() >= 10, "re-issued over three hours: {}", issues.len());
     // Each 600 s lease was replaced while it still had (1 - reissue_at) ×
@@ -320,14 +326,8 @@ async fn a_hung_renewal_gives_up_at_the_replacement_point() {
         s.lease_ttl = Duration::from_secs(20);
         s.hang_renewals = true;
     });
-    let dir = tempfile::tempdir().unwrap();
-    let sup = supervisor(&vault, dir.path(), service_token());
-    let cancel = sup.cancel.clone();
     let started = clock::now();
-    let task = tokio::spawn(sup.run());
-    tokio::time::sleep(Duration::from_secs(16)).await;
-    cancel.cancel();
-    let _ = task.await;
+    let _ = run_for(&vault, 16).await;
     let (issues, renewals) = vault.get(|s| (s.issues.clone(), s.renewals.clone()));
     let at = |t: SystemTime| t.duration_since(started).unwrap().as_secs_f64();
     assert_eq!(renewals.len(), 1, "{renewals:?}");
@@ -346,13 +346,7 @@ async fn retry_after_is_honoured_within_the_life_left() {
         s.lease_ttl = Duration::from_secs(600);
         s.unavailable = Some(Some(Duration::from_secs(20)));
     });
-    let dir = tempfile::tempdir().unwrap();
-    let sup = supervisor(&vault, dir.path(), service_token());
-    let cancel = sup.cancel.clone();
-    let task = tokio::spawn(sup.run());
-    tokio::time::sleep(Duration::from_secs(360)).await;
-    cancel.cancel();
-    let _ = task.await;
+    let _ = run_for(&vault, 360).await;
     let renewals = vault.get(|s| s.renewals.clone());
     assert!(renewals.len() >= 2, "{renewals:?}");
     for pair in renewals.windows(2) {
@@ -373,13 +367,7 @@ async fn a_role_vault_does_not_have_is_retried_ever_more_slowly() {
             s.lease_ttl = Duration::from_secs(600);
             s.refuse_reads = (status, text);
         });
-        let dir = tempfile::tempdir().unwrap();
-        let sup = supervisor(&vault, dir.path(), service_token());
-        let cancel = sup.cancel.clone();
-        let task = tokio::spawn(sup.run());
-        tokio::time::sleep(Duration::from_secs(1800)).await;
-        cancel.cancel();
-        let _ = task.await;
+        let _ = run_for(&vault, 1800).await;
         let issues = vault.get(|s| s.issues.clone());
         let gaps: Vec<f64> = issues.windows(2).map(|p| p[1].duration_since(p[0]).unwrap().as_secs_f64()).collect();
         assert!(gaps[0] < 2.0, "{text}: the first retry is quick: {gaps:?}");
