@@ -574,3 +574,15 @@ fn a_supervisors_task_holds_only_its_loop() {
     let size = std::mem::size_of_val(&task);
     assert!(size <= 2048, "the supervisor's future is {size} bytes");
 }
+
+#[test]
+fn a_live_lease_debug_shows_its_handles_short() {
+    let live = LiveLease {
+        secret: "db".into(),
+        lease_id: LeaseId::new("database/creds/app/AbCdEfGhIjKlMnOpQrStUvWx".into()),
+        token_accessor: "ZyXwVuTsRqPoNmLkJiHgFeDc".into(),
+    };
+    let dbg = format!("{live:?}");
+    assert!(dbg.contains("\"db\"") && dbg.contains("ZyXwVu…"), "{dbg}");
+    assert!(!dbg.contains("ZyXwVuTsRqPoNmLkJiHgFeDc") && !dbg.contains("EfGhIjKl"), "{dbg}");
+}

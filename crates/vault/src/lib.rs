@@ -128,7 +128,10 @@ pub struct Token {
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token").field("accessor", &self.accessor).field("ttl", &self.ttl).finish()
+        f.debug_struct("Token")
+            .field("accessor", &secret::ShortAccessor(&self.accessor).to_string())
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
     }
 }
 
@@ -819,6 +822,26 @@ pub fn without_unused_roots(builder: reqwest::ClientBuilder, address: &str) -> r
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn debug_shows_an_accessor_short() {
+        let accessor = "AbCdEfGhIjKlMnOpQrStUvWx";
+        let token = super::Token {
+            secret: super::SecretString::from("hvs.secret".to_string()),
+            accessor: accessor.into(),
+            ttl: std::time::Duration::from_secs(60),
+            renewable: true,
+            batch: false,
+        };
+        let block: super::types::AuthBlock = serde_json::from_value(serde_json::json!({
+            "client_token": "hvs.secret", "accessor": accessor, "lease_duration": 60, "renewable": true
+        }))
+        .unwrap();
+        for dbg in [format!("{token:?}"), format!("{block:?}")] {
+            assert!(dbg.contains("AbCdEf…"), "{dbg}");
+            assert!(!dbg.contains(accessor) && !dbg.contains("hvs.secret"), "{dbg}");
+        }
+    }
+
     #[test]
     fn system_roots_only_for_https() {
         assert!(super::system_roots_needed("https://vault.example:8200"));

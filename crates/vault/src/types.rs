@@ -38,7 +38,7 @@ pub(crate) struct AuthBlock {
 impl std::fmt::Debug for AuthBlock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthBlock")
-            .field("accessor", &self.accessor)
+            .field("accessor", &crate::secret::ShortAccessor(&self.accessor).to_string())
             .field("lease_duration", &self.lease_duration)
             .finish()
     }

@@ -28,15 +28,26 @@ use crate::telemetry::events::{
 use crate::timing::PERMANENT_MAX;
 use config::{Method, ReplacedConnections, SecretConfig};
 use schedule::{Action, Bound, LeaseTimes, Policy, RetiredAction, RetiredLease};
-use vault::secret::{LeaseId, SecretData};
+use vault::secret::{LeaseId, SecretData, ShortAccessor};
 use vault::{Secret, Vault, VaultClient, VaultError};
 
 /// A lease the agent is responsible for, as reported when a supervisor stops.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LiveLease {
     pub secret: String,
     pub lease_id: LeaseId,
     pub token_accessor: String,
+}
+
+/// By hand: the accessor is a credential's handle, shown short.
+impl std::fmt::Debug for LiveLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveLease")
+            .field("secret", &self.secret)
+            .field("lease_id", &self.lease_id)
+            .field("token_accessor", &ShortAccessor(&self.token_accessor).to_string())
+            .finish()
+    }
 }
 
 /// Something the rest of the agent wants to know about.
