@@ -153,10 +153,13 @@ fn recorded_leases(store: Option<&StateStore>, secret: &str) -> Vec<LiveLease> {
     let unknown =
         LiveLease { secret: secret.to_string(), lease_id: LeaseId::new(String::new()), token_accessor: String::new() };
     let record = store.and_then(|s| s.snapshot().secrets.get(secret).cloned()).unwrap_or_default();
+    // As the supervisor's own stop: a lease past its end is gone with it.
+    let at = crate::clock::now();
     record
         .current
         .iter()
         .chain(&record.retired)
+        .filter(|r| r.expires_at() > at)
         .map(|r| LiveLease {
             secret: secret.to_string(),
             lease_id: r.lease_id.clone(),
@@ -198,4 +201,35 @@ async fn revoke_all<V: Vault>(
         .filter(|(l, _)| !(l.lease_id.is_empty() && every_token))
         .map(|(l, _)| l.clone())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{LeaseRecord, SecretRecord};
+
+    #[test]
+    fn recorded_leases_past_their_end_are_not_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = StateStore::open(dir.path()).unwrap();
+        let at = crate::state::unix(crate::clock::now());
+        let record = |id: &str, granted_ago: f64| LeaseRecord {
+            path: "database/creds/app".into(),
+            lease_id: LeaseId::new(format!("database/creds/app/{id}")),
+            token_accessor: "acc".into(),
+            issued_at: at - granted_ago,
+            first_ttl: 60.0,
+            granted_at: at - granted_ago,
+            ttl: 60.0,
+            renewable: true,
+            capped: false,
+            data: Default::default(),
+        };
+        let secret = SecretRecord { current: Some(record("current", 10.0)), retired: vec![record("ended", 61.0)] };
+        store.set_secret("db", secret).unwrap();
+        let live = recorded_leases(Some(&store), "db");
+        let ids: Vec<&str> = live.iter().map(|l| l.lease_id.expose()).collect();
+        // The live one, and the unknown one a cut-short issue may have made.
+        assert_eq!(ids, ["database/creds/app/current", ""]);
+    }
 }

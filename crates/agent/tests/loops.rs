@@ -586,3 +586,23 @@ fn a_live_lease_debug_shows_its_handles_short() {
     assert!(dbg.contains("\"db\"") && dbg.contains("ZyXwVu…"), "{dbg}");
     assert!(!dbg.contains("ZyXwVuTsRqPoNmLkJiHgFeDc") && !dbg.contains("EfGhIjKl"), "{dbg}");
 }
+
+/// A lease that ended while Vault was out of reach is not handed to the
+/// teardown: it would be reported alive (`lease_left_alive`, exit 1) though
+/// Vault revoked it at its end.
+#[tokio::test(start_paused = true)]
+async fn a_lease_past_its_end_is_not_reported_alive_at_the_stop() {
+    let vault = Scripted::with(|s| {
+        s.lease_ttl = Duration::from_secs(60);
+        s.unavailable = Some(None);
+    });
+    // Issued at 0; every renewal and (once the first is in) every read fails.
+    let sealed = vault.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        sealed.0.lock().unwrap().refuse_reads = (503, "Vault is sealed");
+    });
+    let live = run_for(&vault, 120).await.unwrap();
+    assert!(vault.get(|s| s.issues.len()) > 1, "replacements were tried");
+    assert!(live.is_empty(), "{live:?}");
+}

@@ -350,8 +350,14 @@ impl<V: Vault> Supervisor<V> {
                 (Err(after), _) => retry_at = Some(now() + self.retry_delay(&mut backoff, held.as_ref(), after)),
             }
         }
-        let mut live: Vec<LiveLease> = retired.into_iter().map(|r| r.held.live(&name)).collect();
-        live.extend(held.filter(Held::has_lease).map(|h| h.live(&name)));
+        // A lease past its end is gone with it (Vault revokes at expiry; a
+        // revoke of it answers 204): not one to revoke, nor to report alive
+        // when Vault is out of reach at the shutdown.
+        let at = now();
+        let alive = |h: &Held| h.has_lease() && h.times.expires_at() > at;
+        let mut live: Vec<LiveLease> =
+            retired.into_iter().filter(|r| alive(&r.held)).map(|r| r.held.live(&name)).collect();
+        live.extend(held.filter(alive).map(|h| h.live(&name)));
         live
     }
 
