@@ -20,8 +20,8 @@ pub fn main(a: InjectorArgs) -> ExitCode {
     let Some(vault_address) = a.vault_address.or_else(|| env("VAULT_ADDR")) else {
         return usage("--vault-address (or VAULT_ADDR) is required".into());
     };
-    if injector::plan::http_url("--vault-address", &vault_address).is_err() {
-        return usage(format!("--vault-address {vault_address:?} is not an http:// or https:// URL"));
+    if let Some(problem) = config::http_url_problem(&vault_address) {
+        return usage(format!("--vault-address {problem}"));
     }
     let vault_ca_cert = a.vault_ca_cert.or_else(|| env("VAULT_CACERT").map(PathBuf::from));
     let vault_ca_pem = match &vault_ca_cert {

@@ -277,10 +277,10 @@ fn secret(name: String, kinds: &BTreeMap<&str, (&str, &str)>) -> Result<PlanSecr
 
 pub fn http_url(annotation: &str, v: &str) -> Result<String, AnnotationError> {
     let v = v.trim();
-    if !(v.starts_with("http://") || v.starts_with("https://")) || url::Url::parse(v).is_err() {
-        return Err(bad(annotation, format!("{v:?} is not an http:// or https:// URL")));
+    match config::http_url_problem(v) {
+        Some(problem) => Err(bad(annotation, problem)),
+        None => Ok(v.to_string()),
     }
-    Ok(v.to_string())
 }
 
 /// The injector's own settings, from its flags.
