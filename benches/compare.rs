@@ -115,6 +115,14 @@ The first run of this bench missed most targets. What it took:
   request) and 20 k write the JSON log line. The address is now parsed once
   and each request only sets its path: 215 k per renewal, 35 k of them
   in URLs (the redirect policy's parse remains: it is reqwest's).
+- **Resident memory with 1 secret crept over 4 MiB once more** (4.02 MiB:
+  anonymous 464 kB, the rest the binary's pages). The URL parser carried
+  ICU4X's Unicode tables for international domain names (`idna_adapter`
+  1.2), which a Vault or PostgreSQL host in a cluster never needs: its
+  names are ASCII. Cargo.lock now pins `idna_adapter` 1.0, which has no
+  tables: the binary 5.10 → 4.97 MB, and 4.02 → 3.96 MiB resident (profile
+  mode, the agent alone, two runs each). A non-ASCII host is refused at the
+  config check, naming its `xn--` form, which works.
 
 Profile a run yourself: `BENCH_PROFILE=<secrets> BENCH_TTL=4s
 BENCH_SECONDS=30 BENCH_WRAP='perf record -g -o perf.data' scripts/bench`
