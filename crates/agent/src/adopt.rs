@@ -12,7 +12,7 @@ use crate::clock::now;
 use crate::lease::{Held, LiveLease};
 use crate::state::{LeaseRecord, State, TokenRecord, secs, time};
 use config::Config;
-use vault::secret::{SecretString, ShortAccessor};
+use vault::secret::SecretString;
 use vault::{Token, Vault};
 
 /// Recorded tokens that `lookup-self` still accepts, with their TTL left.
@@ -30,11 +30,11 @@ pub async fn tokens<V: Vault>(client: &V, records: &[TokenRecord]) -> Vec<Arc<He
                 (recorded_end.duration_since(now()).unwrap_or_default(), !r.final_expiry)
             }
             Err(e) => {
-                tracing::info!(event = "token_not_adopted", accessor = %ShortAccessor(&r.accessor), error = %e, "recorded token is no longer valid");
+                tracing::info!(event = "token_not_adopted", accessor = %r.accessor, error = %e, "recorded token is no longer valid");
                 continue;
             }
         };
-        tracing::info!(event = "token_adopted", accessor = %ShortAccessor(&r.accessor), ttl_secs = ttl.as_secs(), "adopted the recorded Vault token");
+        tracing::info!(event = "token_adopted", accessor = %r.accessor, ttl_secs = ttl.as_secs(), "adopted the recorded Vault token");
         held.push(Arc::new(HeldToken {
             token: Token { secret, accessor: r.accessor.clone(), ttl: secs(r.first_ttl), renewable, batch: r.batch },
             granted_at: now(),

@@ -19,7 +19,7 @@ use crate::telemetry::Telemetry;
 use crate::telemetry::events::{Event as _, LoggedIn, LoginFailed, TokenRenewFailed, TokenRenewed};
 use crate::timing::{Policy, renew_point, renewal_capped, retry_delay};
 use vault::AuthMethod;
-use vault::secret::{ExposeSecret, SecretString, ShortAccessor};
+use vault::secret::{Accessor, ExposeSecret, SecretString};
 use vault::{Token, Vault, VaultClient, VaultError};
 
 /// Tokens are renewed at half their TTL, up to 5 % earlier.
@@ -67,8 +67,8 @@ impl AuthState {
     /// When the token with `accessor` ends for good, if it does: `Some` for a
     /// final token, and the epoch for one no longer held (it is gone, and
     /// its leases with it).
-    pub fn token_end(&self, accessor: &str) -> Option<SystemTime> {
-        match self.held.iter().find(|t| t.token.accessor == accessor) {
+    pub fn token_end(&self, accessor: &Accessor) -> Option<SystemTime> {
+        match self.held.iter().find(|t| &t.token.accessor == accessor) {
             Some(t) if t.final_expiry => Some(t.expires_at()),
             Some(_) => None,
             None => Some(SystemTime::UNIX_EPOCH),
@@ -290,7 +290,7 @@ impl<V: Vault> AuthLoop<V> {
     async fn check_current(&self, current: &HeldToken) {
         match self.client.lookup_self(&current.token.secret).await {
             Err(e) if e.is_permission_denied() => {
-                tracing::warn!(event = "token_refused", accessor = %ShortAccessor(&current.token.accessor), "Vault no longer accepts the token; logging in again");
+                tracing::warn!(event = "token_refused", accessor = %current.token.accessor, "Vault no longer accepts the token; logging in again");
                 self.replace_current(|t| HeldToken {
                     granted_at: now(),
                     ttl: Duration::ZERO,
@@ -336,8 +336,8 @@ mod tests {
     #[test]
     fn token_end_bounds_only_final_tokens() {
         let state = AuthState { current: None, held: vec![held("a", 100, false), held("b", 50, true)] };
-        assert_eq!(state.token_end("a"), None);
-        assert_eq!(state.token_end("b"), Some(SystemTime::UNIX_EPOCH + Duration::from_secs(50)));
-        assert_eq!(state.token_end("gone"), Some(SystemTime::UNIX_EPOCH));
+        assert_eq!(state.token_end(&"a".into()), None);
+        assert_eq!(state.token_end(&"b".into()), Some(SystemTime::UNIX_EPOCH + Duration::from_secs(50)));
+        assert_eq!(state.token_end(&"gone".into()), Some(SystemTime::UNIX_EPOCH));
     }
 }

@@ -12,7 +12,7 @@ use crate::lease::LiveLease;
 use crate::telemetry::Telemetry;
 use crate::telemetry::events::{Event as _, RevokeFailed, Revoked};
 use vault::Vault;
-use vault::secret::{SecretString, ShortAccessor};
+use vault::secret::{Accessor, SecretString};
 
 /// Revokes leases in parallel with `token`; returns those that failed.
 pub async fn leases<V: Vault>(
@@ -62,7 +62,7 @@ pub async fn marking<V: Vault>(
 }
 
 /// revoke-self with every token but batch ones, marking each in `revoked`.
-pub async fn tokens<V: Vault>(client: &V, tokens: &[Arc<HeldToken>], revoked: &mut HashSet<String>) {
+pub async fn tokens<V: Vault>(client: &V, tokens: &[Arc<HeldToken>], revoked: &mut HashSet<Accessor>) {
     let mut tasks = JoinSet::new();
     // Batch tokens cannot be revoked ("batch tokens cannot be revoked"):
     // their leases were revoked one by one, the rest end with the token.
@@ -77,7 +77,7 @@ pub async fn tokens<V: Vault>(client: &V, tokens: &[Arc<HeldToken>], revoked: &m
         let Ok((accessor, result)) = joined else { continue };
         match result {
             Ok(()) => {
-                tracing::info!(event = "token_revoked", accessor = %ShortAccessor(&accessor), "revoked Vault token");
+                tracing::info!(event = "token_revoked", accessor = %accessor, "revoked Vault token");
                 revoked.insert(accessor);
             }
             // An expired or revoked token is gone already, and its leases with it.
@@ -85,7 +85,7 @@ pub async fn tokens<V: Vault>(client: &V, tokens: &[Arc<HeldToken>], revoked: &m
                 revoked.insert(accessor);
             }
             Err(e) => {
-                tracing::warn!(event = "token_revoke_failed", accessor = %ShortAccessor(&accessor), error = %e, "revoking Vault token failed")
+                tracing::warn!(event = "token_revoke_failed", accessor = %accessor, error = %e, "revoking Vault token failed")
             }
         }
     }

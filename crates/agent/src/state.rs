@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::files::write_file;
-use vault::secret::{LeaseId, SecretData, ShortAccessor};
+use vault::secret::{Accessor, LeaseId, SecretData};
 
 pub const VERSION: u32 = 1;
 const FILE: &str = "state.json";
@@ -24,7 +24,7 @@ const FILE: &str = "state.json";
 #[derive(Clone, Serialize, Deserialize)]
 pub struct TokenRecord {
     pub token: Zeroizing<String>,
-    pub accessor: String,
+    pub accessor: Accessor,
     pub first_ttl: f64,
     pub granted_at: f64,
     pub ttl: f64,
@@ -37,7 +37,7 @@ pub struct TokenRecord {
 impl std::fmt::Debug for TokenRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenRecord")
-            .field("accessor", &ShortAccessor(&self.accessor).to_string())
+            .field("accessor", &self.accessor)
             .field("ttl", &self.ttl)
             .field("final_expiry", &self.final_expiry)
             .field("batch", &self.batch)
@@ -45,11 +45,11 @@ impl std::fmt::Debug for TokenRecord {
     }
 }
 
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeaseRecord {
     pub path: String,
     pub lease_id: LeaseId,
-    pub token_accessor: String,
+    pub token_accessor: Accessor,
     pub issued_at: f64,
     pub first_ttl: f64,
     pub granted_at: f64,
@@ -57,21 +57,6 @@ pub struct LeaseRecord {
     pub renewable: bool,
     pub capped: bool,
     pub data: SecretData,
-}
-
-/// By hand, as for `TokenRecord`: the accessor shown short; the lease id and
-/// the data print their own redacted forms.
-impl std::fmt::Debug for LeaseRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LeaseRecord")
-            .field("path", &self.path)
-            .field("lease_id", &self.lease_id)
-            .field("token_accessor", &ShortAccessor(&self.token_accessor).to_string())
-            .field("ttl", &self.ttl)
-            .field("renewable", &self.renewable)
-            .field("data", &self.data)
-            .finish_non_exhaustive()
-    }
 }
 
 impl LeaseRecord {
@@ -242,7 +227,7 @@ mod tests {
         assert_eq!(fs::metadata(&sd).unwrap().permissions().mode() & 0o777, 0o700);
         assert_eq!(fs::metadata(store.file()).unwrap().permissions().mode() & 0o777, 0o600);
         let (again, _) = StateStore::open(&sd).unwrap();
-        assert_eq!(again.snapshot().tokens[0].accessor, "acc");
+        assert_eq!(again.snapshot().tokens[0].accessor, "acc".into());
     }
 
     #[test]

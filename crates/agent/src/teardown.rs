@@ -23,7 +23,7 @@ use crate::revoke;
 use crate::state::StateStore;
 use crate::telemetry::Telemetry;
 use vault::Vault;
-use vault::secret::LeaseId;
+use vault::secret::{Accessor, LeaseId};
 
 /// How the agent ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,8 +150,11 @@ async fn stop_supervisors(
 /// take that one down.
 fn recorded_leases(store: Option<&StateStore>, secret: &str) -> Vec<LiveLease> {
     tracing::warn!(event = "lease_unknown", secret = %secret, "a credentials request may have been in flight: its lease, if any, goes with its token's revoke-self");
-    let unknown =
-        LiveLease { secret: secret.to_string(), lease_id: LeaseId::new(String::new()), token_accessor: String::new() };
+    let unknown = LiveLease {
+        secret: secret.to_string(),
+        lease_id: LeaseId::new(String::new()),
+        token_accessor: Accessor::default(),
+    };
     let record = store.and_then(|s| s.snapshot().secrets.get(secret).cloned()).unwrap_or_default();
     // As the supervisor's own stop: a lease past its end is gone with it.
     let at = crate::clock::now();

@@ -87,7 +87,7 @@ impl Vault for Scripted {
         }
         Ok(Token {
             secret: SecretString::from(format!("b.token-{n}")),
-            accessor: format!("batch-{n}"),
+            accessor: format!("batch-{n}").into(),
             ttl: s.batch_ttl,
             renewable: false,
             batch: true,

@@ -119,7 +119,7 @@ pub struct Token {
     pub secret: SecretString,
     /// Vault's accessor; for a batch token, which has none, a local id
     /// (`batch-…`) that names it in the state file, logs and status.
-    pub accessor: String,
+    pub accessor: secret::Accessor,
     pub ttl: Duration,
     pub renewable: bool,
     /// A batch token: never renewable, cannot be revoked.
@@ -128,10 +128,7 @@ pub struct Token {
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token")
-            .field("accessor", &secret::ShortAccessor(&self.accessor).to_string())
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
+        f.debug_struct("Token").field("accessor", &self.accessor).field("ttl", &self.ttl).finish_non_exhaustive()
     }
 }
 
@@ -605,7 +602,7 @@ fn decode_login(op: &'static str, env: Envelope) -> Result<Token, VaultError> {
     }
     let batch = auth.token_type == "batch" || auth.accessor.is_empty();
     let accessor =
-        if auth.accessor.is_empty() { format!("batch-{:016x}", rand::random::<u64>()) } else { auth.accessor };
+        if auth.accessor.is_empty() { format!("batch-{:016x}", rand::random::<u64>()).into() } else { auth.accessor };
     Ok(Token {
         secret: SecretString::from(auth.client_token),
         accessor,

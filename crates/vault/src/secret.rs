@@ -69,15 +69,42 @@ impl Drop for LeaseId {
     }
 }
 
-/// A token's accessor as logs and `/v1/status` show it: its first six
-/// characters. The full accessor lets a privileged token look the token up
-/// or revoke it, so it goes only to Vault and the state file.
-pub struct ShortAccessor<'a>(pub &'a str);
+/// A token's accessor. The full accessor lets a privileged token look the
+/// token up or revoke it, so it goes only to Vault and the state file
+/// (serialized whole); `Display` and `Debug`, hence logs, `/v1/status` and
+/// every struct that holds one, show its first six characters.
+#[derive(Clone, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Accessor(String);
 
-impl fmt::Display for ShortAccessor<'_> {
+impl Accessor {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<String> for Accessor {
+    fn from(s: String) -> Self {
+        Accessor(s)
+    }
+}
+
+impl From<&str> for Accessor {
+    fn from(s: &str) -> Self {
+        Accessor(s.to_string())
+    }
+}
+
+impl fmt::Display for Accessor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let head: String = self.0.chars().take(6).collect();
         if head.len() < self.0.len() { write!(f, "{head}…") } else { f.write_str(&head) }
+    }
+}
+
+impl fmt::Debug for Accessor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Accessor({self})")
     }
 }
 

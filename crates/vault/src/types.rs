@@ -25,7 +25,7 @@ pub(crate) struct Envelope {
 pub(crate) struct AuthBlock {
     pub client_token: String,
     #[serde(default)]
-    pub accessor: String,
+    pub accessor: crate::secret::Accessor,
     #[serde(default)]
     pub lease_duration: i64,
     #[serde(default)]
@@ -38,7 +38,7 @@ pub(crate) struct AuthBlock {
 impl std::fmt::Debug for AuthBlock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthBlock")
-            .field("accessor", &crate::secret::ShortAccessor(&self.accessor).to_string())
+            .field("accessor", &self.accessor)
             .field("lease_duration", &self.lease_duration)
             .finish()
     }

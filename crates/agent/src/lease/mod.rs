@@ -28,26 +28,15 @@ use crate::telemetry::events::{
 use crate::timing::PERMANENT_MAX;
 use config::{Method, ReplacedConnections, SecretConfig};
 use schedule::{Action, Bound, LeaseTimes, Policy, RetiredAction, RetiredLease};
-use vault::secret::{LeaseId, SecretData, ShortAccessor};
+use vault::secret::{Accessor, LeaseId, SecretData};
 use vault::{Secret, Vault, VaultClient, VaultError};
 
 /// A lease the agent is responsible for, as reported when a supervisor stops.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct LiveLease {
     pub secret: String,
     pub lease_id: LeaseId,
-    pub token_accessor: String,
-}
-
-/// By hand: the accessor is a credential's handle, shown short.
-impl std::fmt::Debug for LiveLease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveLease")
-            .field("secret", &self.secret)
-            .field("lease_id", &self.lease_id)
-            .field("token_accessor", &ShortAccessor(&self.token_accessor).to_string())
-            .finish()
-    }
+    pub token_accessor: Accessor,
 }
 
 /// Something the rest of the agent wants to know about.
@@ -71,7 +60,7 @@ pub struct SecretSpec {
 pub struct Held {
     pub secret: Secret,
     pub times: LeaseTimes,
-    pub token_accessor: String,
+    pub token_accessor: Accessor,
     pub issued_at: SystemTime,
     /// Where in the jitter window this grant's next action falls.
     pub sample: f64,
@@ -518,8 +507,8 @@ impl<V: Vault> Supervisor<V> {
     /// token that bounds the lease being replaced: credentials issued under
     /// it would die with it too). Asks the auth loop for a new login first.
     /// None when stopped.
-    async fn token_other_than(&mut self, avoid: Option<&str>) -> Option<Arc<HeldToken>> {
-        let usable = |s: &AuthState| s.current.as_ref().is_some_and(|c| Some(c.token.accessor.as_str()) != avoid);
+    async fn token_other_than(&mut self, avoid: Option<&Accessor>) -> Option<Arc<HeldToken>> {
+        let usable = |s: &AuthState| s.current.as_ref().is_some_and(|c| Some(&c.token.accessor) != avoid);
         if avoid.is_some() && !usable(&self.auth.borrow()) {
             self.relogin.notify_one();
         }
@@ -530,7 +519,11 @@ impl<V: Vault> Supervisor<V> {
         }
     }
 
-    async fn read(&mut self, avoid: Option<&str>, until: Option<SystemTime>) -> Result<(Secret, String), VaultError> {
+    async fn read(
+        &mut self,
+        avoid: Option<&Accessor>,
+        until: Option<SystemTime>,
+    ) -> Result<(Secret, Accessor), VaultError> {
         let cfg = self.cfg();
         let token = self
             .token_other_than(avoid)
@@ -556,7 +549,7 @@ impl<V: Vault> Supervisor<V> {
     async fn fetch(
         &mut self,
         failed_event: &'static str,
-        avoid: Option<&str>,
+        avoid: Option<&Accessor>,
         in_hand: Option<&Held>,
     ) -> Result<Held, Option<Duration>> {
         let name = self.name();
@@ -607,7 +600,7 @@ impl<V: Vault> Supervisor<V> {
         // Replacing credentials that die with a final token: not under it.
         let avoid = held.as_ref().filter(|h| self.auth.borrow().token_end(&h.token_accessor).is_some());
         let avoid = avoid.map(|h| h.token_accessor.clone());
-        let fresh = self.fetch("issue_failed", avoid.as_deref(), held.as_ref()).await?;
+        let fresh = self.fetch("issue_failed", avoid.as_ref(), held.as_ref()).await?;
         let at = fresh.issued_at;
         tracing::info!(
             event = "issued",

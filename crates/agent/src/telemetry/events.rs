@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use vault::secret::{LeaseId, ShortAccessor};
+use vault::secret::{Accessor, LeaseId};
 
 use super::Telemetry;
 
@@ -160,7 +160,7 @@ impl Event for RenderFailed<'_> {
 
 /// Logged in to Vault.
 pub struct LoggedIn<'a> {
-    pub accessor: &'a str,
+    pub accessor: &'a Accessor,
     pub ttl: Duration,
     pub renewable: bool,
     pub expires_at: SystemTime,
@@ -170,7 +170,7 @@ impl Event for LoggedIn<'_> {
     fn emit(self, t: &Telemetry) {
         t.login(true);
         t.token(self.accessor, self.expires_at);
-        tracing::info!(event = "login", accessor = %ShortAccessor(self.accessor), ttl_secs = self.ttl.as_secs(), renewable = self.renewable, "logged in to Vault");
+        tracing::info!(event = "login", accessor = %self.accessor, ttl_secs = self.ttl.as_secs(), renewable = self.renewable, "logged in to Vault");
     }
 }
 
@@ -197,7 +197,7 @@ impl Event for LoginFailed<'_> {
 
 /// The Vault token was renewed.
 pub struct TokenRenewed<'a> {
-    pub accessor: &'a str,
+    pub accessor: &'a Accessor,
     pub ttl: Duration,
     pub capped: bool,
     pub expires_at: SystemTime,
@@ -207,14 +207,14 @@ impl Event for TokenRenewed<'_> {
     fn emit(self, t: &Telemetry) {
         t.token_renewed(true);
         t.token(self.accessor, self.expires_at);
-        tracing::info!(event = "token_renewed", accessor = %ShortAccessor(self.accessor), ttl_secs = self.ttl.as_secs(), capped = self.capped, "renewed Vault token");
+        tracing::info!(event = "token_renewed", accessor = %self.accessor, ttl_secs = self.ttl.as_secs(), capped = self.capped, "renewed Vault token");
     }
 }
 
 /// Renewing the token failed: `refused` when Vault refused the token
 /// itself (a new login follows), else retried with backoff.
 pub struct TokenRenewFailed<'a> {
-    pub accessor: &'a str,
+    pub accessor: &'a Accessor,
     pub error: &'a str,
     pub refused: bool,
 }
@@ -223,7 +223,7 @@ impl Event for TokenRenewFailed<'_> {
     fn emit(self, t: &Telemetry) {
         t.token_renewed(false);
         if self.refused {
-            tracing::warn!(event = "token_refused", accessor = %ShortAccessor(self.accessor), error = %self.error, "Vault refused the token; logging in again");
+            tracing::warn!(event = "token_refused", accessor = %self.accessor, error = %self.error, "Vault refused the token; logging in again");
         } else {
             tracing::warn!(event = "token_renew_failed", error = %self.error, "renewing the Vault token failed");
         }

@@ -21,7 +21,7 @@ pub use logging::init_demo_logging;
 pub use logging::init_logging;
 use metrics::{Counts, Metrics};
 use vault::RequestObserver;
-use vault::secret::{LeaseId, ShortAccessor};
+use vault::secret::{Accessor, LeaseId};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FileStatus {
@@ -76,7 +76,7 @@ impl SecretStatus {
 
 #[derive(Default)]
 struct TokenStatus {
-    accessor: String,
+    accessor: Accessor,
     expires_at: Option<SystemTime>,
 }
 
@@ -306,10 +306,10 @@ impl Telemetry {
     }
 
     // Through `events` only: the log line goes with it.
-    fn token(&self, accessor: &str, expires_at: SystemTime) {
+    fn token(&self, accessor: &Accessor, expires_at: SystemTime) {
         self.metrics.token_expiry.set(crate::clock::unix(expires_at));
         let mut t = lock(&self.token);
-        t.accessor = accessor.to_string();
+        t.accessor = accessor.clone();
         t.expires_at = Some(expires_at);
     }
 
@@ -347,7 +347,7 @@ impl Telemetry {
             "ready": !secrets.is_empty() && secrets.iter().all(|s| s.ready),
             "version": env!("CARGO_PKG_VERSION"),
             "token": {
-                "accessor": ShortAccessor(&token.accessor).to_string(),
+                "accessor": token.accessor.to_string(),
                 "expires_at": token.expires_at.map(rfc3339),
             },
             "secrets": secrets,
